@@ -1,0 +1,77 @@
+"""
+### rpcwatch_hourly
+
+Every hour, for the data interval that just ended: **ingest** the trace files that arrived for
+that hour into the DuckDB warehouse, **validate** them (Great Expectations + DuckDB row checks;
+bad rows to `quarantine`, a bad batch fails here naming file and expectation), and **aggregate**
+per-RPC traffic into `rpc_series`.
+
+Each task is a thin call into `tasks/`. DuckDB allows one writer per file, so every task that
+writes the warehouse runs in the one-slot pool `rpcwatch_duckdb`. Rerunning a run replaces exactly
+its hour.
+"""
+
+from __future__ import annotations
+
+import pendulum
+from airflow.sdk import CronDataIntervalTimetable, dag, get_current_context, task
+
+DUCKDB_POOL = "rpcwatch_duckdb"
+
+
+def _hour_and_settings():
+    """The run's data interval start and rpcwatch settings (imported here, not at parse time)."""
+    from tasks.settings import load_settings
+
+    return get_current_context()["data_interval_start"], load_settings()
+
+
+@dag(
+    dag_id="rpcwatch_hourly",
+    schedule=CronDataIntervalTimetable("0 * * * *", timezone="UTC"),
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    tags=["rpcwatch"],
+    doc_md=__doc__,
+    default_args={"pool": DUCKDB_POOL, "retries": 0},
+)
+def rpcwatch_hourly():
+    @task
+    def ingest() -> dict:
+        """Load this hour's trace files into `calls` (unchanged files are skipped)."""
+        from tasks.ingest import ingest_hour
+
+        hour, settings = _hour_and_settings()
+        report = ingest_hour(settings, hour)
+        for bad in report.failed_files:
+            print(f"file failed: {bad.error}")
+        print(f"hour {hour}: {len(report.files)} files, {report.rows_read} rows read, {report.rows_kept} kept, "
+              f"{report.rows_quarantined} quarantined{' (unchanged, skipped)' if report.skipped_unchanged else ''}")
+        return {"batch_id": report.batch_id, "rows_read": report.rows_read, "rows_kept": report.rows_kept,
+                "rows_quarantined": report.rows_quarantined, "skipped": report.skipped_unchanged}
+
+    @task
+    def validate(ingested: dict) -> dict:
+        """Run the validation suite; a failed batch-level expectation fails this task."""
+        from tasks.validate import validate_hour
+
+        hour, settings = _hour_and_settings()
+        report = validate_hour(settings, hour)
+        print(f"batch {ingested['batch_id']}: {len(report.findings)} expectations, all batch-level passed")
+        return {"batch_id": report.batch_id, "expectations": len(report.findings)}
+
+    @task
+    def aggregate(validated: dict) -> dict:
+        """Rebuild `rpc_series` for this hour."""
+        from tasks.aggregate import aggregate_hour
+
+        hour, settings = _hour_and_settings()
+        report = aggregate_hour(settings, hour)
+        print(f"batch {validated['batch_id']}: {report.series_rows} series rows over {report.rpcs} RPCs")
+        return {"series_rows": report.series_rows, "rpcs": report.rpcs}
+
+    aggregate(validate(ingest()))
+
+
+hourly = rpcwatch_hourly()

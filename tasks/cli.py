@@ -1,0 +1,206 @@
+"""`rpcwatch` command line: each stage on its own, one hour through all stages, and the demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from tasks.settings import FORMATS, Settings, load_settings, parse_utc
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {"home": getattr(args, "home", None), "format": getattr(args, "format", None),
+                 "span_mapping": getattr(args, "mapping", None)}
+    if getattr(args, "epoch", None):
+        overrides["trace_epoch"] = parse_utc(args.epoch)
+    return load_settings(**overrides)
+
+
+def _hours(settings: Settings, args: argparse.Namespace) -> list[datetime]:
+    from tasks.ingest import hour_floor, hours_in_sources
+
+    if args.hour:
+        return [hour_floor(parse_utc(args.hour))]
+    hours = hours_in_sources(settings, args.source or [settings.incoming], args.format)
+    if not hours:
+        raise SystemExit("no --hour given and no rows with timestamps found in the source")
+    return hours
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from tasks.synth import generate
+
+    summary = generate(parse_utc(args.start), args.hours, args.out, seed=args.seed,
+                       spans_per_hour=args.spans_per_hour, anomalies=args.anomalies, progress=print)
+    from tasks.report import table
+
+    print(table(["hour", "rows"], sorted(summary.rows_per_hour.items())))
+    print(f"\n{summary.templates} request types over {summary.services} services, {summary.events} injected "
+          f"events; {sum(summary.rows_per_hour.values()):,} spans in {summary.seconds:.1f} s "
+          f"({summary.spans_per_second():,.0f} spans/s) -> {args.out}")
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from tasks.ingest import ingest_hour
+    from tasks.report import table
+
+    settings = _settings(args)
+    rows, status = [], 0
+    for hour in _hours(settings, args):
+        report = ingest_hour(settings, hour, args.source, args.format, force=args.force)
+        state = "unchanged, skipped" if report.skipped_unchanged else "ingested"
+        rows.append([f"{hour:%Y-%m-%d %H:00}", len(report.files), report.rows_read, report.rows_kept,
+                     report.rows_quarantined, state])
+        for bad in report.failed_files:
+            print(f"ERROR {bad.status}: {bad.error}", file=sys.stderr)
+            status = 1
+    print(table(["hour", "files", "rows read", "kept", "quarantined", "state"], rows))
+    print(f"\nwarehouse: {settings.warehouse}  (tables calls, quarantine, ingest_log)")
+    return status
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from tasks.report import table
+    from tasks.validate import validate_hour
+
+    settings = _settings(args)
+    status = 0
+    for hour in _hours(settings, args):
+        report = validate_hour(settings, hour, raise_on_failure=False)
+        shown = [f for f in report.findings if not f.success or args.verbose]
+        print(f"hour {hour:%Y-%m-%d %H:00}: {len(report.findings)} expectations, "
+              f"{len(report.failures)} batch failures")
+        if shown:
+            print(table(["severity", "expectation", "subject", "observed"],
+                        [[f.severity, f.expectation, f.subject, f.observed[:60]] for f in shown]))
+        if not report.ok:
+            print(report.message(), file=sys.stderr)
+            status = 1
+    return status
+
+
+def cmd_aggregate(args: argparse.Namespace) -> int:
+    from tasks.aggregate import aggregate_hour
+    from tasks.report import table
+
+    settings = _settings(args)
+    rows = []
+    for hour in _hours(settings, args):
+        r = aggregate_hour(settings, hour)
+        rows.append([f"{hour:%Y-%m-%d %H:00}", r.rpcs, r.series_rows, r.bucket_seconds])
+    print(table(["hour", "rpcs", "series rows", "bucket s"], rows))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from tasks.pipeline import run_hour
+    from tasks.report import table
+
+    settings = _settings(args)
+    rows = []
+    for hour in _hours(settings, args):
+        r = run_hour(settings, hour, args.source, args.format)
+        rows.append([f"{hour:%Y-%m-%d %H:00}", r.ingest.rows_read, r.ingest.rows_kept,
+                     r.ingest.rows_quarantined, len(r.validation.findings), r.aggregate.series_rows])
+    print(table(["hour", "rows read", "kept", "quarantined", "checks", "series rows"], rows))
+    return 0
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from tasks.report import hour_summary, table
+
+    settings = _settings(args)
+    headers, rows = hour_summary(settings)
+    print(table(headers, rows))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from tasks.demo import run_demo
+
+    return run_demo(_settings(args), hours=args.hours, spans_per_hour=args.spans_per_hour, seed=args.seed)
+
+
+def cmd_airflow(args: argparse.Namespace) -> int:
+    """Run the `airflow` CLI with rpcwatch's embedded defaults (AIRFLOW_HOME under the home)."""
+    import os
+
+    from tasks.airflow_env import airflow_env, prepare_airflow
+
+    settings = _settings(args)
+    env = airflow_env(settings)
+    prepare_airflow(env, settings.airflow_pool)
+    airflow = Path(sys.executable).with_name("airflow")
+    os.execve(airflow, [str(airflow), *args.airflow_args], env)
+    return 0
+
+
+def _common(p: argparse.ArgumentParser, hour: bool = True) -> None:
+    p.add_argument("--home", type=Path, help="rpcwatch home folder (default $RPCWATCH_HOME or ./.rpcwatch)")
+    if hour:
+        p.add_argument("--hour", help="hour to process, e.g. 2026-01-01T03:00 (default: every hour in the source)")
+        p.add_argument("--source", type=Path, nargs="+", help="trace folder(s) or file(s) (default: <home>/incoming)")
+        p.add_argument("--format", choices=FORMATS, help="trace format (default $RPCWATCH_FORMAT or alibaba-v2022)")
+        p.add_argument("--epoch", help="start of an Alibaba capture (its timestamps are relative), e.g. 2021-06-01T00:00")
+        p.add_argument("--mapping", help="span column mapping: bundled name (otel, nezha-trainticket) or JSON file")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rpcwatch", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="generate synthetic traces with ground truth")
+    p.add_argument("--start", required=True, help="first hour, e.g. 2026-01-01T00:00")
+    p.add_argument("--hours", type=int, default=3)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--spans-per-hour", type=int, default=200_000)
+    p.add_argument("--anomalies", action="store_true", help="inject labelled anomalies (see labels.parquet)")
+    p.set_defaults(func=cmd_synth)
+
+    for name, func, text in [("ingest", cmd_ingest, "load trace files of an hour into DuckDB"),
+                             ("validate", cmd_validate, "run the validation suite on an ingested hour"),
+                             ("aggregate", cmd_aggregate, "build rpc_series for an hour"),
+                             ("run", cmd_run, "one hour through every stage, without Airflow")]:
+        p = sub.add_parser(name, help=text)
+        _common(p)
+        p.set_defaults(func=func)
+        if name == "ingest":
+            p.add_argument("--force", action="store_true", help="re-ingest even if no file changed")
+
+    p = sub.add_parser("summary", help="per-hour table of what the warehouse holds")
+    _common(p, hour=False)
+    p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser("demo", help="synthetic hours through the Airflow DAG, then a summary")
+    _common(p, hour=False)
+    p.add_argument("--hours", type=int, default=3)
+    p.add_argument("--spans-per-hour", type=int, default=200_000)
+    p.add_argument("--seed", type=int, default=7)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("airflow", help="the airflow CLI on rpcwatch's home, e.g. `rpcwatch airflow standalone`")
+    _common(p, hour=False)
+    p.add_argument("airflow_args", nargs=argparse.REMAINDER, help="arguments for airflow")
+    p.set_defaults(func=cmd_airflow)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        print(f"rpcwatch {args.command}: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

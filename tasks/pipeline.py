@@ -1,0 +1,27 @@
+"""One hour through every stage that exists, in order, without Airflow (the DAG runs the same calls)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from tasks.aggregate import AggregateReport, aggregate_hour
+from tasks.ingest import IngestReport, ingest_hour
+from tasks.settings import Settings
+from tasks.validate import ValidationReport, validate_hour
+
+
+@dataclass
+class HourReport:
+    ingest: IngestReport
+    validation: ValidationReport
+    aggregate: AggregateReport | None
+
+
+def run_hour(settings: Settings, hour: datetime, sources: list[Path] | None = None,
+             fmt_name: str | None = None) -> HourReport:
+    """ingest → validate → aggregate; a failed batch-level validation stops before aggregating."""
+    ingest = ingest_hour(settings, hour, sources, fmt_name)
+    validation = validate_hour(settings, hour)
+    return HourReport(ingest, validation, aggregate_hour(settings, hour))

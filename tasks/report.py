@@ -1,0 +1,50 @@
+"""Readable tables for people: what each command did, and per-hour summaries from the warehouse."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from tasks.settings import Settings
+from tasks.warehouse import opened
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A plain-text table with right-aligned numbers."""
+    def cell(v: object) -> str:
+        return f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else ("" if v is None else str(v))
+
+    cells = [[cell(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    numeric = [bool(rows) and all(isinstance(r[i], (int, float)) for r in rows) for i in range(len(headers))]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(v.rjust(w) if n else v.ljust(w) for v, w, n in zip(values, widths, numeric)).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+HOUR_SUMMARY_SQL = """
+WITH files AS (
+    SELECT hour, count(*) AS files, sum(rows_read) AS rows_read, sum(rows_kept) AS rows_kept,
+           sum(rows_quarantined) AS quarantined, count(*) FILTER (WHERE status <> 'ingested') AS bad_files
+    FROM ingest_log GROUP BY hour),
+checks AS (
+    SELECT hour, count(*) FILTER (WHERE severity = 'batch' AND NOT success) AS failed_checks
+    FROM validation_runs GROUP BY hour),
+series AS (
+    SELECT date_trunc('hour', bucket_ts) AS hour, count(*) AS series_rows,
+           count(DISTINCT (caller, callee, interface, rpc_type)) AS rpcs
+    FROM rpc_series GROUP BY 1)
+SELECT strftime(f.hour, '%Y-%m-%d %H:00') AS hour, f.files, f.bad_files, f.rows_read, f.rows_kept,
+       f.quarantined, coalesce(c.failed_checks, 0) AS failed_checks, coalesce(s.rpcs, 0) AS rpcs,
+       coalesce(s.series_rows, 0) AS series_rows
+FROM files f LEFT JOIN checks c USING (hour) LEFT JOIN series s USING (hour)
+ORDER BY f.hour
+"""
+
+
+def hour_summary(settings: Settings) -> tuple[list[str], list[tuple]]:
+    with opened(settings.warehouse, read_only=True) as con:
+        cursor = con.execute(HOUR_SUMMARY_SQL)
+        headers = [d[0] for d in cursor.description]
+        return headers, cursor.fetchall()

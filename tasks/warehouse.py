@@ -1,0 +1,71 @@
+"""The DuckDB warehouse: one file under the home folder, its tables, and how to open it.
+
+DuckDB allows one writing process per file; Airflow serialises writers with a pool of one slot.
+All timestamps are UTC (`TIMESTAMP` without zone).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import duckdb
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS calls (
+    ts TIMESTAMP NOT NULL, trace_id VARCHAR NOT NULL, call_id VARCHAR NOT NULL,
+    parent_call_id VARCHAR, caller VARCHAR NOT NULL, callee VARCHAR NOT NULL,
+    interface VARCHAR, rpc_type VARCHAR NOT NULL, rt_ms DOUBLE NOT NULL,
+    is_error BOOLEAN NOT NULL, source_file VARCHAR NOT NULL, batch_id VARCHAR NOT NULL
+);
+CREATE TABLE IF NOT EXISTS quarantine (
+    hour TIMESTAMP NOT NULL, source_file VARCHAR NOT NULL, file_row BIGINT, reason VARCHAR NOT NULL,
+    ts TIMESTAMP, trace_id VARCHAR, call_id VARCHAR, parent_call_id VARCHAR, caller VARCHAR,
+    callee VARCHAR, interface VARCHAR, rpc_type VARCHAR, rt_ms DOUBLE, is_error BOOLEAN,
+    batch_id VARCHAR NOT NULL
+);
+CREATE TABLE IF NOT EXISTS ingest_log (
+    hour TIMESTAMP NOT NULL, path VARCHAR NOT NULL, format VARCHAR NOT NULL, size_bytes BIGINT,
+    content_hash VARCHAR, rows_read BIGINT, rows_kept BIGINT, rows_quarantined BIGINT,
+    status VARCHAR NOT NULL, error VARCHAR, batch_id VARCHAR, checked_at TIMESTAMP NOT NULL,
+    PRIMARY KEY (hour, path)
+);
+CREATE TABLE IF NOT EXISTS validation_runs (
+    hour TIMESTAMP NOT NULL, batch_id VARCHAR NOT NULL, expectation VARCHAR NOT NULL,
+    subject VARCHAR NOT NULL, severity VARCHAR NOT NULL, success BOOLEAN NOT NULL,
+    observed VARCHAR, details VARCHAR, engine VARCHAR NOT NULL, validated_at TIMESTAMP NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rpc_series (
+    bucket_ts TIMESTAMP NOT NULL, caller VARCHAR NOT NULL, callee VARCHAR NOT NULL,
+    interface VARCHAR, rpc_type VARCHAR NOT NULL, calls BIGINT NOT NULL, errors BIGINT NOT NULL,
+    rt_mean DOUBLE, rt_p50 DOUBLE, rt_p95 DOUBLE, bucket_seconds INTEGER NOT NULL
+);
+"""
+
+
+def connect(path: Path, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+    """Open the warehouse (creating folder and tables on first write)."""
+    if read_only:
+        if not path.exists():
+            raise FileNotFoundError(f"no warehouse at {path}: run `rpcwatch ingest` first")
+        return duckdb.connect(str(path), read_only=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        con = duckdb.connect(str(path))
+    except duckdb.IOException as err:
+        raise RuntimeError(
+            f"cannot open {path} for writing: another process holds DuckDB's write lock "
+            f"(an open DuckDB shell or a running task). Details: {err}"
+        ) from err
+    con.execute(SCHEMA)
+    return con
+
+
+@contextmanager
+def opened(path: Path, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+    con = connect(path, read_only=read_only)
+    try:
+        yield con
+    finally:
+        con.close()

@@ -1,0 +1,451 @@
+"""Wiring checks for the team deployment: docker-compose.yml, Dockerfile, deploy/postgres-init.sql.
+
+The containers themselves cannot start here (no Docker engine on the dev/CI machines), so these
+tests check the wiring instead: which services exist and what they run, that every dependency
+points at a real service, that all Airflow containers share one executor, one JWT secret, one
+RPCWATCH_HOME volume and the MLflow URI, that the init service creates the DuckDB writer pool, and
+that the image installs torch before the lock file. `docker compose config` is run as well when a
+Compose client is installed (it validates the file without an engine); otherwise that test skips.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+yaml = pytest.importorskip("yaml")
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "Dockerfile"
+PG_INIT = ROOT / "deploy" / "postgres-init.sql"
+
+POOL = "rpcwatch_duckdb"
+MLFLOW_URI = "http://mlflow:5000"
+HOME = "/opt/rpcwatch/home"
+
+_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}|\$([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def interpolate(value: object) -> object:
+    """Resolve Compose `${VAR:-default}` interpolation as on a host with no variables set."""
+    if isinstance(value, str):
+
+        def sub(m: re.Match[str]) -> str:
+            if m.group(0) == "$$":
+                return "$"
+            if m.group(2) in (":-", "-"):
+                return m.group(3)
+            return ""
+
+        return _VAR.sub(sub, value)
+    if isinstance(value, list):
+        return [interpolate(v) for v in value]
+    if isinstance(value, dict):
+        return {k: interpolate(v) for k, v in value.items()}
+    return value
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    data = yaml.safe_load(COMPOSE_FILE.read_text())  # safe_load resolves the `<<: *anchor` merges
+    assert isinstance(data, dict) and isinstance(data.get("services"), dict)
+    return interpolate(data)
+
+
+@pytest.fixture(scope="module")
+def services(compose: dict) -> dict[str, dict]:
+    return compose["services"]
+
+
+def command(svc: dict) -> list[str]:
+    cmd = svc.get("command") or []
+    return shlex.split(cmd) if isinstance(cmd, str) else [str(c) for c in cmd]
+
+
+def env(svc: dict) -> dict[str, str]:
+    raw = svc.get("environment") or {}
+    if isinstance(raw, list):
+        raw = dict(item.split("=", 1) if "=" in item else (item, "") for item in raw)
+    return {k: "" if v is None else str(v) for k, v in raw.items()}
+
+
+def depends_on(svc: dict) -> dict[str, str]:
+    raw = svc.get("depends_on") or {}
+    if isinstance(raw, list):
+        return {name: "service_started" for name in raw}
+    return {name: (spec or {}).get("condition", "service_started") for name, spec in raw.items()}
+
+
+def mounts(svc: dict) -> list[tuple[str, str, str]]:
+    """(source, target, mode) for each volume, short or long syntax."""
+    out = []
+    for vol in svc.get("volumes") or []:
+        if isinstance(vol, dict):
+            out.append((vol.get("source", ""), vol["target"], "ro" if vol.get("read_only") else "rw"))
+        else:
+            parts = vol.split(":")
+            out.append((parts[0], parts[1], parts[2] if len(parts) > 2 else "rw"))
+    return out
+
+
+def airflow_services(services: dict[str, dict]) -> dict[str, dict]:
+    """Every service running an Airflow component (the init one-shot included)."""
+    found = {}
+    for name, svc in services.items():
+        if any(k.startswith("AIRFLOW__") for k in env(svc)):
+            found[name] = svc
+    return found
+
+
+def by_airflow_command(services: dict[str, dict], *words: str) -> dict[str, dict]:
+    n = len(words)
+    return {
+        name: svc
+        for name, svc in services.items()
+        if command(svc)[: n + 1] == ["airflow", *words]
+    }
+
+
+def option(cmd: list[str], flag: str) -> str | None:
+    for i, tok in enumerate(cmd):
+        if tok == flag and i + 1 < len(cmd):
+            return cmd[i + 1]
+        if tok.startswith(flag + "="):
+            return tok.split("=", 1)[1]
+    return None
+
+
+def workers(services: dict[str, dict]) -> dict[str, dict]:
+    return by_airflow_command(services, "celery", "worker")
+
+
+def one(found: dict[str, dict], what: str) -> tuple[str, dict]:
+    assert len(found) == 1, f"expected exactly one {what}, found {sorted(found)}"
+    return next(iter(found.items()))
+
+
+def init_service(services: dict[str, dict]) -> tuple[str, dict]:
+    found = {n: s for n, s in services.items() if "airflow db migrate" in " ".join(command(s))}
+    return one(found, "init service running `airflow db migrate`")
+
+
+def script_lines(svc: dict) -> list[list[str]]:
+    """The init service's shell script, one shlex-split command per line, comments dropped."""
+    lines = []
+    for chunk in command(svc):
+        for line in chunk.splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                lines.append(shlex.split(line))
+    return lines
+
+
+# --- services and dependencies ----------------------------------------------------------------
+
+
+def test_every_depends_on_target_exists(services):
+    for name, svc in services.items():
+        for target in depends_on(svc):
+            assert target in services, f"{name} depends on unknown service {target!r}"
+            assert target != name
+
+
+def test_depends_on_conditions(services):
+    conds = {"service_started", "service_healthy", "service_completed_successfully"}
+    for name, svc in services.items():
+        for target, cond in depends_on(svc).items():
+            assert cond in conds, f"{name} -> {target}: {cond}"
+            if cond == "service_healthy" and target in services:
+                assert "healthcheck" in services[target], f"{name} waits for {target}'s health, which has no healthcheck"
+    init_name, _ = init_service(services)
+    for name, svc in airflow_services(services).items():
+        deps = depends_on(svc)
+        assert deps.get("postgres") == "service_healthy", name
+        assert deps.get("redis") == "service_healthy", name
+        if name != init_name and svc.get("restart") not in (None, "no"):
+            assert deps.get(init_name) == "service_completed_successfully", f"{name} must wait for {init_name}"
+
+
+def test_airflow_components_exist(services):
+    for component in ("api-server", "scheduler", "dag-processor", "triggerer"):
+        one(by_airflow_command(services, component), f"`airflow {component}` service")
+
+
+def test_default_and_gpu_workers(services):
+    found = workers(services)
+    queues = {name: option(command(svc), "--queues") for name, svc in found.items()}
+    default = {n: found[n] for n, q in queues.items() if q and "default" in q.split(",")}
+    gpu = {n: found[n] for n, q in queues.items() if q and "gpu" in q.split(",")}
+    one(default, "Celery worker on the default queue")
+    gpu_name, gpu_svc = one(gpu, "Celery worker on the gpu queue")
+    assert queues[gpu_name] == "gpu", "the GPU worker must serve only the gpu queue"
+    assert option(command(gpu_svc), "--concurrency") == "1"
+    assert not set(default) & set(gpu), "the default-queue worker must not also take gpu tasks"
+
+    devices = gpu_svc["deploy"]["resources"]["reservations"]["devices"]
+    assert any(
+        d.get("driver") == "nvidia" and int(d.get("count", 0)) == 1 and "gpu" in d.get("capabilities", [])
+        for d in devices
+    ), devices
+    for name, svc in found.items():
+        if name != gpu_name:
+            assert "devices" not in str(svc.get("deploy", "")), f"{name} should not reserve a GPU"
+
+
+def test_gpu_worker_image_is_the_cuda_variant(services):
+    gpu_name, gpu_svc = one({n: s for n, s in workers(services).items() if option(command(s), "--queues") == "gpu"}, "gpu worker")
+    cpu_name, cpu_svc = one({n: s for n, s in workers(services).items() if option(command(s), "--queues") == "default"}, "default worker")
+    assert gpu_svc["image"] != cpu_svc["image"], "GPU and CPU images must not share a tag"
+    gpu_args, cpu_args = gpu_svc["build"]["args"], cpu_svc["build"]["args"]
+    assert gpu_args["TORCH_SPEC"] == cpu_args["TORCH_SPEC"] == "torch==2.13.0"
+    assert "/whl/cpu" in cpu_args["TORCH_INDEX"]
+    assert "/whl/cpu" not in gpu_args["TORCH_INDEX"]
+
+
+def test_apiserver_serves_the_execution_api(services):
+    api_name, api = one(by_airflow_command(services, "api-server"), "api-server")
+    assert any(str(p).split(":")[-1] == "8080" for p in api.get("ports", [])), api.get("ports")
+    urls = {env(svc).get("AIRFLOW__CORE__EXECUTION_API_SERVER_URL") for svc in airflow_services(services).values()}
+    assert urls == {f"http://{api_name}:8080/execution/"}, urls
+
+
+# --- shared Airflow configuration -------------------------------------------------------------
+
+
+def test_celery_executor_everywhere(services):
+    airflow = airflow_services(services)
+    assert len(airflow) >= 7
+    for name, svc in airflow.items():
+        e = env(svc)
+        assert e.get("AIRFLOW__CORE__EXECUTOR") == "CeleryExecutor", name
+        assert e.get("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "").startswith("postgresql+psycopg2://"), name
+        assert "@postgres:" in e["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"], name
+        assert e.get("AIRFLOW__CELERY__BROKER_URL", "").startswith("redis://redis:"), name
+        assert e.get("AIRFLOW__CORE__LOAD_EXAMPLES") == "False", name
+
+
+def test_same_secrets_and_folders_everywhere(services):
+    airflow = airflow_services(services)
+    for key in (
+        "AIRFLOW__API_AUTH__JWT_SECRET",
+        "AIRFLOW__API__SECRET_KEY",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN",
+        "AIRFLOW__CORE__DAGS_FOLDER",
+        "AIRFLOW__CORE__PLUGINS_FOLDER",
+        "AIRFLOW__CORE__AUTH_MANAGER",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS",
+    ):
+        values = {env(svc).get(key) for svc in airflow.values()}
+        assert len(values) == 1 and None not in values and "" not in values, (key, values)
+    e = env(next(iter(airflow.values())))
+    assert e["AIRFLOW__CORE__DAGS_FOLDER"] == "/opt/rpcwatch/dags"
+    assert e["AIRFLOW__CORE__PLUGINS_FOLDER"] == "/opt/rpcwatch/plugins"
+
+
+def test_every_airflow_service_sees_the_same_home_volume_and_mlflow(compose, services):
+    airflow = airflow_services(services)
+    sources = set()
+    for name, svc in airflow.items():
+        e = env(svc)
+        assert e.get("RPCWATCH_HOME") == HOME, name
+        assert e.get("RPCWATCH_MLFLOW_TRACKING_URI") == MLFLOW_URI, name
+        assert e.get("RPCWATCH_SOURCE") == "/opt/rpcwatch/incoming", name
+        home = [src for src, target, _ in mounts(svc) if target == e["RPCWATCH_HOME"]]
+        assert len(home) == 1, f"{name} does not mount a volume at RPCWATCH_HOME"
+        sources.add(home[0])
+        incoming = [(src, mode) for src, target, mode in mounts(svc) if target == e["RPCWATCH_SOURCE"]]
+        assert incoming == [("./incoming", "ro")], (name, incoming)
+    assert len(sources) == 1, f"Airflow services mount different homes: {sources}"
+    (volume,) = sources
+    assert volume in (compose.get("volumes") or {}), f"{volume} must be a named volume, shared by all"
+    assert f":{HOME}" not in " ".join(str(v) for v in services["mlflow"].get("volumes", []))
+
+
+def test_env_pool_matches_settings(services):
+    for name, svc in airflow_services(services).items():
+        assert env(svc).get("RPCWATCH_AIRFLOW_POOL") == POOL, name
+    settings = pytest.importorskip("tasks.settings")
+    if hasattr(settings, "Settings"):
+        assert settings.Settings().airflow_pool == POOL
+
+
+# --- init service -----------------------------------------------------------------------------
+
+
+def test_init_migrates_then_creates_the_duckdb_pool(services):
+    name, svc = init_service(services)
+    assert svc.get("restart") in (None, "no"), "the init service is a one-shot"
+    lines = script_lines(svc)
+    migrate = next(i for i, cmd in enumerate(lines) if cmd[:3] == ["airflow", "db", "migrate"])
+    pools = [i for i, cmd in enumerate(lines) if cmd[:3] == ["airflow", "pools", "set"]]
+    assert pools, f"{name} creates no pool"
+    created = {lines[i][3]: lines[i][4] for i in pools}
+    assert created.get(POOL) == "1", f"{POOL} must be created with exactly 1 slot, got {created}"
+    assert min(pools) > migrate, "pools can only be set after `airflow db migrate`"
+
+
+def test_queues_and_pools_named_in_dags_are_served(services):
+    """Literal queue=/pool= names in dags/ must be a worker queue / a pool the init creates."""
+    served = set()
+    for svc in workers(services).values():
+        served.update((option(command(svc), "--queues") or "").split(","))
+    served.add(env(next(iter(workers(services).values()))).get("AIRFLOW__OPERATORS__DEFAULT_QUEUE", "default"))
+    _, init = init_service(services)
+    pools = {cmd[3] for cmd in script_lines(init) if cmd[:3] == ["airflow", "pools", "set"]}
+    pools.add("default_pool")
+    for path in sorted((ROOT / "dags").rglob("*.py")):
+        text = path.read_text(errors="replace")
+        for queue in re.findall(r"""\bqueue\s*=\s*["']([^"']+)["']""", text):
+            assert queue in served, f"{path.name}: queue {queue!r} has no worker (served: {served})"
+        for pool in re.findall(r"""\bpool\s*=\s*["']([^"']+)["']""", text):
+            assert pool in pools, f"{path.name}: pool {pool!r} is not created by the init service"
+
+
+# --- MLflow and Postgres ----------------------------------------------------------------------
+
+
+def test_mlflow_server(services):
+    svc = services["mlflow"]
+    cmd = command(svc)
+    assert cmd[:2] == ["mlflow", "server"]
+    assert option(cmd, "--host") == "0.0.0.0"
+    port = option(cmd, "--port")
+    assert MLFLOW_URI.endswith(f":{port}")
+    hosts = (option(cmd, "--allowed-hosts") or "").split(",")
+    for host in ("mlflow", f"mlflow:{port}", f"localhost:{port}"):
+        assert host in hosts, f"{host} missing from --allowed-hosts {hosts}"
+    backend = option(cmd, "--backend-store-uri") or ""
+    assert backend.startswith("postgresql") and backend.endswith("@postgres:5432/mlflow"), backend
+    dest = option(cmd, "--artifacts-destination")
+    assert dest and any(target == dest for _, target, _ in mounts(svc)), "artifacts must be on a volume"
+    assert depends_on(svc).get("postgres") == "service_healthy"
+
+
+def test_mlflow_database_is_created_by_postgres_init(services):
+    svc = services["postgres"]
+    assert str(svc["image"]).startswith("postgres:16")
+    init_mounts = [(src, t) for src, t, _ in mounts(svc) if t.startswith("/docker-entrypoint-initdb.d/")]
+    assert init_mounts, "postgres has no init script mounted"
+    for src, _ in init_mounts:
+        assert (ROOT / src).resolve() == PG_INIT.resolve()
+    assert re.search(r"(?im)^\s*CREATE\s+DATABASE\s+mlflow\b", PG_INIT.read_text())
+
+
+def test_healthchecks(services):
+    def test_of(name: str) -> str:
+        hc = services[name].get("healthcheck")
+        assert hc and hc.get("test"), f"{name} has no healthcheck"
+        t = hc["test"]
+        return " ".join(t) if isinstance(t, list) else t
+
+    assert "pg_isready" in test_of("postgres")
+    assert "redis-cli ping" in test_of("redis")
+    assert str(services["redis"]["image"]).startswith("redis:7")
+    api_name, _ = one(by_airflow_command(services, "api-server"), "api-server")
+    assert "/api/v2/monitor/health" in test_of(api_name)
+    assert re.search(r"localhost:5000/health\b", test_of("mlflow"))
+
+
+# --- Dockerfile -------------------------------------------------------------------------------
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with line continuations joined and comments dropped."""
+    out, buf = [], ""
+    for raw in DOCKERFILE.read_text().splitlines():
+        line = raw.strip()
+        if not buf and (not line or line.startswith("#")):
+            continue
+        if buf and line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            buf += line[:-1] + " "
+            continue
+        buf += line
+        keyword, _, rest = buf.partition(" ")
+        out.append((keyword.upper(), rest.strip()))
+        buf = ""
+    return out
+
+
+def arg_defaults(instructions) -> dict[str, str]:
+    defaults = {}
+    for kw, rest in instructions:
+        if kw == "ARG" and "=" in rest:
+            key, value = rest.split("=", 1)
+            defaults[key.strip()] = value.strip().strip('"')
+    return defaults
+
+
+def expand(text: str, defaults: dict[str, str]) -> str:
+    return re.sub(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?", lambda m: defaults.get(m.group(1), m.group(0)), text)
+
+
+def test_dockerfile_installs_torch_before_the_lock():
+    instructions = dockerfile_instructions()
+    defaults = arg_defaults(instructions)
+    runs = [expand(rest, defaults) for kw, rest in instructions if kw == "RUN"]
+    torch_run = next(i for i, r in enumerate(runs) if re.search(r"pip install\b.*\btorch==2\.13\.0\b", r))
+    lock_run = next(i for i, r in enumerate(runs) if "requirements.lock" in r)
+    assert torch_run < lock_run, "torch must be installed before requirements.lock"
+    assert re.search(r"pip install\b.*-r\s", runs[lock_run]), runs[lock_run]
+    assert "download.pytorch.org/whl/cpu" in runs[torch_run], "default image must get the CPU torch build"
+    project = next(i for i, r in enumerate(runs) if re.search(r"pip install\b.*--no-deps\b.*(-e\s+)?\.(\s|$)", r))
+    assert project > lock_run, "the project goes in last, with --no-deps"
+    extras = " ".join(runs)
+    for pkg in ("apache-airflow-providers-celery", "psycopg2-binary"):
+        assert pkg in extras, f"{pkg} is not installed in the image"
+
+
+def test_dockerfile_copies_code_where_compose_points(services):
+    instructions = dockerfile_instructions()
+    base = expand(next(rest for kw, rest in instructions if kw == "FROM"), arg_defaults(instructions))
+    assert base.startswith("python:3.11"), f"the image must be Python 3.11, not {base}"
+    workdir, copied = "/", {}
+    for kw, rest in instructions:
+        if kw == "WORKDIR":
+            workdir = rest
+        elif kw == "COPY" and not rest.startswith("--from"):
+            *srcs, dest = rest.split()
+            for src in srcs:
+                target = dest if dest.startswith("/") else f"{workdir.rstrip('/')}/{dest.lstrip('./')}"
+                copied[src.rstrip("/")] = target.rstrip("/")
+    for folder in ("dags", "plugins", "tasks"):
+        assert folder in copied, f"{folder}/ is not copied into the image"
+    assert "requirements.lock" in copied and "pyproject.toml" in copied
+    e = env(next(iter(airflow_services(services).values())))
+    assert copied["dags"] == e["AIRFLOW__CORE__DAGS_FOLDER"]
+    assert copied["plugins"] == e["AIRFLOW__CORE__PLUGINS_FOLDER"]
+
+
+# --- optional: a real Compose client ----------------------------------------------------------
+
+
+def _compose_client() -> list[str] | None:
+    if shutil.which("docker"):
+        probe = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True)
+        if probe.returncode == 0:
+            return ["docker", "compose"]
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    return None
+
+
+def test_compose_client_validates_the_file():
+    client = _compose_client()
+    if client is None:
+        pytest.skip("no Compose client installed (docker compose / docker-compose)")
+    done = subprocess.run(
+        [*client, "-f", str(COMPOSE_FILE), "config", "-q"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr or done.stdout

@@ -1,0 +1,98 @@
+"""The hourly DAG through real Airflow (`airflow dags test` on a SQLite metadata db)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from conftest import REPO, START
+from tasks.airflow_env import airflow_env, dag_test, prepare_airflow
+from tasks.settings import load_settings
+
+HEAVY = ("torch", "mlflow", "great_expectations", "hdbscan", "torch_geometric", "pandas", "duckdb", "sklearn")
+TABLES = {
+    "calls": "count(*), sum(hash(trace_id, call_id, ts, caller, callee, rt_ms))",
+    "quarantine": "count(*)",
+    "rpc_series": "count(*), sum(calls), sum(hash(bucket_ts, caller, callee, interface, calls, rt_p95))",
+    "ingest_log": "count(*), sum(rows_kept)",
+}
+
+
+@pytest.fixture(scope="module")
+def airflow(tmp_path_factory):
+    home = tmp_path_factory.mktemp("airflow-run") / "home"
+    settings = load_settings(env={}, home=home)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("RPCWATCH_", "AIRFLOW"))}
+    env = airflow_env(settings, base=clean)
+    prepare_airflow(env, settings.airflow_pool)
+    return settings, env
+
+
+def _snapshot(settings) -> dict[str, tuple]:
+    with duckdb.connect(str(settings.warehouse), read_only=True) as con:
+        return {t: con.execute(f"SELECT {sql} FROM {t}").fetchone() for t, sql in TABLES.items()}
+
+
+def _run(env, source: Path, hour) -> subprocess.CompletedProcess:
+    env = dict(env, RPCWATCH_SOURCE=str(source))
+    result = dag_test(env, "rpcwatch_hourly", hour + timedelta(hours=1))
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    return result
+
+
+@pytest.mark.airflow
+def test_dag_file_is_light_and_wired(airflow):
+    settings, env = airflow
+    probe = f"""
+import importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("d", r"{REPO / 'dags' / 'rpcwatch_hourly.py'}")
+module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)
+heavy = sorted(m for m in {HEAVY!r} if m in sys.modules)
+d = module.hourly
+print(json.dumps({{"heavy": heavy,
+    "tasks": sorted(d.task_ids), "pools": sorted({{t.pool for t in d.tasks}}),
+    "upstream": {{t.task_id: sorted(t.upstream_task_ids) for t in d.tasks}}, "timetable": type(d.timetable).__name__}}))
+"""
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    facts = json.loads(out.stdout.strip().splitlines()[-1])
+    assert facts["heavy"] == [], f"heavy imports at DAG parse time: {facts['heavy']}"
+    assert facts["tasks"] == ["aggregate", "ingest", "validate"]
+    assert facts["pools"] == ["rpcwatch_duckdb"]
+    assert facts["upstream"] == {"ingest": [], "validate": ["ingest"], "aggregate": ["validate"]}
+    assert facts["timetable"] == "CronDataIntervalTimetable"
+
+
+@pytest.mark.airflow
+def test_two_hours_through_the_dag_match_the_manifest_and_rerun_is_identical(airflow, synth_source):
+    settings, env = airflow
+    source, manifest = synth_source
+    for i in range(2):
+        _run(env, source, START + timedelta(hours=i))
+    with duckdb.connect(str(settings.warehouse), read_only=True) as con:
+        per_hour = dict(con.execute(
+            "SELECT strftime(date_trunc('hour', ts), '%Y-%m-%dT%H:00'), count(*) FROM calls GROUP BY 1").fetchall())
+        series = con.execute("SELECT sum(calls) FROM rpc_series").fetchone()[0]
+    expected = {h: n for h, n in manifest["rows_per_hour"].items() if h in per_hour or h < "2026-01-01T02:00"}
+    assert per_hour == expected
+    assert series == sum(expected.values())
+    before = _snapshot(settings)
+    _run(env, source, START + timedelta(hours=1))
+    assert _snapshot(settings) == before
+
+
+@pytest.mark.airflow
+def test_a_bad_batch_fails_the_validate_task_with_its_message(airflow, synth_copy):
+    settings, env = airflow
+    source, _ = synth_copy
+    (source / "dt=2026-01-01" / "hour=00" / "zz-broken.parquet").write_bytes(b"not parquet")
+    result = dag_test(dict(env, RPCWATCH_SOURCE=str(source)), "rpcwatch_hourly", START + timedelta(hours=1))
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "expect_file_to_be_readable" in output and "zz-broken.parquet" in output
