@@ -3,8 +3,9 @@
 
 Every hour, for the data interval that just ended: **ingest** the trace files that arrived for
 that hour into the DuckDB warehouse, **validate** them (Great Expectations + DuckDB row checks;
-bad rows to `quarantine`, a bad batch fails here naming file and expectation), and **aggregate**
-per-RPC traffic into `rpc_series`.
+bad rows to `quarantine`, a bad batch fails here naming file and expectation), **aggregate**
+per-RPC traffic into `rpc_series`, and group requests into RPC-chain **patterns** (trace
+reconstruction, HDBSCAN re-clustering when due, stable pattern ids, per-pattern graphs and series).
 
 Each task is a thin call into `tasks/`. DuckDB allows one writer per file, so every task that
 writes the warehouse runs in the one-slot pool `rpcwatch_duckdb`. Rerunning a run replaces exactly
@@ -71,7 +72,20 @@ def rpcwatch_hourly():
         print(f"batch {validated['batch_id']}: {report.series_rows} series rows over {report.rpcs} RPCs")
         return {"series_rows": report.series_rows, "rpcs": report.rpcs}
 
-    aggregate(validate(ingest()))
+    @task
+    def patterns(aggregated: dict) -> dict:
+        """Rebuild traces, assign them to RPC-chain patterns or re-cluster (when the cadence says),
+        and write pattern graphs, per-pattern series and novel RPCs."""
+        from tasks.patterns import patterns_hour
+
+        hour, settings = _hour_and_settings()
+        report = patterns_hour(settings, hour)
+        for line in report.lines():
+            print(line)
+        return {"reclustered": report.reclustered, "reason": report.reason, "critical": report.critical,
+                "critical_share": report.critical_share, "traces": report.reconstruction.traces}
+
+    patterns(aggregate(validate(ingest())))
 
 
 hourly = rpcwatch_hourly()

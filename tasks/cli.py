@@ -8,6 +8,7 @@ import sys
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from tasks.ingest import hour_floor
 from tasks.settings import FORMATS, Settings, load_settings, parse_utc
 
 
@@ -20,7 +21,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _hours(settings: Settings, args: argparse.Namespace) -> list[datetime]:
-    from tasks.ingest import hour_floor, hours_in_sources
+    from tasks.ingest import hours_in_sources
 
     if args.hour:
         return [hour_floor(parse_utc(args.hour))]
@@ -105,8 +106,40 @@ def cmd_run(args: argparse.Namespace) -> int:
     for hour in _hours(settings, args):
         r = run_hour(settings, hour, args.source, args.format)
         rows.append([f"{hour:%Y-%m-%d %H:00}", r.ingest.rows_read, r.ingest.rows_kept,
-                     r.ingest.rows_quarantined, len(r.validation.findings), r.aggregate.series_rows])
-    print(table(["hour", "rows read", "kept", "quarantined", "checks", "series rows"], rows))
+                     r.ingest.rows_quarantined, len(r.validation.findings), r.aggregate.series_rows,
+                     r.patterns.reconstruction.traces, r.patterns.changes.clusters if r.patterns.reclustered else "-",
+                     f"{r.patterns.critical_share:.1%}"])
+    print(table(["hour", "rows read", "kept", "quarantined", "checks", "series rows", "traces", "clusters",
+                 "critical share"], rows))
+    return 0
+
+
+def cmd_cluster(args: argparse.Namespace) -> int:
+    from tasks.patterns import patterns_hour
+
+    settings = _settings(args)
+    hours = [hour_floor(parse_utc(args.hour))] if args.hour else _ingested_hours(settings)
+    for hour in hours:
+        print("\n".join(patterns_hour(settings, hour, force=args.force).lines()) + "\n")
+    print("see them: rpcwatch patterns")
+    return 0
+
+
+def _ingested_hours(settings: Settings) -> list[datetime]:
+    from datetime import timezone
+
+    from tasks.warehouse import opened
+
+    with opened(settings.warehouse, read_only=True) as con:
+        rows = con.execute("SELECT DISTINCT hour FROM ingest_log WHERE status = 'ingested' ORDER BY 1").fetchall()
+    return [r[0].replace(tzinfo=timezone.utc) for r in rows]
+
+
+def cmd_patterns(args: argparse.Namespace) -> int:
+    from tasks.patterns import pattern_table
+    from tasks.report import table
+
+    print(table(*pattern_table(_settings(args))))
     return 0
 
 
@@ -172,6 +205,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         if name == "ingest":
             p.add_argument("--force", action="store_true", help="re-ingest even if no file changed")
+
+    p = sub.add_parser("cluster", help="rebuild traces, assign or re-cluster patterns for an hour")
+    _common(p, hour=False)
+    p.add_argument("--hour", help="hour, e.g. 2026-01-01T03:00 (default: every ingested hour, in order)")
+    p.add_argument("--force", action="store_true", help="re-cluster even if the cadence says no")
+    p.set_defaults(func=cmd_cluster)
+
+    p = sub.add_parser("patterns", help="table of RPC chain patterns: id, nodes, traffic share, status")
+    _common(p, hour=False)
+    p.set_defaults(func=cmd_patterns)
 
     p = sub.add_parser("summary", help="per-hour table of what the warehouse holds")
     _common(p, hour=False)

@@ -6,6 +6,7 @@ import time
 from datetime import datetime, timedelta, timezone
 
 from tasks.airflow_env import airflow_env, dag_test, prepare_airflow
+from tasks.patterns import pattern_table
 from tasks.report import hour_summary, table
 from tasks.settings import Settings
 
@@ -49,8 +50,11 @@ def _summarise(settings: Settings, manifest_rows: dict[str, int], hours: int) ->
     rows = [r for r in rows if r[0] in wanted]
     expected = {k.replace("T", " "): v for k, v in manifest_rows.items()}
     table_rows = [list(r) + [expected.get(r[0], 0), "yes" if r[4] == expected.get(r[0]) else "NO"] for r in rows]
+    landed = all(r[-1] == "yes" for r in table_rows) and len(table_rows) == hours
     print(table(headers + ["manifest_rows", "all_landed"], table_rows))
-    return all(r[-1] == "yes" for r in table_rows) and len(table_rows) == hours
+    print("\nRPC chain patterns (critical ones get a model each):\n")
+    print(table(*pattern_table(settings)))
+    return landed
 
 
 def _next_steps(settings: Settings) -> None:
@@ -63,6 +67,9 @@ Next:
       'GROUP BY ALL ORDER BY calls DESC LIMIT 10'))"
   see rows that failed checks:   SELECT reason, count(*) FROM quarantine GROUP BY 1
   see every expectation result:  SELECT * FROM validation_runs
+  a pattern's graph:             SELECT parent_node, child_node, weight FROM pattern_edges WHERE pattern_id = 1
+  per-pattern traffic:           SELECT * FROM pattern_series WHERE pattern_id = 1 ORDER BY bucket_ts
+  patterns as a table:           .venv/bin/rpcwatch patterns
   the Airflow UI on these runs:  make airflow   (then http://localhost:8080)
   one hour without Airflow:      .venv/bin/rpcwatch run --hour 2026-01-01T01:00 --source {settings.incoming}""")
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
 NORMALISED = (
@@ -18,6 +17,7 @@ NORMALISED = (
     "rpc_type", "rt_ms", "is_error", "source_file", "file_row", "raw_hash",
 )
 MISSING_MARKERS = "('', 'UNKNOWN', 'UNAVAILABLE', 'NAN', 'nan', 'None', 'NULL', '(?)')"
+MAPPINGS = Path(__file__).with_name("mappings")
 UNITS_TO_MS = {"ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3}
 
 
@@ -137,7 +137,7 @@ class SpanMapping:
         if path.suffix == ".json" and path.exists():
             text = path.read_text()
         else:
-            bundled = resources.files("tasks") / "mappings" / f"{name_or_path}.json"
+            bundled = MAPPINGS / f"{name_or_path}.json"
             if not bundled.is_file():
                 raise ValueError(
                     f"span mapping {name_or_path!r} is neither a JSON file nor a bundled mapping "
@@ -157,8 +157,7 @@ class SpanMapping:
 
 
 def bundled_mappings() -> list[str]:
-    folder = resources.files("tasks") / "mappings"
-    return sorted(p.name.removesuffix(".json") for p in folder.iterdir() if p.name.endswith(".json"))
+    return sorted(p.stem for p in MAPPINGS.glob("*.json"))
 
 
 @dataclass(frozen=True)

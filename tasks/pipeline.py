@@ -8,6 +8,7 @@ from pathlib import Path
 
 from tasks.aggregate import AggregateReport, aggregate_hour
 from tasks.ingest import IngestReport, ingest_hour
+from tasks.patterns import PatternReport, patterns_hour
 from tasks.settings import Settings
 from tasks.validate import ValidationReport, validate_hour
 
@@ -16,12 +17,14 @@ from tasks.validate import ValidationReport, validate_hour
 class HourReport:
     ingest: IngestReport
     validation: ValidationReport
-    aggregate: AggregateReport | None
+    aggregate: AggregateReport
+    patterns: PatternReport
 
 
 def run_hour(settings: Settings, hour: datetime, sources: list[Path] | None = None,
              fmt_name: str | None = None) -> HourReport:
-    """ingest → validate → aggregate; a failed batch-level validation stops before aggregating."""
+    """ingest → validate → aggregate → patterns; a failed batch-level validation stops the hour."""
     ingest = ingest_hour(settings, hour, sources, fmt_name)
     validation = validate_hour(settings, hour)
-    return HourReport(ingest, validation, aggregate_hour(settings, hour))
+    aggregate = aggregate_hour(settings, hour)
+    return HourReport(ingest, validation, aggregate, patterns_hour(settings, hour))

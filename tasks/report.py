@@ -37,8 +37,12 @@ series AS (
     FROM rpc_series GROUP BY 1)
 SELECT strftime(f.hour, '%Y-%m-%d %H:00') AS hour, f.files, f.bad_files, f.rows_read, f.rows_kept,
        f.quarantined, coalesce(c.failed_checks, 0) AS failed_checks, coalesce(s.rpcs, 0) AS rpcs,
-       coalesce(s.series_rows, 0) AS series_rows
+       coalesce(s.series_rows, 0) AS series_rows, coalesce(r.traces, 0) AS traces,
+       CASE WHEN r.traces > 0 THEN printf('%.1f%%', 100 * r.full_traces / r.traces) ELSE '' END AS full_rebuilt,
+       CASE WHEN k.hour IS NULL THEN '' WHEN k.reclustered THEN 're-clustered' ELSE 'assigned' END AS patterns,
+       CASE WHEN k.hour IS NULL THEN '' ELSE printf('%.1f%%', 100 * k.critical_share) END AS in_critical
 FROM files f LEFT JOIN checks c USING (hour) LEFT JOIN series s USING (hour)
+LEFT JOIN reconstruction r USING (hour) LEFT JOIN clustering_runs k USING (hour)
 ORDER BY f.hour
 """
 

@@ -33,6 +33,17 @@ class Settings:
     min_volume_ratio: float = 0.2  # an hour below 20% of the recent median volume is a finding
     volume_lookback_hours: int = 24
     sample_rows_for_ge: int = 50_000
+    # patterns: clustering cadence, critical patterns, stable identities
+    recluster_every_hours: int = 24  # 1 = every hour
+    recluster_unclustered_share: float = 0.05  # re-cluster when more traffic than this is unassigned
+    critical_coverage: float = 0.98  # critical patterns: the busiest until this share of calls
+    critical_min_calls_per_hour: int = 600  # ... each with at least this much traffic to model
+    pattern_match_jaccard: float = 0.5  # a new cluster keeps an old pattern id above this RPC-set overlap
+    graph_min_support: float = 0.01  # a node/edge belongs to a pattern graph if in >= 1% of its traces
+    pattern_min_traces: int = 20  # a shape HDBSCAN calls noise is still a pattern with this many traces
+    variant_containment: float = 0.9  # a cluster inside another's RPC set is a variant of it
+    hdbscan_min_cluster_size: int = 3
+    hdbscan_min_samples: int = 2
     device: str = "auto"
     airflow_pool: str = "rpcwatch_duckdb"
 

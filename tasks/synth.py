@@ -1,13 +1,13 @@
 """Synthetic microservice call traces with ground truth, in the Alibaba v2022 CallGraph layout.
 
 `generate(start, hours, out, ...)` simulates a ~40-service shop (plus cache/db/mq leaf services)
-that serves 12-24 request types ("templates"). Each template is a fixed call tree; every trace
-of a type is that tree minus the optional subtrees it skipped. Traffic per type follows a
-Zipf-like base rate x a daily curve x Poisson noise per second, scaled so that an hour holds
-about `spans_per_hour` spans on average over the day.
+that serves 12-24 request types ("templates", how many is drawn from the seed). Each template
+is a fixed call tree; every trace of a type is that tree minus the optional subtrees it skipped.
+Traffic per type follows a Zipf-like base rate x a daily curve x Poisson noise per second,
+scaled so that an hour holds about `spans_per_hour` spans on average over the day.
 
-Everything is deterministic for a seed. An hour's normal traffic depends only on
-(seed, absolute hour), not on `start` or on whether anomalies are on.
+Everything is deterministic for a seed. An hour's normal traffic depends only on (seed,
+spans_per_hour, absolute hour), not on `start`/`hours` or on whether anomalies are on.
 
 Output under `out`:
 
@@ -24,8 +24,20 @@ Columns of the span files (in this order): timestamp (int64 ms since the epoch),
 service (the trace's entry service), rpc_id, rpctype, um, uminstanceid, interface, dm,
 dminstanceid, rt (float64 ms), error (int8 0/1, an extension to the Alibaba layout).
 
-The generation is vectorised: per hour and template, numpy draws per-second Poisson counts,
-the presence of optional subtrees and the per-span values; loops run over template nodes only.
+Rows are trace-major: traces ordered by start time, each trace's spans in preorder (parent
+before children). A child starts at its parent's start plus part of the parent's own time and
+ends before the parent ends (rt = own time + slowest child); its `uminstanceid` is the parent's
+`dminstanceid`. The root call is `USER -> entry service`, rpc_id `0.1`, uminstanceid `USER`.
+
+Injected events (anomalies=True), after a warm-up of half the hours (at least 2 h), in
+non-overlapping windows on minute boundaries: `drift` first (a request type's rate ramps up by
+50-100% over >= 3 h and stays; needs >= 8 h), then `traffic_spike`, `traffic_drop`, `latency`,
+`novel_rpc` and `amplification` (5-20 min each), about one event per 1.5 h. Every trace,
+anomalous or not, keeps a valid tree (each rpc_id's parent is in the trace).
+
+The generation is vectorised: per chunk of an hour and per template, numpy draws per-second
+Poisson counts, the presence of optional subtrees and the per-span values; loops run over
+template nodes only. A writer thread writes Parquet while the next chunk is generated.
 """
 
 from __future__ import annotations
@@ -35,11 +47,11 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import NamedTuple
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -219,6 +231,7 @@ class _System:
     stores: dict[str, tuple[str, ...]]  # app -> stores it uses
     interfaces: dict[str, tuple[str, ...]]  # app -> its interfaces
     pods: dict[str, int]  # service -> number of pods
+    protocol: dict[str, str]  # app -> how it is called: "rpc" or "http"
 
 
 def _build_system(rng: np.random.Generator) -> _System:
@@ -251,7 +264,8 @@ def _build_system(rng: np.random.Generator) -> _System:
             interfaces[svc] = tuple(sorted(f"{v}{_noun(svc)}" for v in verbs))
     pods = {s: int(rng.integers(2, 11)) for s in apps}
     pods.update({s: int(rng.integers(1, 4)) for s in _STORE_KIND})
-    return _System(apps, neighbors, stores, interfaces, pods)
+    protocol = {s: ("http" if rng.random() < 0.2 else "rpc") for s in apps}
+    return _System(apps, neighbors, stores, interfaces, pods, protocol)
 
 
 def _store_interface(rng: np.random.Generator, caller: str, store: str) -> str:
@@ -282,10 +296,9 @@ def _build_template(rng: np.random.Generator, sysm: _System, noun: str, main: st
     """One request type's call tree, nodes in preorder with Alibaba rpc ids."""
     entry = str(rng.choice(_ENTRIES))
     budget = int(rng.integers(8, 36))
-    protocol = {s: ("http" if rng.random() < 0.2 else "rpc") for s in sysm.apps}
     # tree as nested specs: [caller, callee, interface, rpctype, optional, children]
     root = [USER, entry, f"/api/v1/{noun}/{verb}", "http", False, []]
-    first = [entry, main, f"{verb}{noun.capitalize()}", protocol[main], False, []]
+    first = [entry, main, f"{verb}{noun.capitalize()}", sysm.protocol[main], False, []]
     root[5].append(first)
     count = 2
     for callee, iface, rtype in _SHARED_ROOT_CALLS:
@@ -299,7 +312,9 @@ def _build_template(rng: np.random.Generator, sysm: _System, noun: str, main: st
         svc = spec[1]
         if svc in _STORE_KIND or depth >= MAX_DEPTH:
             continue
-        options = [("app", s) for s in sysm.neighbors[svc]] + [("store", s) for s in sysm.stores[svc]]
+        options = [("app", s) for s in sysm.neighbors[svc]] + [
+            ("store", s) for s in sysm.stores[svc]
+        ]
         if not options:
             continue
         k = 1 + int(rng.binomial(3, max(0.15, 0.65 - 0.1 * depth)))
@@ -309,7 +324,8 @@ def _build_template(rng: np.random.Generator, sysm: _System, noun: str, main: st
         for o in rng.choice(len(options), k, replace=False):
             what, callee = options[int(o)]
             if what == "app":
-                child = [svc, callee, str(rng.choice(sysm.interfaces[callee])), protocol[callee]]
+                iface = str(rng.choice(sysm.interfaces[callee]))
+                child = [svc, callee, iface, sysm.protocol[callee]]
             else:
                 child = [svc, callee, _store_interface(rng, svc, callee), _STORE_KIND[callee]]
             child += [bool(rng.random() < 0.3), []]
@@ -449,7 +465,8 @@ def _renumber(nodes: list[_Node]) -> tuple[_Node, ...]:
     """Fix parents of a preorder list whose rpc ids are right."""
     index = {n.rpc_id: j for j, n in enumerate(nodes)}
     return tuple(
-        replace(n, parent=index[n.rpc_id.rsplit(".", 1)[0]] if j else -1) for j, n in enumerate(nodes)
+        replace(n, parent=index[n.rpc_id.rsplit(".", 1)[0]] if j else -1)
+        for j, n in enumerate(nodes)
     )
 
 
@@ -463,6 +480,7 @@ def _plan_events(
     high = by_rate[: max(1, n // 2)]
     middle = by_rate[2 : max(3, n - 3)]
     not_rare = by_rate[: max(1, n - 3)]
+    top = by_rate[: max(1, n // 3)]
     used: list[int] = []
 
     def pick(pool: list[int]) -> int:
@@ -512,7 +530,7 @@ def _plan_events(
             ev = _Event(eid, kind, s, e, k, factor=f, node=j,
                         rpcs=tuple(t.nodes[a].key for a in slow), note=note)  # fmt: skip
         elif kind == "novel_rpc":
-            k = pick(high)
+            k = pick(top)
             t = templates[k]
             ev = _novel(rng, eid, s, e, k, t, sysm, edges, all_keys)
         else:  # amplification
@@ -539,6 +557,8 @@ def _novel(rng, eid, s, e, k, t: _Template, sysm: _System, edges, all_keys) -> _
         targets = [c for c in _SENSITIVE if c != caller and (caller, c) not in edges]
         if targets:
             break
+    else:  # every sensitive service is already a known callee: any other service will do
+        targets = [c for c in sysm.apps if c != caller and (caller, c) not in edges]
     callee = str(rng.choice(targets))
     iface = str(rng.choice(_NOVEL_INTERFACES))
     rtype = _STORE_KIND.get(callee, "rpc")
@@ -548,9 +568,13 @@ def _novel(rng, eid, s, e, k, t: _Template, sysm: _System, edges, all_keys) -> _
     assert node.key not in all_keys
     end = _subtree(t.nodes, j)[-1] + 1
     variant = _renumber(list(t.nodes[:end]) + [node] + list(t.nodes[end:]))
-    q = round(float(rng.uniform(0.2, 0.5)), 3)
-    note = f"lateral movement: {caller} calls {callee}.{iface} in {q:.0%} of {t.request_type} traces"
-    return _Event(eid, "novel_rpc", s, e, k, fraction=q, variant=variant, rpcs=(node.key,), note=note)
+    q = round(float(rng.uniform(0.25, 0.5)), 3)
+    note = (
+        f"lateral movement: {caller} calls {callee}.{iface} in {q:.0%} of {t.request_type} traces"
+    )
+    return _Event(
+        eid, "novel_rpc", s, e, k, fraction=q, variant=variant, rpcs=(node.key,), note=note
+    )
 
 
 def _amplify(rng, eid, s, e, k, t: _Template) -> _Event:
@@ -584,7 +608,16 @@ def _amplify(rng, eid, s, e, k, t: _Template) -> _Event:
     )
     rpcs = _keys(t.nodes[m] for m in sub)
     return _Event(
-        eid, "amplification", s, e, k, factor=float(r), fraction=q, variant=variant, rpcs=rpcs, note=note
+        eid,
+        "amplification",
+        s,
+        e,
+        k,
+        factor=float(r),
+        fraction=q,
+        variant=variant,
+        rpcs=rpcs,
+        note=note,
     )
 
 
@@ -627,7 +660,9 @@ class _Tables:
     """String tables: node-level columns as dictionary indices, and pod names."""
 
     def __init__(self, units_nodes: list[tuple[str, tuple[_Node, ...]]], pods: dict[str, int]):
-        cols: dict[str, list[str]] = {c: [] for c in ("service", "rpc_id", "rpctype", "um", "interface", "dm")}
+        cols: dict[str, list[str]] = {
+            c: [] for c in ("service", "rpc_id", "rpctype", "um", "interface", "dm")
+        }
         callee, caller = [], []
         for entry, nodes in units_nodes:
             for nd in nodes:
@@ -687,7 +722,11 @@ def _clean(out: Path) -> None:
     for d in sorted(out.glob("dt=*/hour=*")) + sorted(out.glob("dt=*")):
         if d.is_dir() and not any(d.iterdir()):
             d.rmdir()
-    for f in (out / "truth" / "trace_templates.parquet", out / "labels.parquet", out / "manifest.json"):
+    for f in (
+        out / "truth" / "trace_templates.parquet",
+        out / "labels.parquet",
+        out / "manifest.json",
+    ):
         f.unlink(missing_ok=True)
 
 
@@ -981,9 +1020,7 @@ def generate(
     events = _plan_events(seed, start_hour * 3600, hours, sysm, templates) if anomalies else []
 
     units = [_Unit(k, 0, t.nodes, 0) for k, t in enumerate(templates)]
-    units += [
-        _Unit(ev.template, 1 + i, ev.variant, 0) for i, ev in enumerate(events) if ev.variant
-    ]
+    units += [_Unit(ev.template, 1 + i, ev.variant, 0) for i, ev in enumerate(events) if ev.variant]
     gbase = 0
     for u in units:
         u.gbase = gbase
@@ -1083,7 +1120,11 @@ def generate(
             for t in templates
         ],
         "events": [
-            {"event_id": ev.event_id, "kind": ev.kind, "request_type": templates[ev.template].request_type}
+            {
+                "event_id": ev.event_id,
+                "kind": ev.kind,
+                "request_type": templates[ev.template].request_type,
+            }
             for ev in events
         ],
         "files": sorted(files),

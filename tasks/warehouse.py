@@ -41,6 +41,52 @@ CREATE TABLE IF NOT EXISTS rpc_series (
     interface VARCHAR, rpc_type VARCHAR NOT NULL, calls BIGINT NOT NULL, errors BIGINT NOT NULL,
     rt_mean DOUBLE, rt_p50 DOUBLE, rt_p95 DOUBLE, bucket_seconds INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS reconstruction (
+    hour TIMESTAMP PRIMARY KEY, traces BIGINT, full_traces BIGINT, partial_traces BIGINT,
+    failed_traces BIGINT, calls BIGINT, late_tail_traces BIGINT, rebuilt_at TIMESTAMP
+);
+CREATE TABLE IF NOT EXISTS shapes (
+    shape_id UBIGINT PRIMARY KEY, n_calls INTEGER, depth INTEGER, rpcs VARCHAR[], edges VARCHAR[],
+    first_seen TIMESTAMP
+);
+CREATE TABLE IF NOT EXISTS trace_patterns (
+    trace_id VARCHAR NOT NULL, hour TIMESTAMP NOT NULL, root_ts TIMESTAMP, shape_id UBIGINT,
+    status VARCHAR NOT NULL, n_calls INTEGER, pattern_id INTEGER, method VARCHAR
+);
+CREATE TABLE IF NOT EXISTS shape_patterns (
+    shape_id UBIGINT PRIMARY KEY, pattern_id INTEGER, method VARCHAR, assigned_hour TIMESTAMP
+);
+CREATE TABLE IF NOT EXISTS patterns (
+    pattern_id INTEGER PRIMARY KEY, version INTEGER, graph_hash VARCHAR, status VARCHAR,
+    critical BOOLEAN, first_seen TIMESTAMP, last_changed TIMESTAMP, traffic_share DOUBLE,
+    calls BIGINT, traces BIGINT, n_nodes INTEGER, n_edges INTEGER, n_shapes INTEGER,
+    updated_hour TIMESTAMP
+);
+CREATE TABLE IF NOT EXISTS pattern_history (
+    pattern_id INTEGER, version INTEGER, hour TIMESTAMP, event VARCHAR, graph_hash VARCHAR,
+    details VARCHAR
+);
+CREATE TABLE IF NOT EXISTS pattern_nodes (
+    pattern_id INTEGER, version INTEGER, node VARCHAR, caller VARCHAR, callee VARCHAR,
+    interface VARCHAR, rpc_type VARCHAR, support DOUBLE, calls BIGINT
+);
+CREATE TABLE IF NOT EXISTS pattern_edges (
+    pattern_id INTEGER, version INTEGER, parent_node VARCHAR, child_node VARCHAR, weight BIGINT
+);
+CREATE TABLE IF NOT EXISTS pattern_series (
+    pattern_id INTEGER NOT NULL, bucket_ts TIMESTAMP NOT NULL, node VARCHAR NOT NULL,
+    caller VARCHAR, callee VARCHAR, interface VARCHAR, rpc_type VARCHAR, calls BIGINT, errors BIGINT,
+    rt_mean DOUBLE, rt_p95 DOUBLE, bucket_seconds INTEGER
+);
+CREATE TABLE IF NOT EXISTS novel_rpcs (
+    bucket_ts TIMESTAMP NOT NULL, caller VARCHAR, callee VARCHAR, interface VARCHAR, rpc_type VARCHAR,
+    calls BIGINT, first_seen TIMESTAMP
+);
+CREATE TABLE IF NOT EXISTS clustering_runs (
+    hour TIMESTAMP PRIMARY KEY, reclustered BOOLEAN, reason VARCHAR, shapes INTEGER,
+    clusters INTEGER, noise_shapes INTEGER, noise_share DOUBLE, critical INTEGER,
+    critical_share DOUBLE, unassigned_share DOUBLE, seconds DOUBLE
+);
 """
 
 

@@ -22,6 +22,9 @@ TABLES = {
     "quarantine": "count(*)",
     "rpc_series": "count(*), sum(calls), sum(hash(bucket_ts, caller, callee, interface, calls, rt_p95))",
     "ingest_log": "count(*), sum(rows_kept)",
+    "trace_patterns": "count(*), sum(hash(trace_id, shape_id, pattern_id, method))",
+    "patterns": "count(*), sum(hash(pattern_id, version, graph_hash, status))",
+    "pattern_series": "count(*), sum(calls)",
 }
 
 
@@ -63,9 +66,10 @@ print(json.dumps({{"heavy": heavy,
     out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
     facts = json.loads(out.stdout.strip().splitlines()[-1])
     assert facts["heavy"] == [], f"heavy imports at DAG parse time: {facts['heavy']}"
-    assert facts["tasks"] == ["aggregate", "ingest", "validate"]
+    assert facts["tasks"] == ["aggregate", "ingest", "patterns", "validate"]
     assert facts["pools"] == ["rpcwatch_duckdb"]
-    assert facts["upstream"] == {"ingest": [], "validate": ["ingest"], "aggregate": ["validate"]}
+    assert facts["upstream"] == {"ingest": [], "validate": ["ingest"], "aggregate": ["validate"],
+                                 "patterns": ["aggregate"]}
     assert facts["timetable"] == "CronDataIntervalTimetable"
 
 

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+from tasks import synth
 from tasks.synth import COLUMNS, EVENT_KINDS, LABEL_SCHEMA, SPAN_SCHEMA, day_factor, generate
 
 START = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -146,27 +147,37 @@ def test_every_span_lies_in_its_partition_hour(normal):
         assert ((roots >= gen_ms) & (roots < gen_ms + HOUR_MS)).all()
 
 
-def test_spill_past_the_last_hour_gets_its_own_partition(tmp_path):
-    # enough traces per second that some cross the end of the generated hour
-    start = START + timedelta(hours=15)
-    summary = generate(start, 1, tmp_path, seed=1, spans_per_hour=3_000_000)
+def test_spans_after_the_hour_spill_into_the_next_partition(tmp_path, monkeypatch):
+    # slow calls (seconds each) so that many traces cross the hour boundaries
+    monkeypatch.setattr(synth, "_latency", lambda rng, rpctype: (rng.uniform(3000, 6000), 0.3))
+    summary = generate(START, 2, tmp_path, seed=1, spans_per_hour=60_000)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
-    spill_rel = "dt=2026-01-01/hour=16/part-2026010115.parquet"
-    assert manifest["files"] == ["dt=2026-01-01/hour=15/part-2026010115.parquet", spill_rel]
-    spill = pq.read_table(tmp_path / spill_rel)
-    assert list(summary.rows_per_hour) == ["2026-01-01T15:00", "2026-01-01T16:00"]
-    assert summary.rows_per_hour["2026-01-01T16:00"] == spill.num_rows > 0
-    hour16 = int((start + timedelta(hours=1)).timestamp()) * 1000
-    assert pc_min(spill["timestamp"]) >= hour16
-    # the spilled spans belong to traces whose roots are in hour 15's own file
-    ids = sorted(set(spill["traceid"].to_pylist()))
-    roots = pq.read_table(
-        tmp_path / manifest["files"][0],
-        columns=["traceid", "rpc_id", "timestamp"],
-        filters=[("traceid", "in", ids), ("rpc_id", "=", "0.1")],
+    assert manifest["files"] == [
+        "dt=2026-01-01/hour=00/part-2026010100.parquet",
+        "dt=2026-01-01/hour=01/part-2026010100.parquet",  # spill of hour 00's traces
+        "dt=2026-01-01/hour=01/part-2026010101.parquet",
+        "dt=2026-01-01/hour=02/part-2026010101.parquet",  # spill past the generated range
+    ]
+    assert list(summary.rows_per_hour) == [
+        "2026-01-01T00:00",
+        "2026-01-01T01:00",
+        "2026-01-01T02:00",
+    ]
+    for gen, spill_hour in ((0, 1), (1, 2)):
+        own = pq.read_table(tmp_path / manifest["files"][2 * gen])
+        spill = pq.read_table(tmp_path / manifest["files"][2 * gen + 1])
+        assert spill.num_rows > 0
+        boundary = int((START + timedelta(hours=spill_hour)).timestamp()) * 1000
+        assert pc_min(spill["timestamp"]) >= boundary
+        # the spilled spans belong to traces whose roots are in the generated hour's own file
+        ids = set(spill["traceid"].to_pylist())
+        roots = own.filter(pc.equal(own["rpc_id"], "0.1"))
+        assert ids <= set(roots["traceid"].to_pylist())
+        assert "0.1" not in set(spill["rpc_id"].to_pylist())
+    assert (
+        summary.rows_per_hour["2026-01-01T02:00"]
+        == pq.read_table(tmp_path / manifest["files"][3]).num_rows
     )
-    assert sorted(roots["traceid"].to_pylist()) == ids
-    assert pc_min(roots["timestamp"]) >= hour16 - HOUR_MS
 
 
 def pc_min(column) -> int:
@@ -278,7 +289,9 @@ def test_volume_follows_spans_per_hour_and_day_curve(tmp_path):
     counts = list(summary.rows_per_hour.values())[:24]
     assert abs(np.mean(counts) / spans_per_hour - 1) < 0.1
     for h, n in enumerate(counts):
-        expected = spans_per_hour * float(np.mean(day_factor(START.timestamp() + h * 3600 + np.arange(3600))))
+        expected = spans_per_hour * float(
+            np.mean(day_factor(START.timestamp() + h * 3600 + np.arange(3600)))
+        )
         assert abs(n / expected - 1) < 0.15, (h, n, expected)
     assert min(counts) < 0.75 * max(counts)  # quiet at night, busy in the afternoon
 
@@ -356,7 +369,10 @@ def test_labels_cover_every_kind_after_warm_up(anomalous):
 
 def test_spike_and_drop_change_the_rate(anomalous):
     *_, labels, spans, truth = anomalous
-    for kind, check in (("traffic_spike", lambda r, b: r > 2.5 * b), ("traffic_drop", lambda r, b: r < 0.5 * b)):
+    for kind, check in (
+        ("traffic_spike", lambda r, b: r > 2.5 * b),
+        ("traffic_drop", lambda r, b: r < 0.5 * b),
+    ):
         row = labels[labels["kind"] == kind].iloc[0]
         lo, hi = _ms(row["start"]), _ms(row["end"])
         during = _rate(spans, truth, row["request_type"], lo, hi)
@@ -421,3 +437,16 @@ def test_anomalous_traces_keep_a_valid_tree(anomalous):
     )
     assert len(found) == len(child)
     assert (found["_merge"] == "both").all()
+
+
+def test_an_hour_does_not_depend_on_the_run_it_is_part_of(tmp_path):
+    generate(START, 3, tmp_path / "long", seed=8, spans_per_hour=30_000)
+    generate(START + timedelta(hours=2), 1, tmp_path / "short", seed=8, spans_per_hour=30_000)
+    rel = "dt=2026-01-01/hour=02/part-2026010102.parquet"
+    long_, short = pq.read_table(tmp_path / "long" / rel), pq.read_table(tmp_path / "short" / rel)
+    assert long_.num_rows > 0 and long_.equals(short)
+    # warm-up hours carry the same traffic with or without injected events
+    generate(START, 8, tmp_path / "events", seed=8, spans_per_hour=30_000, anomalies=True)
+    generate(START, 8, tmp_path / "plain", seed=8, spans_per_hour=30_000)
+    rel = "dt=2026-01-01/hour=03/part-2026010103.parquet"
+    assert pq.read_table(tmp_path / "events" / rel).equals(pq.read_table(tmp_path / "plain" / rel))
