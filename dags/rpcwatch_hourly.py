@@ -5,7 +5,9 @@ Every hour, for the data interval that just ended: **ingest** the trace files th
 that hour into the DuckDB warehouse, **validate** them (Great Expectations + DuckDB row checks;
 bad rows to `quarantine`, a bad batch fails here naming file and expectation), **aggregate**
 per-RPC traffic into `rpc_series`, and group requests into RPC-chain **patterns** (trace
-reconstruction, HDBSCAN re-clustering when due, stable pattern ids, per-pattern graphs and series).
+reconstruction, HDBSCAN re-clustering when due, stable pattern ids, per-pattern graphs and series),
+then find the **stale** pattern models and **train** only those (mapped, one task per pattern, on the
+`gpu` queue, reading Parquet exports instead of DuckDB), and **record** them for the next hour.
 
 Each task is a thin call into `tasks/`. DuckDB allows one writer per file, so every task that
 writes the warehouse runs in the one-slot pool `rpcwatch_duckdb`. Rerunning a run replaces exactly
@@ -85,7 +87,42 @@ def rpcwatch_hourly():
         return {"reclustered": report.reclustered, "reason": report.reason, "critical": report.critical,
                 "critical_share": report.critical_share, "traces": report.reconstruction.traces}
 
-    patterns(aggregate(validate(ingest())))
+    @task
+    def stale(patterned: dict) -> list[dict]:
+        """Decide which critical patterns' models are stale (no champion, graph changed, drift,
+        age) and export each one's series to Parquet, so training never opens DuckDB."""
+        from tasks.retrain import plan_training
+
+        hour, settings = _hour_and_settings()
+        jobs = plan_training(settings, hour)
+        for job in jobs:
+            print(f"pattern {job['pattern_id']} is stale: {', '.join(job['reasons'])}")
+        if not jobs:
+            print("nothing is stale this hour: no model will be trained")
+        return jobs
+
+    @task(queue="gpu", pool="default_pool", retries=1)
+    def train(job: dict) -> dict:
+        """Train one stale pattern's model on the GPU queue (CPU when none), tracked in MLflow."""
+        from tasks.retrain import train_job
+        from tasks.settings import load_settings
+
+        outcome = train_job(load_settings(), job)
+        print(outcome.get("skipped") or f"pattern {outcome['pattern_id']}: version {outcome['model_version']} "
+                                         f"-> {outcome['decision']} ({outcome['reason']})")
+        return outcome
+
+    @task(trigger_rule="none_failed")  # zero mapped trainings (skipped) still records and says so
+    def record(outcomes: list[dict]) -> int:
+        """Mirror the trainings into DuckDB's `models` table (what staleness and scoring read)."""
+        from tasks.retrain import record_outcomes
+
+        _, settings = _hour_and_settings()
+        n = record_outcomes(settings, list(outcomes or []))
+        print(f"{n} model(s) recorded" if n else "no model trained this hour")
+        return n
+
+    record(train.expand(job=stale(patterns(aggregate(validate(ingest()))))))
 
 
 hourly = rpcwatch_hourly()

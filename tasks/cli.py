@@ -108,9 +108,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         rows.append([f"{hour:%Y-%m-%d %H:00}", r.ingest.rows_read, r.ingest.rows_kept,
                      r.ingest.rows_quarantined, len(r.validation.findings), r.aggregate.series_rows,
                      r.patterns.reconstruction.traces, r.patterns.changes.clusters if r.patterns.reclustered else "-",
-                     f"{r.patterns.critical_share:.1%}"])
+                     f"{r.patterns.critical_share:.1%}", sum("skipped" not in o for o in r.trained)])
     print(table(["hour", "rows read", "kept", "quarantined", "checks", "series rows", "traces", "clusters",
-                 "critical share"], rows))
+                 "critical share", "models trained"], rows))
     return 0
 
 
@@ -140,6 +140,56 @@ def cmd_patterns(args: argparse.Namespace) -> int:
     from tasks.report import table
 
     print(table(*pattern_table(_settings(args))))
+    return 0
+
+
+def _latest_hour(settings: Settings, args: argparse.Namespace) -> datetime:
+    if args.hour:
+        return hour_floor(parse_utc(args.hour))
+    hours = _ingested_hours(settings)
+    if not hours:
+        raise ValueError("no ingested hour yet: run `rpcwatch run` or the DAG first")
+    return hours[-1]
+
+
+def cmd_stale(args: argparse.Namespace) -> int:
+    from tasks.report import table
+    from tasks.staleness import stale_patterns
+    from tasks.warehouse import opened
+
+    settings = _settings(args)
+    hour = _latest_hour(settings, args)
+    with opened(settings.warehouse, read_only=True) as con:
+        stale = stale_patterns(con, settings, hour, args.force, args.pattern)
+    if not stale:
+        print(f"nothing is stale at {hour:%Y-%m-%d %H:00}: every critical pattern has a fresh champion")
+        return 0
+    print(table(["pattern", "reasons"], [[s.pattern_id, ", ".join(s.reasons)] for s in stale]))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tasks.report import table
+    from tasks.retrain import train_stale
+
+    settings = _settings(args)
+    hour = _latest_hour(settings, args)
+    outcomes = train_stale(settings, hour, args.force, args.pattern)
+    if not outcomes:
+        print(f"nothing is stale at {hour:%Y-%m-%d %H:00}: no model trained")
+        return 0
+    rows = []
+    for o in outcomes:
+        if "skipped" in o:
+            rows.append([o["pattern_id"], "-", "skipped", o["skipped"][:60], "", "", ""])
+            continue
+        m = o["metrics"]
+        rows.append([o["pattern_id"], o["model_version"], o["decision"], o["reason"][:60],
+                     f"{m['model_mape_calls']:.3f}", f"{m['mape_calls_over_floor']:.2f}",
+                     f"{m['mape_calls_vs_seasonal_naive']:.2f}"])
+    print(table(["pattern", "version", "alias", "why", "calls MAPE", "x floor", "x seasonal naive"], rows))
+    print(f"\ncompare versions in MLflow: .venv/bin/mlflow ui --backend-store-uri {settings.mlflow_tracking_uri}"
+          f"  (then http://127.0.0.1:5000, experiment 'rpcwatch', models 'rpcwatch-pattern-<id>')")
     return 0
 
 
@@ -216,13 +266,22 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, hour=False)
     p.set_defaults(func=cmd_patterns)
 
+    for name, func, text in [("stale", cmd_stale, "which pattern models are stale, and why"),
+                             ("train", cmd_train, "train the stale pattern models (MLflow-tracked)")]:
+        p = sub.add_parser(name, help=text)
+        _common(p, hour=False)
+        p.add_argument("--hour", help="as of this hour (default: the latest ingested)")
+        p.add_argument("--pattern", type=int, nargs="+", help="only these pattern ids")
+        p.add_argument("--force", action="store_true", help="treat them as stale anyway")
+        p.set_defaults(func=func)
+
     p = sub.add_parser("summary", help="per-hour table of what the warehouse holds")
     _common(p, hour=False)
     p.set_defaults(func=cmd_summary)
 
     p = sub.add_parser("demo", help="synthetic hours through the Airflow DAG, then a summary")
     _common(p, hour=False)
-    p.add_argument("--hours", type=int, default=3)
+    p.add_argument("--hours", type=int, default=4)
     p.add_argument("--spans-per-hour", type=int, default=200_000)
     p.add_argument("--seed", type=int, default=7)
     p.set_defaults(func=cmd_demo)

@@ -7,7 +7,7 @@ from datetime import datetime, timedelta, timezone
 
 from tasks.airflow_env import airflow_env, dag_test, prepare_airflow
 from tasks.patterns import pattern_table
-from tasks.report import hour_summary, table
+from tasks.report import hour_summary, model_table, table
 from tasks.settings import Settings
 
 DEMO_START = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -54,6 +54,8 @@ def _summarise(settings: Settings, manifest_rows: dict[str, int], hours: int) ->
     print(table(headers + ["manifest_rows", "all_landed"], table_rows))
     print("\nRPC chain patterns (critical ones get a model each):\n")
     print(table(*pattern_table(settings)))
+    print("\nPer-pattern forecasters (validation calls MAPE; x = ratio to the Poisson floor and to each baseline):\n")
+    print(table(*model_table(settings)))
     return landed
 
 
@@ -70,11 +72,15 @@ Next:
   a pattern's graph:             SELECT parent_node, child_node, weight FROM pattern_edges WHERE pattern_id = 1
   per-pattern traffic:           SELECT * FROM pattern_series WHERE pattern_id = 1 ORDER BY bucket_ts
   patterns as a table:           .venv/bin/rpcwatch patterns
+  which models are stale, why:   .venv/bin/rpcwatch stale
+  compare model versions:        .venv/bin/mlflow ui --backend-store-uri {settings.mlflow_tracking_uri}
+                                 (http://127.0.0.1:5000: experiment 'rpcwatch', models 'rpcwatch-pattern-<id>',
+                                  alias 'champion'; each run has metrics of model vs baselines and forecast PNGs)
   the Airflow UI on these runs:  make airflow   (then http://localhost:8080)
   one hour without Airflow:      .venv/bin/rpcwatch run --hour 2026-01-01T01:00 --source {settings.incoming}""")
 
 
-def run_demo(settings: Settings, hours: int = 3, spans_per_hour: int = 200_000, seed: int = 7) -> int:
+def run_demo(settings: Settings, hours: int = 4, spans_per_hour: int = 200_000, seed: int = 7) -> int:
     started = time.perf_counter()
     manifest_rows = _synthesize(settings, hours, spans_per_hour, seed)
     failed = _run_dag(settings, hours)

@@ -19,12 +19,17 @@ class HourReport:
     validation: ValidationReport
     aggregate: AggregateReport
     patterns: PatternReport
+    trained: list[dict]
 
 
 def run_hour(settings: Settings, hour: datetime, sources: list[Path] | None = None,
              fmt_name: str | None = None) -> HourReport:
-    """ingest → validate → aggregate → patterns; a failed batch-level validation stops the hour."""
+    """ingest → validate → aggregate → patterns → train the stale models; a failed batch-level
+    validation stops the hour."""
+    from tasks.retrain import train_stale
+
     ingest = ingest_hour(settings, hour, sources, fmt_name)
     validation = validate_hour(settings, hour)
     aggregate = aggregate_hour(settings, hour)
-    return HourReport(ingest, validation, aggregate, patterns_hour(settings, hour))
+    patterns = patterns_hour(settings, hour)
+    return HourReport(ingest, validation, aggregate, patterns, train_stale(settings, hour))

@@ -52,3 +52,21 @@ def hour_summary(settings: Settings) -> tuple[list[str], list[tuple]]:
         cursor = con.execute(HOUR_SUMMARY_SQL)
         headers = [d[0] for d in cursor.description]
         return headers, cursor.fetchall()
+
+
+MODELS_SQL = """
+SELECT m.pattern_id AS pattern, m.model_version AS version, m.decision AS alias,
+       round(m.val_mape_calls, 3) AS calls_mape, round(m.val_mape_calls / m.poisson_floor_calls, 2) AS x_poisson_floor,
+       round(m.val_mape_calls / m.seasonal_naive_mape_calls, 2) AS x_seasonal_naive,
+       round(m.val_mape_calls / m.moving_average_mape_calls, 2) AS x_moving_avg,
+       round(m.val_mape_calls / m.no_graph_mape_calls, 2) AS x_no_graph, m.stale_reason AS trained_because,
+       strftime(m.trained_for, '%Y-%m-%d %H:00') AS trained_at_hour
+FROM models m ORDER BY m.pattern_id, m.model_version
+"""
+
+
+def model_table(settings: Settings) -> tuple[list[str], list[tuple]]:
+    """Every trained model version with its validation calls MAPE against the floor and baselines."""
+    with opened(settings.warehouse, read_only=True) as con:
+        cursor = con.execute(MODELS_SQL)
+        return [d[0] for d in cursor.description], cursor.fetchall()

@@ -44,6 +44,14 @@ class Settings:
     variant_containment: float = 0.9  # a cluster inside another's RPC set is a variant of it
     hdbscan_min_cluster_size: int = 3
     hdbscan_min_samples: int = 2
+    # models: training window, thresholds, staleness
+    train_history_hours: int = 48  # series a model learns from (up to the hour being processed)
+    min_train_hours: float = 3.0  # a pattern is first trained once it has this much history
+    alarm_p: float = 1e-4  # two-sided tail probability of a normal point outside its band
+    threshold_method: str = "quantile"  # or "pot" (peaks over threshold, generalised Pareto)
+    model_max_age_hours: int = 168
+    drift_factor: float = 1.5  # drift: scored error above this x the calibrated level ...
+    drift_hours: int = 3  # ... for this many consecutive scored hours
     device: str = "auto"
     airflow_pool: str = "rpcwatch_duckdb"
 

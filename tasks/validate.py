@@ -155,6 +155,7 @@ def _ge_suites(hour: datetime, settings: Settings, history_hours: int):
 def _ge_context():
     import great_expectations as gx
 
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = {"globally": False}
     return context

@@ -82,6 +82,17 @@ CREATE TABLE IF NOT EXISTS novel_rpcs (
     bucket_ts TIMESTAMP NOT NULL, caller VARCHAR, callee VARCHAR, interface VARCHAR, rpc_type VARCHAR,
     calls BIGINT, first_seen TIMESTAMP
 );
+CREATE TABLE IF NOT EXISTS models (
+    pattern_id INTEGER NOT NULL, model_name VARCHAR, model_version INTEGER, run_id VARCHAR,
+    graph_hash VARCHAR, pattern_version INTEGER, trained_for TIMESTAMP, decision VARCHAR,
+    reason VARCHAR, stale_reason VARCHAR, val_mape_calls DOUBLE, poisson_floor_calls DOUBLE,
+    seasonal_naive_mape_calls DOUBLE, moving_average_mape_calls DOUBLE, no_graph_mape_calls DOUBLE,
+    calibrated_mape_calls DOUBLE, seconds DOUBLE, device VARCHAR, recorded_at TIMESTAMP
+);
+CREATE TABLE IF NOT EXISTS forecast_errors (
+    pattern_id INTEGER NOT NULL, hour TIMESTAMP NOT NULL, model_version INTEGER,
+    mape_calls DOUBLE, calibrated_mape_calls DOUBLE
+);
 CREATE TABLE IF NOT EXISTS clustering_runs (
     hour TIMESTAMP PRIMARY KEY, reclustered BOOLEAN, reason VARCHAR, shapes INTEGER,
     clusters INTEGER, noise_shapes INTEGER, noise_share DOUBLE, critical INTEGER,

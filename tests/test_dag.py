@@ -61,15 +61,18 @@ heavy = sorted(m for m in {HEAVY!r} if m in sys.modules)
 d = module.hourly
 print(json.dumps({{"heavy": heavy,
     "tasks": sorted(d.task_ids), "pools": sorted({{t.pool for t in d.tasks}}),
-    "upstream": {{t.task_id: sorted(t.upstream_task_ids) for t in d.tasks}}, "timetable": type(d.timetable).__name__}}))
+    "upstream": {{t.task_id: sorted(t.upstream_task_ids) for t in d.tasks}}, "timetable": type(d.timetable).__name__,
+    "queues": {{t.task_id: t.queue for t in d.tasks}}, "pool_of": {{t.task_id: t.pool for t in d.tasks}}}}))
 """
     out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
     facts = json.loads(out.stdout.strip().splitlines()[-1])
     assert facts["heavy"] == [], f"heavy imports at DAG parse time: {facts['heavy']}"
-    assert facts["tasks"] == ["aggregate", "ingest", "patterns", "validate"]
-    assert facts["pools"] == ["rpcwatch_duckdb"]
+    assert facts["tasks"] == ["aggregate", "ingest", "patterns", "record", "stale", "train", "validate"]
+    assert facts["pools"] == ["default_pool", "rpcwatch_duckdb"]
+    assert facts["queues"]["train"] == "gpu" and facts["pool_of"]["train"] == "default_pool"
     assert facts["upstream"] == {"ingest": [], "validate": ["ingest"], "aggregate": ["validate"],
-                                 "patterns": ["aggregate"]}
+                                 "patterns": ["aggregate"], "stale": ["patterns"], "train": ["stale"],
+                                 "record": ["train"]}
     assert facts["timetable"] == "CronDataIntervalTimetable"
 
 
@@ -100,3 +103,27 @@ def test_a_bad_batch_fails_the_validate_task_with_its_message(airflow, synth_cop
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert "expect_file_to_be_readable" in output and "zz-broken.parquet" in output
+
+
+@pytest.mark.airflow
+def test_the_dag_trains_stale_patterns_once_and_then_nothing(tmp_path):
+    """Hours 0-3 through the DAG: models train when a pattern has 2 h of history, never again after."""
+    from tasks.synth import generate
+
+    source = tmp_path / "traces"
+    generate(START, 4, source, seed=5, spans_per_hour=30_000)
+    settings = load_settings(env={}, home=tmp_path / "home")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("RPCWATCH_", "AIRFLOW"))}
+    env = dict(airflow_env(settings, base=clean), RPCWATCH_MIN_TRAIN_HOURS="2", RPCWATCH_CRITICAL_COVERAGE="0.5")
+    prepare_airflow(env, settings.airflow_pool)
+    trained = []
+    for i in range(4):
+        result = _run(env, source, START + timedelta(hours=i))
+        with duckdb.connect(str(settings.warehouse), read_only=True) as con:
+            trained.append(con.execute("SELECT count(*) FROM models").fetchone()[0])
+        if i == 3:
+            assert "nothing is stale this hour" in result.stdout + result.stderr
+    assert trained[0] == 0 and trained[1] >= 1, trained
+    assert trained[3] == trained[2] == trained[1], "unchanged traffic trains no model"
+    mlflow_db = settings.home / "mlflow.db"
+    assert mlflow_db.exists() and (settings.home / "mlartifacts").is_dir()

@@ -73,12 +73,12 @@ def test_unchanged_traffic_keeps_every_pattern_id_and_graph_hash(settings, traff
     assert series >= 0.99 * assigned, "per-pattern series cover the hour's traffic"
 
 
-def _add_downstream_call(source: Path, request_type: str) -> int:
-    """Every trace of `request_type` in hour 1 gains one call from its entry service to a new RPC."""
+def _add_downstream_call(source: Path, request_type: str, hour: str = "01") -> int:
+    """Every trace of `request_type` in that hour gains one call from its entry service to a new RPC."""
     truth = pq.read_table(source / "truth" / "trace_templates.parquet")
     traces = pc.filter(truth, pc.equal(truth["request_type"], request_type))["traceid"]
     added = 0
-    for part in (source / "dt=2026-01-01" / "hour=01").glob("*.parquet"):
+    for part in (source / "dt=2026-01-01" / f"hour={hour}").glob("*.parquet"):
         table = pq.read_table(part)
         roots = table.filter(pc.and_(pc.is_in(table["traceid"], traces), pc.equal(table["rpc_id"], "0.1")))
         extra = roots.set_column(roots.schema.get_field_index("rpc_id"), "rpc_id", pa.array(["0.1.99"] * len(roots)))
