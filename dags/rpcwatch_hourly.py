@@ -7,7 +7,8 @@ bad rows to `quarantine`, a bad batch fails here naming file and expectation), *
 per-RPC traffic into `rpc_series`, and group requests into RPC-chain **patterns** (trace
 reconstruction, HDBSCAN re-clustering when due, stable pattern ids, per-pattern graphs and series),
 then find the **stale** pattern models and **train** only those (mapped, one task per pattern, on the
-`gpu` queue, reading Parquet exports instead of DuckDB), and **record** them for the next hour.
+`gpu` queue, reading Parquet exports instead of DuckDB), **record** them, and **score** the hour
+against the champions into `anomalies` and `incidents`.
 
 Each task is a thin call into `tasks/`. DuckDB allows one writer per file, so every task that
 writes the warehouse runs in the one-slot pool `rpcwatch_duckdb`. Rerunning a run replaces exactly
@@ -122,7 +123,18 @@ def rpcwatch_hourly():
         print(f"{n} model(s) recorded" if n else "no model trained this hour")
         return n
 
-    record(train.expand(job=stale(patterns(aggregate(validate(ingest()))))))
+    @task(trigger_rule="none_failed")
+    def score(recorded: int) -> dict:
+        """Forecast every bucket of the hour with each critical pattern's champion; irregular points
+        go to `anomalies`, related ones to `incidents`, novel RPCs too."""
+        from tasks.scoring import score_hour
+
+        hour, settings = _hour_and_settings()
+        report = score_hour(settings, hour)
+        print(report.line())
+        return {"scored": report.scored, "anomalies": report.anomalies, "incidents": report.incidents}
+
+    score(record(train.expand(job=stale(patterns(aggregate(validate(ingest())))))))
 
 
 hourly = rpcwatch_hourly()

@@ -193,6 +193,55 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_score(args: argparse.Namespace) -> int:
+    from tasks.scoring import score_hour
+
+    settings = _settings(args)
+    hours = [hour_floor(parse_utc(args.hour))] if args.hour else _ingested_hours(settings)[-1:]
+    for hour in hours:
+        print(score_hour(settings, hour).line())
+    print("see them: rpcwatch anomalies")
+    return 0
+
+
+def _since(text: str) -> timedelta:
+    units = {"m": "minutes", "h": "hours", "d": "days"}
+    if len(text) < 2 or text[-1] not in units or not text[:-1].isdigit():
+        raise ValueError(f"--since {text!r}: use e.g. 30m, 6h, 2d")
+    return timedelta(**{units[text[-1]]: int(text[:-1])})
+
+
+def cmd_anomalies(args: argparse.Namespace) -> int:
+    import json
+
+    from tasks.report import anomaly_rows, table
+
+    settings = _settings(args)
+    headers, rows = anomaly_rows(settings, _since(args.since), args.pattern, args.limit)
+    if args.json:
+        print(json.dumps([dict(zip(headers, r)) for r in rows], default=str, indent=1))
+        return 0
+    print(table(headers, rows) if rows else f"no irregular point in the last {args.since} of scored data")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from tasks.evaluate import evaluate_labels
+    from tasks.report import table
+
+    settings = _settings(args)
+    ours, naive, extra = evaluate_labels(settings, args.labels)
+    rows = [[s.name, s.events, s.detected, f"{s.recall:.2f}", s.incidents, s.incidents - s.true_incidents,
+             f"{s.precision:.2f}", f"{s.f1:.2f}", f"{s.median_delay_s:.0f}", f"{s.false_alarms_per_pattern_hour:.3f}"]
+            for s in (ours, naive)]
+    print(table(["detector", "events", "detected", "recall", "incidents", "false", "precision", "F1",
+                 "median delay s", "false alarms / pattern-hour"], rows))
+    print()
+    print(table(["event", "rpcwatch", "naive"], [[e, ours.per_event[e], naive.per_event[e]] for e in ours.per_event]))
+    print("\n" + ", ".join(f"{k} {v:.3f}" for k, v in extra.items()))
+    return 0
+
+
 def cmd_summary(args: argparse.Namespace) -> int:
     from tasks.report import hour_summary, table
 
@@ -274,6 +323,24 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--pattern", type=int, nargs="+", help="only these pattern ids")
         p.add_argument("--force", action="store_true", help="treat them as stale anyway")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("score", help="score an hour against the champion models into `anomalies`")
+    _common(p, hour=False)
+    p.add_argument("--hour", help="hour to score (default: the latest ingested)")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("anomalies", help="irregular points, most recent first")
+    _common(p, hour=False)
+    p.add_argument("--since", default="6h", help="window before the latest scored bucket, e.g. 30m, 6h, 2d")
+    p.add_argument("--pattern", type=int, help="only this pattern id")
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--json", action="store_true", help="JSON for scripts")
+    p.set_defaults(func=cmd_anomalies)
+
+    p = sub.add_parser("evaluate", help="event precision/recall/F1 against injected labels, next to a naive rule")
+    _common(p, hour=False)
+    p.add_argument("--labels", type=Path, required=True, help="labels.parquet written by `rpcwatch synth --anomalies`")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("summary", help="per-hour table of what the warehouse holds")
     _common(p, hour=False)

@@ -147,7 +147,7 @@ def _windows(norm: Normaliser, values: np.ndarray, starts: np.ndarray, window: i
     idx = torch.from_numpy(starts)
     z = torch.from_numpy(norm.inputs(values)).unfold(0, window, 1)[idx].permute(0, 3, 1, 2).contiguous()
     raw = torch.from_numpy(values[:, :, list(COUNTS)].astype(np.float32)).unfold(0, window, 1)[idx]
-    offsets = torch.log(raw.mean(dim=-1) + 0.05)
+    offsets = torch.log(raw.median(dim=-1).values + 0.05)  # the median: a burst does not echo afterwards
     z[..., list(COUNTS)] -= z[..., list(COUNTS)].mean(dim=1, keepdim=True)
     return z, offsets
 
@@ -344,7 +344,7 @@ def _latency_multiplier(z: np.ndarray, alarm_p: float, method: str) -> float:
     """|z| beyond which a point is irregular: empirical quantile, or peaks-over-threshold (GPD)."""
     z = np.abs(z[np.isfinite(z)])
     if len(z) < 20:
-        return float(-np.log(alarm_p) ** 0.5 * 2)  # too few points: a wide, Gaussian-ish band
+        return 6.0  # too few points to calibrate: a wide band
     if method == "pot":
         from scipy.stats import genpareto
 
@@ -354,7 +354,7 @@ def _latency_multiplier(z: np.ndarray, alarm_p: float, method: str) -> float:
             shape, _, scale = genpareto.fit(excess, floc=0)
             tail = alarm_p / 0.1
             return float(u + genpareto.ppf(1 - tail, shape, loc=0, scale=scale))
-    return float(max(np.quantile(z, 1 - min(0.5, alarm_p * 10)) * 1.5, 3.0))
+    return float(max(np.quantile(z, 1 - min(0.5, alarm_p * 10)) * 1.5, 5.0))
 
 
 def calibrate(data: PatternData, prep: Prepared, pred: np.ndarray, alarm_p: float = 1e-3,

@@ -20,16 +20,19 @@ class HourReport:
     aggregate: AggregateReport
     patterns: PatternReport
     trained: list[dict]
+    scored: object
 
 
 def run_hour(settings: Settings, hour: datetime, sources: list[Path] | None = None,
              fmt_name: str | None = None) -> HourReport:
-    """ingest → validate → aggregate → patterns → train the stale models; a failed batch-level
-    validation stops the hour."""
+    """ingest → validate → aggregate → patterns → train the stale models → score; a failed
+    batch-level validation stops the hour."""
     from tasks.retrain import train_stale
+    from tasks.scoring import score_hour
 
     ingest = ingest_hour(settings, hour, sources, fmt_name)
     validation = validate_hour(settings, hour)
     aggregate = aggregate_hour(settings, hour)
     patterns = patterns_hour(settings, hour)
-    return HourReport(ingest, validation, aggregate, patterns, train_stale(settings, hour))
+    trained = train_stale(settings, hour)
+    return HourReport(ingest, validation, aggregate, patterns, trained, score_hour(settings, hour))

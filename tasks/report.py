@@ -70,3 +70,16 @@ def model_table(settings: Settings) -> tuple[list[str], list[tuple]]:
     with opened(settings.warehouse, read_only=True) as con:
         cursor = con.execute(MODELS_SQL)
         return [d[0] for d in cursor.description], cursor.fetchall()
+
+
+def anomaly_rows(settings: Settings, since, pattern: int | None = None, limit: int = 50) -> tuple[list[str], list[tuple]]:
+    """Irregular points within `since` of the latest scored bucket, newest and strongest first."""
+    with opened(settings.warehouse, read_only=True) as con:
+        cursor = con.execute("""
+            SELECT strftime(bucket_ts, '%Y-%m-%d %H:%M') AS bucket, pattern_id AS pattern, kind, direction AS dir,
+                   caller, callee, interface, feature, round(observed, 1) AS observed, round(expected, 1) AS expected,
+                   round(threshold, 1) AS threshold, round(score, 2) AS score, model_version AS model
+            FROM anomalies
+            WHERE bucket_ts >= (SELECT max(bucket_ts) FROM anomalies) - ? AND (? IS NULL OR pattern_id = ?)
+            ORDER BY bucket_ts DESC, score DESC LIMIT ?""", [since, pattern, pattern, limit])
+        return [d[0] for d in cursor.description], cursor.fetchall()

@@ -52,6 +52,7 @@ class Settings:
     model_max_age_hours: int = 168
     drift_factor: float = 1.5  # drift: scored error above this x the calibrated level ...
     drift_hours: int = 3  # ... for this many consecutive scored hours
+    incident_gap_buckets: int = 3  # flagged points of a pattern at most this far apart: one incident
     device: str = "auto"
     airflow_pool: str = "rpcwatch_duckdb"
 

@@ -93,6 +93,23 @@ CREATE TABLE IF NOT EXISTS forecast_errors (
     pattern_id INTEGER NOT NULL, hour TIMESTAMP NOT NULL, model_version INTEGER,
     mape_calls DOUBLE, calibrated_mape_calls DOUBLE
 );
+CREATE TABLE IF NOT EXISTS anomalies (
+    bucket_ts TIMESTAMP NOT NULL, pattern_id INTEGER, node VARCHAR, caller VARCHAR, callee VARCHAR,
+    interface VARCHAR, feature VARCHAR, observed DOUBLE, expected DOUBLE, threshold DOUBLE,
+    score DOUBLE, direction VARCHAR, kind VARCHAR, model_name VARCHAR, model_version INTEGER,
+    run_id VARCHAR, scored_at TIMESTAMP
+);
+CREATE TABLE IF NOT EXISTS score_runs (
+    hour TIMESTAMP NOT NULL, pattern_id INTEGER NOT NULL, status VARCHAR, reason VARCHAR,
+    model_version INTEGER, flagged INTEGER, mape_calls DOUBLE
+);
+CREATE TABLE IF NOT EXISTS incidents (
+    incident_id VARCHAR, start_ts TIMESTAMP, end_ts TIMESTAMP, patterns INTEGER[], nodes VARCHAR[],
+    peak_score DOUBLE, kinds VARCHAR[], points BIGINT
+);
+CREATE OR REPLACE VIEW recent_anomalies AS
+    SELECT * FROM anomalies WHERE bucket_ts >= (SELECT max(bucket_ts) FROM anomalies) - INTERVAL 6 HOUR
+    ORDER BY bucket_ts DESC, score DESC;
 CREATE TABLE IF NOT EXISTS clustering_runs (
     hour TIMESTAMP PRIMARY KEY, reclustered BOOLEAN, reason VARCHAR, shapes INTEGER,
     clusters INTEGER, noise_shapes INTEGER, noise_share DOUBLE, critical INTEGER,

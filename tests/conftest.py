@@ -48,3 +48,37 @@ def shared_file(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"real trace samples not present at {path} (the ../shared checkout)")
     return path
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """Five synthetic hours; hours 0-3 through patterns, then the stale (critical) models trained
+    at hour 3 under a real MLflow sqlite registry. Returns (settings, source, outcomes)."""
+    from datetime import timedelta
+
+    from tasks.aggregate import aggregate_hour
+    from tasks.ingest import ingest_hour
+    from tasks.patterns import patterns_hour
+    from tasks.retrain import train_stale
+    from tasks.synth import generate
+
+    root = tmp_path_factory.mktemp("training")
+    source = root / "traces"
+    generate(START, 5, source, seed=3, spans_per_hour=60_000)
+    settings = load_settings(env={}, home=root / "home", critical_coverage=0.5, min_train_hours=3.0)
+    for i in range(4):
+        hour = START + timedelta(hours=i)
+        ingest_hour(settings, hour, [source])
+        aggregate_hour(settings, hour)
+        patterns_hour(settings, hour)
+    outcomes = train_stale(settings, START + timedelta(hours=3))
+    return settings, source, outcomes
+
+
+def copy_home(settings: Settings, tmp_path: Path) -> Settings:
+    """A private copy of a home (warehouse, MLflow db; artifacts stay where the registry says)."""
+    import shutil
+
+    home = tmp_path / "home"
+    shutil.copytree(settings.home, home)
+    return settings.with_(home=home)

@@ -67,12 +67,12 @@ print(json.dumps({{"heavy": heavy,
     out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
     facts = json.loads(out.stdout.strip().splitlines()[-1])
     assert facts["heavy"] == [], f"heavy imports at DAG parse time: {facts['heavy']}"
-    assert facts["tasks"] == ["aggregate", "ingest", "patterns", "record", "stale", "train", "validate"]
+    assert facts["tasks"] == ["aggregate", "ingest", "patterns", "record", "score", "stale", "train", "validate"]
     assert facts["pools"] == ["default_pool", "rpcwatch_duckdb"]
     assert facts["queues"]["train"] == "gpu" and facts["pool_of"]["train"] == "default_pool"
     assert facts["upstream"] == {"ingest": [], "validate": ["ingest"], "aggregate": ["validate"],
                                  "patterns": ["aggregate"], "stale": ["patterns"], "train": ["stale"],
-                                 "record": ["train"]}
+                                 "record": ["train"], "score": ["record"]}
     assert facts["timetable"] == "CronDataIntervalTimetable"
 
 

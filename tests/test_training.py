@@ -8,9 +8,7 @@ from pathlib import Path
 
 import duckdb
 import pyarrow.parquet as pq
-import pytest
-
-from conftest import START
+from conftest import START, copy_home
 from tasks.aggregate import aggregate_hour
 from tasks.forecast import TrainConfig
 from tasks.ingest import ingest_hour
@@ -18,34 +16,11 @@ from tasks.patterns import patterns_hour
 from tasks.retrain import plan_training, record_outcomes, train_stale
 from tasks.settings import load_settings
 from tasks.staleness import stale_patterns
-from tasks.synth import generate
 from tasks.training import load_model, model_name, setup_mlflow, train_pattern
 from tasks.warehouse import opened
 from test_patterns import _add_downstream_call
 
 H3 = START + timedelta(hours=3)
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """Five synthetic hours; hours 0-3 through patterns, then the stale (critical) models trained at 3."""
-    root = tmp_path_factory.mktemp("training")
-    source = root / "traces"
-    generate(START, 5, source, seed=3, spans_per_hour=60_000)
-    settings = load_settings(env={}, home=root / "home", critical_coverage=0.5, min_train_hours=3.0)
-    for i in range(4):
-        hour = START + timedelta(hours=i)
-        ingest_hour(settings, hour, [source])
-        aggregate_hour(settings, hour)
-        patterns_hour(settings, hour)
-    outcomes = train_stale(settings, H3)
-    return settings, source, outcomes
-
-
-def _copy(settings, tmp_path: Path):
-    home = tmp_path / "home"
-    shutil.copytree(settings.home, home)
-    return settings.with_(home=home)
 
 
 def test_stale_patterns_train_log_to_mlflow_and_become_champions(trained):
@@ -79,7 +54,7 @@ def test_the_next_hour_with_unchanged_data_trains_nothing(trained):
 
 
 def test_a_forced_retrain_that_is_worse_keeps_the_old_champion(trained, tmp_path):
-    settings = _copy(trained[0], tmp_path)
+    settings = copy_home(trained[0], tmp_path)
     pid = trained[2][0]["pattern_id"]
     [job] = plan_training(settings, H3, force=True, patterns=[pid])
     assert job["reasons"] == ["forced"]
@@ -94,7 +69,7 @@ def test_a_forced_retrain_that_is_worse_keeps_the_old_champion(trained, tmp_path
 
 
 def test_a_changed_request_graph_makes_exactly_its_pattern_stale(trained, tmp_path):
-    settings = _copy(trained[0], tmp_path)
+    settings = copy_home(trained[0], tmp_path)
     source = tmp_path / "traces"
     shutil.copytree(trained[1], source)
     truth = pq.read_table(source / "truth" / "trace_templates.parquet").to_pandas()
