@@ -127,11 +127,13 @@ def rpcwatch_hourly():
     def score(recorded: int) -> dict:
         """Forecast every bucket of the hour with each critical pattern's champion; irregular points
         go to `anomalies`, related ones to `incidents`, novel RPCs too."""
+        from tasks.publish import publish
         from tasks.scoring import score_hour
 
         hour, settings = _hour_and_settings()
         report = score_hour(settings, hour)
         print(report.line())
+        print(f"published for analysts (read-only, never blocks a run): {publish(settings)}")
         return {"scored": report.scored, "anomalies": report.anomalies, "incidents": report.incidents}
 
     score(record(train.expand(job=stale(patterns(aggregate(validate(ingest())))))))

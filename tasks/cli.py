@@ -194,13 +194,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
+    from tasks.publish import publish
     from tasks.scoring import score_hour
 
     settings = _settings(args)
     hours = [hour_floor(parse_utc(args.hour))] if args.hour else _ingested_hours(settings)[-1:]
     for hour in hours:
         print(score_hour(settings, hour).line())
-    print("see them: rpcwatch anomalies")
+    print(f"see them: rpcwatch anomalies, or read-only in DuckDB: {publish(settings)}")
     return 0
 
 
@@ -239,6 +240,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print()
     print(table(["event", "rpcwatch", "naive"], [[e, ours.per_event[e], naive.per_event[e]] for e in ours.per_event]))
     print("\n" + ", ".join(f"{k} {v:.3f}" for k, v in extra.items()))
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from tasks.plots import plot_node
+
+    settings = _settings(args)
+    out = args.out or settings.home / "plots" / f"pattern-{args.pattern}-{args.node.replace(':', '_').replace('/', '_')}.png"
+    print(f"wrote {plot_node(settings, args.pattern, args.node, args.hours, out)}")
     return 0
 
 
@@ -341,6 +351,14 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, hour=False)
     p.add_argument("--labels", type=Path, required=True, help="labels.parquet written by `rpcwatch synth --anomalies`")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("plot", help="observed vs predicted vs threshold band of one node, irregular points marked")
+    _common(p, hour=False)
+    p.add_argument("--pattern", type=int, required=True)
+    p.add_argument("--node", required=True, help="CALLER:CALLEE:INTERFACE")
+    p.add_argument("--hours", type=int, default=6)
+    p.add_argument("--out", type=Path, help="PNG path (default: <home>/plots/...)")
+    p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("summary", help="per-hour table of what the warehouse holds")
     _common(p, hour=False)

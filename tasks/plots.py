@@ -35,3 +35,45 @@ def forecast_plot(times: np.ndarray, observed: np.ndarray, expected: np.ndarray,
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_node(settings, pattern_id: int, node: str, hours: int, out: Path) -> Path:
+    """Observed vs predicted calls of one pattern node over the last `hours`, band and irregular
+    points marked, from the pattern's champion (read-only: safe while the pipeline runs)."""
+    from datetime import timedelta
+
+    from tasks.nn import graph_edge_index
+    from tasks.scoring import _cleaned_lead_in, _forecast_sequentially, _series, champion_folder
+    from tasks.training import load_model
+    from tasks.warehouse import opened
+
+    with opened(settings.warehouse, read_only=True) as con:
+        champion = con.execute("SELECT max(model_version) FROM models WHERE pattern_id = ? AND decision = 'champion'",
+                               [pattern_id]).fetchone()[0]
+        if champion is None:
+            raise ValueError(f"pattern {pattern_id} has no champion model yet (see `rpcwatch stale`)")
+        model, cfg, graph, norm, thresholds = load_model(champion_folder(settings, pattern_id, champion))
+        wanted = "|".join(node.split(":", 2)) + "|"
+        matches = [i for i, n in enumerate(graph["nodes"]) if n.startswith(wanted)]
+        if not matches:
+            raise ValueError(f"node {node!r} is not in pattern {pattern_id}'s graph; nodes look like "
+                             f"{graph['nodes'][0].rsplit('|', 1)[0].replace('|', ':')}")
+        seconds = graph["bucket_seconds"]
+        end = con.execute("SELECT max(bucket_ts) FROM pattern_series WHERE pattern_id = ?", [pattern_id]).fetchone()[0]
+        end = end + timedelta(seconds=seconds)
+        lead = cfg.window + cfg.horizon - 1
+        start = end - timedelta(hours=hours) - timedelta(seconds=lead * seconds)
+        buckets, values = _series(con, pattern_id, graph["nodes"], start, end, seconds)
+        clean = _cleaned_lead_in(con, pattern_id, graph["nodes"], buckets, values, end - timedelta(hours=hours))
+    targets = np.arange(lead, len(buckets))
+    edge_index = graph_edge_index(len(graph["nodes"]), [tuple(e) for e in graph["edges"]])
+    expected, observed, flags = _forecast_sequentially(model, cfg, norm, values, targets, edge_index, graph["nodes"],
+                                                       thresholds, clean)
+    n = matches[0]
+    flagged = np.zeros(len(targets), dtype=bool)
+    for s, fn, f, *_ in flags:
+        if fn == n and f == 0:
+            flagged[s] = True
+    return forecast_plot(buckets[targets], observed[:, n, 0], expected[:, n, 0],
+                         thresholds["nodes"][graph["nodes"][n]]["calls"]["alpha"], thresholds["alarm_p"],
+                         f"pattern {pattern_id} v{champion} · {graph['nodes'][n]}", out, flagged)

@@ -106,7 +106,7 @@ def _flags(obs: np.ndarray, exp: np.ndarray, nodes: list[str], thresholds: dict)
     return out
 
 
-MAX_CLEANED_RUN = 10  # after this many flagged buckets in a row a level is accepted as the new normal
+MAX_CLEANED_RUN = 30  # after this many flagged buckets in a row (30 min) a level is accepted as the new normal
 
 
 def _forecast_sequentially(model, cfg, norm, values: np.ndarray, targets: np.ndarray, edge_index, nodes: list[str],

@@ -63,3 +63,19 @@ def test_patterns_without_a_matching_champion_are_skipped_with_a_reason(trained,
     assert report.skipped == {pid: "graph changed since training"} and report.novel == 1
     assert _q(settings, "SELECT reason FROM score_runs WHERE pattern_id = ?", [pid]) == [("graph changed since training",)]
     assert _q(settings, "SELECT kind, callee FROM anomalies WHERE kind = 'novel_rpc'") == [("novel_rpc", "svc-secrets")]
+
+
+def test_plot_marks_the_flood_and_names_a_wrong_node(trained, tmp_path):
+    import pytest
+
+    from tasks.plots import plot_node
+
+    settings = copy_home(trained[0], tmp_path)
+    pid = trained[2][0]["pattern_id"]
+    node = _q(settings, "SELECT caller || ':' || callee || ':' || coalesce(interface, '') FROM pattern_nodes "
+                        "WHERE pattern_id = ? AND caller = 'USER' LIMIT 1", [pid])[0][0]
+    score_hour(settings, H3)
+    png = plot_node(settings, pid, node, 2, tmp_path / "p.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    with pytest.raises(ValueError, match="not in pattern"):
+        plot_node(settings, pid, "nobody:nothing:never", 2, tmp_path / "q.png")
