@@ -4,7 +4,7 @@ An event counts as detected when an anomaly overlaps its window (one bucket of s
 two after) on one of its RPCs or on a pattern its request type's traces belong to. Incidents that
 overlap no event (drift windows aside) are false alarms. The naive reference is what a team writes
 in an afternoon: per RPC, flag calls or p95 latency more than 5 MADs from the median of the
-previous hour, grouped into incidents the same way.
+previous hour, grouped into incidents the same way (same persistence rule).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from tasks.settings import Settings
 from tasks.warehouse import opened
 
 
-MIN_BUCKETS, MIN_PEAK = 2, 3.0  # an incident: flagged in 2+ buckets, or once but far out (same as `incidents`)
+MIN_PEAK = 3.0  # an incident: flagged in `incident_min_buckets` buckets, or fewer but far out (as `incidents`)
 
 
 @dataclass
@@ -76,18 +76,18 @@ def _match(points: pd.DataFrame, event, patterns: set[int], seconds: int) -> pd.
     return points[inside & related]
 
 
-def _incidents(points: pd.DataFrame, group: str, gap: timedelta) -> pd.DataFrame:
+def _incidents(points: pd.DataFrame, group: str, gap: timedelta, min_buckets: int) -> pd.DataFrame:
     points = points.sort_values([group, "bucket_ts"])
     new = points.groupby(group).bucket_ts.diff().fillna(gap * 10) > gap
     points = points.assign(run=new.groupby(points[group]).cumsum())
     runs = points.groupby([group, "run"]).agg(start=("bucket_ts", "min"), end=("bucket_ts", "max"), keys=("key", set),
                                               patterns=("pattern_id", set), buckets=("bucket_ts", "nunique"),
                                               peak=("score", "max")).reset_index()
-    return runs[(runs.buckets >= MIN_BUCKETS) | (runs.peak >= MIN_PEAK)]
+    return runs[(runs.buckets >= min_buckets) | (runs.peak >= MIN_PEAK)]
 
 
 def _score(name: str, points: pd.DataFrame, labels: pd.DataFrame, event_patterns: dict[str, set[int]],
-           seconds: int, group: str, pattern_hours: int) -> Scores:
+           seconds: int, group: str, pattern_hours: int, min_buckets: int) -> Scores:
     events = labels[labels.kind != "drift"]
     per_event, delays = {}, []
     for event in events.itertuples():
@@ -97,7 +97,7 @@ def _score(name: str, points: pd.DataFrame, labels: pd.DataFrame, event_patterns
             per_event[event.event_id] = f"detected after {max(0, delays[-1]):.0f} s"
         else:
             per_event[event.event_id] = "missed"
-    incidents = _incidents(points, group, timedelta(seconds=3 * seconds)) if len(points) else pd.DataFrame()
+    incidents = _incidents(points, group, timedelta(seconds=3 * seconds), min_buckets) if len(points) else pd.DataFrame()
     true = 0
     for inc in incidents.itertuples():
         for event in labels.itertuples():
@@ -131,7 +131,7 @@ def _naive_points(con, seconds: int, start, end) -> pd.DataFrame:
         flagged.append(stacked[stacked].reset_index()[["bucket_ts", "key"]])
     points = pd.concat(flagged).drop_duplicates()
     points = points[points.bucket_ts >= start]
-    return points.assign(pattern_id=-1, score=0.0)  # no score: the same 2-bucket persistence applies
+    return points.assign(pattern_id=-1, score=0.0)  # no score: the same persistence rule applies
 
 
 def evaluate_labels(settings: Settings, labels_path: Path) -> tuple[Scores, Scores, dict[str, float]]:
@@ -152,9 +152,10 @@ def evaluate_labels(settings: Settings, labels_path: Path) -> tuple[Scores, Scor
         naive = _naive_points(con, seconds, start, end)
         mape = con.execute("SELECT avg(mape_calls) FROM forecast_errors WHERE hour >= ?", [start]).fetchone()[0]
     labels = labels[(labels.end.dt.tz_convert(None) >= start) & (labels.start.dt.tz_convert(None) < end)]
-    ours = _score("rpcwatch", points, labels, event_patterns, seconds, "grp", pattern_hours)
+    n = settings.incident_min_buckets
+    ours = _score("rpcwatch", points, labels, event_patterns, seconds, "grp", pattern_hours, n)
     reference = _score("naive median/MAD", naive.assign(grp=naive.key), labels, event_patterns, seconds, "grp",
-                       pattern_hours)
+                       pattern_hours, n)
     extra = {"forecast_mape_calls": float(mape or float("nan")), **_drift_hours(points, labels, event_patterns)}
     return ours, reference, extra
 

@@ -186,10 +186,11 @@ def _novel_anomalies(con: duckdb.DuckDBPyConnection, hour: datetime, scored_at: 
         FROM novel_rpcs WHERE bucket_ts >= ? AND bucket_ts < ?""", [scored_at, start, end]).fetchone()[0]
 
 
-def _incidents(con: duckdb.DuckDBPyConnection, hour: datetime, gap_buckets: int, seconds: int) -> int:
+def _incidents(con: duckdb.DuckDBPyConnection, hour: datetime, gap_buckets: int, seconds: int, min_buckets: int) -> int:
     """Flagged points of one pattern (novel RPCs: of one calling service) no more than `gap_buckets`
-    apart are one incident: a flood is one incident, not 300 rows. A lone point counts only if far
-    out (score >= 3); a run must span 2+ buckets. Rebuilt for the hour and the one before."""
+    apart are one incident: a flood is one incident, not 300 rows. A run must span `min_buckets`
+    buckets (like an alert's `for: 3m`) unless a point is far out (score >= 3). Rebuilt for the hour
+    and the one before."""
     start, end = naive_utc(hour - HOUR), naive_utc(hour + HOUR)
     con.execute("DELETE FROM incidents WHERE start_ts >= ? AND start_ts < ?", [start, end])
     return con.execute(f"""INSERT INTO incidents
@@ -204,7 +205,7 @@ def _incidents(con: duckdb.DuckDBPyConnection, hour: datetime, gap_buckets: int,
                list(DISTINCT pattern_id) FILTER (WHERE pattern_id IS NOT NULL), list(DISTINCT node), max(score),
                list(DISTINCT kind), count(*)
         FROM runs GROUP BY grp, run
-        HAVING count(DISTINCT bucket_ts) >= 2 OR max(score) >= 3""", [start, end]).fetchone()[0]
+        HAVING count(DISTINCT bucket_ts) >= {min_buckets} OR max(score) >= 3""", [start, end]).fetchone()[0]
 
 
 def score_hour(settings: Settings, hour: datetime) -> ScoreReport:
@@ -234,7 +235,8 @@ def score_hour(settings: Settings, hour: datetime) -> ScoreReport:
                 con.execute("INSERT INTO score_runs VALUES (?, ?, 'skipped', ?, NULL, 0, NULL)", [start, pid, why])
         report.novel = _novel_anomalies(con, hour, scored_at)
         report.anomalies += report.novel
-        report.incidents = _incidents(con, hour, settings.incident_gap_buckets, settings.bucket_seconds)
+        report.incidents = _incidents(con, hour, settings.incident_gap_buckets, settings.bucket_seconds,
+                                      settings.incident_min_buckets)
         con.execute("COMMIT")
     report.seconds = time.perf_counter() - started
     log.info(report.line())

@@ -53,6 +53,7 @@ class Settings:
     drift_factor: float = 1.5  # drift: scored error above this x the calibrated level ...
     drift_hours: int = 3  # ... for this many consecutive scored hours
     incident_gap_buckets: int = 3  # flagged points of a pattern at most this far apart: one incident
+    incident_min_buckets: int = 3  # ... spanning at least this many buckets (or one point scoring >= 3)
     device: str = "auto"
     airflow_pool: str = "rpcwatch_duckdb"
 
