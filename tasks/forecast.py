@@ -37,12 +37,11 @@ class TrainConfig:
     seed: int = 0
     season_seconds: int = 86_400  # seasonal naive looks a day back; an hour when history is shorter
     rt_weight_calls: float = 5.0  # latency loss weight = calls / (calls + this)
-    level_span: int = 0  # > 0 adds a slow call-level input (EWMA over this many buckets); off: measured no gain
 
 
 @dataclass
 class Normaliser:
-    """Per-node mean/std of the log features, and per-node mean counts (rate offsets)."""
+    """Per-node mean/std of the log features, and per-node mean counts of the training split."""
 
     mean: list[list[float]]
     std: list[list[float]]
@@ -50,38 +49,18 @@ class Normaliser:
     errors_mean: list[float]
 
     @classmethod
-    def fit(cls, values: np.ndarray, level_span: int = 0) -> Normaliser:
+    def fit(cls, values: np.ndarray) -> Normaliser:
         logs = _log_features(values)
         mean = np.nan_to_num(np.nanmean(logs, axis=0))
         std = np.nan_to_num(np.nanstd(logs, axis=0), nan=1.0)
         std = np.where(std < 1e-3, 1.0, std)
         return cls(mean.tolist(), std.tolist(), np.maximum(values[:, :, 0].mean(axis=0), 1e-3).tolist(),
-                   np.maximum(values[:, :, 3].mean(axis=0), 1e-3).tolist(), level_span)
-
-    level_span: int = 0
+                   np.maximum(values[:, :, 3].mean(axis=0), 1e-3).tolist())
 
     def inputs(self, values: np.ndarray) -> np.ndarray:
-        """[T, N, F(+1)]: standardised log features, plus the slow level of calls when enabled."""
+        """[T, N, F]: standardised log features (missing latency at the node's mean)."""
         z = (_log_features(values) - np.array(self.mean)) / np.array(self.std)
-        z = np.nan_to_num(z, nan=0.0)
-        if self.level_span:
-            level = np.log1p(ewma(values[:, :, 0], self.level_span))
-            z = np.concatenate([z, ((level - np.array(self.mean)[:, 0]) / np.array(self.std)[:, 0])[..., None]], axis=-1)
-        return z.astype(np.float32)
-
-    def offsets(self) -> np.ndarray:
-        """Per-node log of the training-mean counts (kept for reference; forecasts use the level
-        of each input window, see `_windows`)."""
-        return np.log(np.stack([self.calls_mean, self.errors_mean], axis=-1)).astype(np.float32)
-
-
-def ewma(x: np.ndarray, span: int) -> np.ndarray:
-    """Causal exponentially weighted mean along time (axis 0), started at the first value."""
-    from scipy.signal import lfilter
-
-    a = 2.0 / (span + 1)
-    out, _ = lfilter([a], [1, a - 1], x, axis=0, zi=(1 - a) * x[:1])
-    return out
+        return np.nan_to_num(z, nan=0.0).astype(np.float32)
 
 
 def _log_features(values: np.ndarray) -> np.ndarray:
@@ -108,7 +87,7 @@ def windows(n_steps: int, window: int, horizon: int) -> np.ndarray:
 def make_model(cfg: TrainConfig, use_graph: bool = True):
     from tasks.nn import STGCN
 
-    return STGCN(num_features=len(FEATURES) + (1 if cfg.level_span else 0), num_outputs=len(FEATURES),
+    return STGCN(num_features=len(FEATURES), num_outputs=len(FEATURES),
                  hidden_channels=cfg.hidden,
                  window=cfg.window, kernel_size=cfg.kernel_size, num_blocks=cfg.blocks, use_graph=use_graph)
 
@@ -161,7 +140,7 @@ def prepare(data: PatternData, cfg: TrainConfig) -> Prepared:
                          f"of {cfg.window}; need at least 20")
     split = int(len(t_idx) * (1 - cfg.val_fraction))
     train_end = t_idx[split] - cfg.horizon + 1  # no validation bucket leaks into the statistics
-    norm = Normaliser.fit(data.values[:train_end], cfg.level_span)
+    norm = Normaliser.fit(data.values[:train_end])
     starts = t_idx - cfg.horizon - cfg.window + 1
     x, offsets = _windows(norm, data.values, starts, cfg.window)
     y = torch.from_numpy(data.values[t_idx].astype(np.float32))

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 
@@ -22,7 +23,6 @@ class PatternForecaster(PythonModel):
 
     def predict(self, context, model_input: "pd.DataFrame", params=None) -> "pd.DataFrame":
         import numpy as np
-        import pandas as pd
         import torch
 
         from tasks.forecast import predict as forecast

@@ -9,6 +9,7 @@ from pathlib import Path
 from tasks.aggregate import AggregateReport, aggregate_hour
 from tasks.ingest import IngestReport, ingest_hour
 from tasks.patterns import PatternReport, patterns_hour
+from tasks.scoring import ScoreReport
 from tasks.settings import Settings
 from tasks.validate import ValidationReport, validate_hour
 
@@ -20,7 +21,7 @@ class HourReport:
     aggregate: AggregateReport
     patterns: PatternReport
     trained: list[dict]
-    scored: object
+    scored: ScoreReport
 
 
 def run_hour(settings: Settings, hour: datetime, sources: list[Path] | None = None,

@@ -34,7 +34,7 @@ def publish(settings: Settings) -> Path:
         con.execute(f"ATTACH '{staging}' AS snapshot")
         for table in PUBLISHED:
             con.execute(f"CREATE TABLE snapshot.{table} AS SELECT * FROM main.{table}")
-        con.execute(f"""CREATE VIEW snapshot.recent_anomalies AS SELECT * FROM anomalies
+        con.execute("""CREATE VIEW snapshot.recent_anomalies AS SELECT * FROM anomalies
                         WHERE bucket_ts >= (SELECT max(bucket_ts) FROM anomalies) - INTERVAL 6 HOUR
                         ORDER BY bucket_ts DESC, score DESC""")
         con.execute("CREATE TABLE snapshot.published AS SELECT ?::TIMESTAMP AS published_at", [now.replace(tzinfo=None)])

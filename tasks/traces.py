@@ -245,7 +245,7 @@ def _shape_rows(con: duckdb.DuckDBPyConnection, f: TraceForest, r: Rebuilt, hour
     temp_table(con, "shape_calls", rowid=f.rowid[rows],
                parent_rowid=np.where(parents >= 0, f.rowid[np.maximum(parents, 0)], -1),
                shape_id=r.shape[r.trace_of_call[rows]], depth=r.depth[rows].astype(np.int32))
-    con.execute(f"""INSERT INTO shapes
+    con.execute("""INSERT INTO shapes
         WITH k AS (SELECT rowid, concat_ws('|', caller, callee, coalesce(interface, ''), rpc_type) AS node FROM scope
                    WHERE rowid IN (SELECT rowid FROM shape_calls UNION ALL SELECT parent_rowid FROM shape_calls))
         SELECT sc.shape_id, count(*), max(sc.depth), list_sort(list(k.node)),

@@ -22,7 +22,7 @@ import torch
 
 from tasks.forecast import (Prepared, Thresholds, TrainConfig, calibrate, device, make_model, metrics,
                             moving_average, poisson_floor, predict, prepare, season_period, seasonal_naive, train)
-from tasks.series import FEATURES, PatternData, load_pattern
+from tasks.series import PatternData, load_pattern
 from tasks.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -133,11 +133,11 @@ def load_model(folder: Path, dev: torch.device | None = None):
     """A trained pattern model from its artifact folder: weights loaded with `weights_only=True`."""
     from tasks.forecast import Normaliser
 
-    cfg = TrainConfig(**{"level_span": 0, **json.loads((folder / "config.json").read_text())})
+    cfg = TrainConfig(**json.loads((folder / "config.json").read_text()))
     model = make_model(cfg)
     model.load_state_dict(torch.load(folder / "state_dict.pt", map_location="cpu", weights_only=True))
     graph = json.loads((folder / "graph.json").read_text())
-    norm = Normaliser(**{"level_span": 0, **json.loads((folder / "normalisation.json").read_text())})
+    norm = Normaliser(**json.loads((folder / "normalisation.json").read_text()))
     thresholds = json.loads((folder / "thresholds.json").read_text())
     return model.to(dev or torch.device("cpu")), cfg, graph, norm, thresholds
 

@@ -14,7 +14,6 @@ from tasks.forecast import TrainConfig
 from tasks.ingest import ingest_hour
 from tasks.patterns import patterns_hour
 from tasks.retrain import plan_training, record_outcomes, train_stale
-from tasks.settings import load_settings
 from tasks.staleness import stale_patterns
 from tasks.training import load_model, model_name, setup_mlflow, train_pattern
 from tasks.warehouse import opened
