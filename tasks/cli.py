@@ -227,19 +227,10 @@ def cmd_anomalies(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from tasks.evaluate import evaluate_labels
-    from tasks.report import table
+    from tasks.evaluate import evaluate_labels, label_report
 
     settings = _settings(args)
-    ours, naive, extra = evaluate_labels(settings, args.labels)
-    rows = [[s.name, s.events, s.detected, f"{s.recall:.2f}", s.incidents, s.incidents - s.true_incidents,
-             f"{s.precision:.2f}", f"{s.f1:.2f}", f"{s.median_delay_s:.0f}", f"{s.false_alarms_per_pattern_hour:.3f}"]
-            for s in (ours, naive)]
-    print(table(["detector", "events", "detected", "recall", "incidents", "false", "precision", "F1",
-                 "median delay s", "false alarms / pattern-hour"], rows))
-    print()
-    print(table(["event", "rpcwatch", "naive"], [[e, ours.per_event[e], naive.per_event[e]] for e in ours.per_event]))
-    print("\n" + ", ".join(f"{k} {v:.3f}" for k, v in extra.items()))
+    print(label_report(*evaluate_labels(settings, args.labels)))
     return 0
 
 
