@@ -227,10 +227,27 @@ def cmd_anomalies(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from tasks.evaluate import evaluate_labels, label_report
-
     settings = _settings(args)
-    print(label_report(*evaluate_labels(settings, args.labels)))
+    if args.faults:
+        from tasks.faults import evaluate_faults, fault_report
+
+        print(fault_report(*evaluate_faults(settings, args.faults)))
+    else:
+        from tasks.evaluate import evaluate_labels, label_report
+
+        print(label_report(*evaluate_labels(settings, args.labels)))
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from tasks.replay import replay_days, replay_hours
+
+    counts = replay_days(args.days, args.out, parse_utc(args.start), args.mapping)
+    hours = replay_hours(args.out)
+    print(f"wrote {counts['rows']:,} spans of {counts['runs']} runs back to back into {args.out} "
+          f"({hours[0]:%Y-%m-%d %H:00} .. {hours[-1]:%H:00}), {counts['faults']} faults in replay time")
+    print(f"next: rpcwatch run --source {args.out} --format spans --mapping {args.mapping}  (with RPCWATCH_BUCKET_SECONDS=5)\n"
+          f"      rpcwatch evaluate --faults {args.out / 'fault_list.json'}")
     return 0
 
 
@@ -340,8 +357,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="event precision/recall/F1 against injected labels, next to a naive rule")
     _common(p, hour=False)
-    p.add_argument("--labels", type=Path, required=True, help="labels.parquet written by `rpcwatch synth --anomalies`")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--labels", type=Path, help="labels.parquet written by `rpcwatch synth --anomalies`")
+    what.add_argument("--faults", type=Path, help="fault_list.json (Nezha layout; `rpcwatch replay` writes one in replay time)")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("replay", help="span captures with gaps (Nezha TrainTicket days) as one contiguous timeline")
+    p.add_argument("days", type=Path, nargs="+", help="day folders with trace/, normal/ and fault_list.json")
+    p.add_argument("--out", type=Path, required=True, help="folder for the hour-partitioned spans and fault list")
+    p.add_argument("--start", default="2023-01-29T08:00", help="replay time of the first span")
+    p.add_argument("--mapping", default="nezha-trainticket", help="span column mapping")
+    p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("plot", help="observed vs predicted vs threshold band of one node, irregular points marked")
     _common(p, hour=False)
@@ -355,9 +381,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, hour=False)
     p.set_defaults(func=cmd_summary)
 
-    p = sub.add_parser("demo", help="synthetic hours through the Airflow DAG, then a summary")
+    p = sub.add_parser("demo", help="synthetic hours with injected anomalies through the Airflow DAG, "
+                                    "then incidents and the evaluation")
     _common(p, hour=False)
-    p.add_argument("--hours", type=int, default=4)
+    p.add_argument("--hours", type=int, default=10, help="synthetic hours (>= 8 for the drift event)")
     p.add_argument("--spans-per-hour", type=int, default=200_000)
     p.add_argument("--seed", type=int, default=7)
     p.set_defaults(func=cmd_demo)

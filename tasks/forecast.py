@@ -312,10 +312,20 @@ class Thresholds:
         return asdict(self)
 
 
-def _nb_dispersion(pred: np.ndarray, obs: np.ndarray) -> float:
-    """Method of moments: Var = lambda + alpha * lambda^2 (0: plain Poisson)."""
+def _burst_factor(pred: np.ndarray, obs: np.ndarray) -> float:
+    """phi >= 1: calls come in bursts (one request calls a node several times: loops, retries), so
+    in thin traffic Var ~ phi * lambda. Estimated where lambda < 1, where bursts dominate the variance."""
+    thin = pred < 1.0
+    if thin.sum() < 20 or pred[thin].sum() < 1.0:
+        return 1.0
+    lam = np.maximum(pred[thin], 1e-6)
+    return float(max(1.0, ((obs[thin] - lam) ** 2).sum() / lam.sum()))
+
+
+def _nb_dispersion(pred: np.ndarray, obs: np.ndarray, phi: float = 1.0) -> float:
+    """Method of moments: Var = phi * lambda + alpha * lambda^2 (alpha 0: (quasi-)Poisson)."""
     lam = np.maximum(pred, 1e-6)
-    excess = ((obs - lam) ** 2 - lam).sum() / (lam ** 2).sum()
+    excess = ((obs - lam) ** 2 - phi * lam).sum() / (lam ** 2).sum()
     return float(max(0.0, excess))
 
 
@@ -343,34 +353,39 @@ def calibrate(data: PatternData, prep: Prepared, pred: np.ndarray, alarm_p: floa
     nodes: dict[str, dict[str, dict[str, float]]] = {}
     for n, node in enumerate(data.nodes):
         calls = obs[:, n, 0]
+        phi = _burst_factor(pred[:, n, 0], calls)
+        phi_errors = _burst_factor(pred[:, n, 3], obs[:, n, 3])
         entry: dict[str, dict[str, float]] = {
-            "calls": {"alpha": _nb_dispersion(pred[:, n, 0], calls), "mean": float(calls.mean())},
-            "errors": {"alpha": _nb_dispersion(pred[:, n, 3], obs[:, n, 3]), "mean": float(obs[:, n, 3].mean())},
+            "calls": {"alpha": _nb_dispersion(pred[:, n, 0], calls, phi), "phi": phi, "mean": float(calls.mean())},
+            "errors": {"alpha": _nb_dispersion(pred[:, n, 3], obs[:, n, 3], phi_errors), "phi": phi_errors,
+                       "mean": float(obs[:, n, 3].mean())},
         }
         for f in RT:
             ok = (calls > 0) & np.isfinite(obs[:, n, f])
-            # log-ratio scaled by sqrt(calls): the spread of a mean over few calls is wide
-            z = np.log(np.maximum(obs[ok, n, f], 1e-3) / np.maximum(pred[ok, n, f], 1e-3)) * np.sqrt(calls[ok])
+            # log-ratio scaled by sqrt(independent requests): a mean over few requests spreads widely
+            z = np.log(np.maximum(obs[ok, n, f], 1e-3) / np.maximum(pred[ok, n, f], 1e-3)) * np.sqrt(
+                np.maximum(calls[ok] / phi, 1.0))
             sigma = float(1.4826 * np.median(np.abs(z - np.median(z)))) if ok.sum() >= 5 else 1.0
             sigma = max(sigma, 0.05)
-            entry[FEATURES[f]] = {"sigma": sigma, "k": _latency_multiplier(z / sigma, alarm_p, method)}
+            entry[FEATURES[f]] = {"sigma": sigma, "k": _latency_multiplier(z / sigma, alarm_p, method), "phi": phi}
         nodes[node] = entry
     return Thresholds(alarm_p, method, nodes, metrics(pred, obs)["mape_calls"])
 
 
-def count_band(expected: np.ndarray, alpha: float, alarm_p: float) -> tuple[np.ndarray, np.ndarray]:
-    """Two-sided band of a negative-binomial (Poisson when alpha = 0) count around `expected`."""
+def count_band(expected: np.ndarray, alpha: float, alarm_p: float, phi: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Two-sided band around `expected` of phi x a negative-binomial (Poisson when alpha = 0) count
+    of mean expected / phi: bursts of phi calls, Var = phi * lambda + alpha * lambda^2."""
     from scipy.stats import nbinom, poisson
 
-    lam = np.maximum(expected, 1e-9)
+    lam = np.maximum(expected, 1e-9) / phi
     if alpha < 1e-6:
-        return poisson.ppf(alarm_p / 2, lam), poisson.isf(alarm_p / 2, lam)
-    r = 1.0 / alpha
+        return phi * poisson.ppf(alarm_p / 2, lam), phi * poisson.isf(alarm_p / 2, lam)
+    r = 1.0 / alpha  # Var Y = mu + alpha mu^2 with mu = lambda / phi
     p = r / (r + lam)
-    return nbinom.ppf(alarm_p / 2, r, p), nbinom.isf(alarm_p / 2, r, p)
+    return phi * nbinom.ppf(alarm_p / 2, r, p), phi * nbinom.isf(alarm_p / 2, r, p)
 
 
-def latency_band(expected: np.ndarray, calls: np.ndarray, sigma: float, k: float) -> tuple[np.ndarray, np.ndarray]:
-    """Multiplicative band around expected latency, narrower with more calls in the bucket."""
-    width = k * sigma / np.sqrt(np.maximum(calls, 1))
+def latency_band(expected: np.ndarray, calls: np.ndarray, sigma: float, k: float, phi: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Multiplicative band around expected latency, narrower with more independent requests (calls / phi)."""
+    width = k * sigma / np.sqrt(np.maximum(calls / phi, 1))
     return expected * np.exp(-width), expected * np.exp(width)

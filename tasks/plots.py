@@ -8,7 +8,7 @@ import numpy as np
 
 
 def forecast_plot(times: np.ndarray, observed: np.ndarray, expected: np.ndarray, alpha: float, alarm_p: float,
-                  title: str, path: Path, flagged: np.ndarray | None = None) -> Path:
+                  title: str, path: Path, flagged: np.ndarray | None = None, phi: float = 1.0) -> Path:
     """Real vs predicted calls per bucket, the calibrated band shaded, flagged points marked."""
     import matplotlib
 
@@ -17,7 +17,7 @@ def forecast_plot(times: np.ndarray, observed: np.ndarray, expected: np.ndarray,
 
     from tasks.forecast import count_band
 
-    lo, hi = count_band(expected, alpha, alarm_p)
+    lo, hi = count_band(expected, alpha, alarm_p, phi)
     fig, ax = plt.subplots(figsize=(10, 3.2), dpi=110)
     ax.fill_between(times, lo, hi, color="tab:orange", alpha=0.18, label=f"threshold band (p={alarm_p:g})")
     ax.plot(times, observed, color="black", lw=1.0, label="real")
@@ -74,6 +74,6 @@ def plot_node(settings, pattern_id: int, node: str, hours: int, out: Path) -> Pa
     for s, fn, f, *_ in flags:
         if fn == n and f == 0:
             flagged[s] = True
-    return forecast_plot(buckets[targets], observed[:, n, 0], expected[:, n, 0],
-                         thresholds["nodes"][graph["nodes"][n]]["calls"]["alpha"], thresholds["alarm_p"],
-                         f"pattern {pattern_id} v{champion} · {graph['nodes'][n]}", out, flagged)
+    band = thresholds["nodes"][graph["nodes"][n]]["calls"]
+    return forecast_plot(buckets[targets], observed[:, n, 0], expected[:, n, 0], band["alpha"], thresholds["alarm_p"],
+                         f"pattern {pattern_id} v{champion} · {graph['nodes'][n]}", out, flagged, band.get("phi", 1.0))

@@ -105,8 +105,9 @@ def _plots(data: PatternData, prep: Prepared, pred: np.ndarray, thresholds: Thre
     for rank, n in enumerate(busiest, 1):
         node = data.nodes[n]
         path = folder / f"forecast-{rank}-{node.replace('|', '_').replace('/', '_')[:80]}.png"
-        forecast_plot(times, obs[:, n, 0], pred[:, n, 0], thresholds.nodes[node]["calls"]["alpha"],
-                      thresholds.alarm_p, f"pattern {data.pattern_id} · {node}", path)
+        band = thresholds.nodes[node]["calls"]
+        forecast_plot(times, obs[:, n, 0], pred[:, n, 0], band["alpha"], thresholds.alarm_p,
+                      f"pattern {data.pattern_id} · {node}", path, phi=band["phi"])
         paths.append(path)
     return paths
 

@@ -86,3 +86,21 @@ def test_calibration_learns_overdispersion_and_latency_scale():
     lo1, hi1 = latency_band(np.array([20.0]), np.array([1]), 0.3, 4.0)
     lo9, hi9 = latency_band(np.array([20.0]), np.array([100]), 0.3, 4.0)
     assert hi9 - lo9 < (hi1 - lo1) / 5, "a bucket of 100 calls has a much narrower latency band"
+
+
+def test_bursty_thin_nodes_get_a_burst_factor_and_keep_their_alarm_rate():
+    """One request calling a node 8 times (a loop): in thin traffic Var ~ 8 lambda, not lambda."""
+    from tasks.forecast import _burst_factor
+
+    rng = np.random.default_rng(7)
+    lam = np.full(5_000, 0.2)
+    bursty = 8 * rng.poisson(lam / 8)
+    plain = rng.poisson(lam)
+    assert _burst_factor(lam, bursty) == pytest.approx(8.0, rel=0.2)
+    assert _burst_factor(lam, plain) == pytest.approx(1.0, abs=0.1)
+    test = np.full(200_000, 0.2)
+    seen = 8 * rng.poisson(test / 8)
+    _, hi_poisson = count_band(test, alpha=0.0, alarm_p=1e-3)
+    _, hi_burst = count_band(test, alpha=0.0, alarm_p=1e-3, phi=8.0)
+    assert np.mean(seen > hi_poisson) > 0.01, "a plain Poisson band flags most bursts"
+    assert np.mean(seen > hi_burst) <= 1e-3
