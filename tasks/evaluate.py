@@ -127,8 +127,8 @@ def _naive_points(con, seconds: int, start, end) -> pd.DataFrame:
     flagged = []
     for feature, table in wide.items():
         table = table.asfreq(f"{seconds}s")
-        med = table.rolling(window, min_periods=window // 2).median().shift(1)
-        mad = (table - med).abs().rolling(window, min_periods=window // 2).median().shift(1)
+        med = table.rolling(window, min_periods=window // 4).median().shift(1)
+        mad = (table - med).abs().rolling(window, min_periods=window // 4).median().shift(1)
         out = ((table - med).abs() > 5 * (1.4826 * mad + 1e-9)) & (mad.notna())
         stacked = out.stack()
         flagged.append(stacked[stacked].reset_index()[["bucket_ts", "key"]])

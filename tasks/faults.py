@@ -142,7 +142,7 @@ def evaluate_faults(settings: Settings, faults_path: Path) -> tuple[list[FaultSc
                            [start, end]).df()
         our_incidents = _our_incidents(con, start, end)
         naive = _naive_points(con, seconds, start, end + pd.Timedelta(seconds=seconds))
-    naive[["caller", "callee"]] = naive.key.str.split(":", n=2, expand=True)[[0, 1]]
+    naive = naive.assign(caller=naive.key.str.split(":").str[0], callee=naive.key.str.split(":").str[1])
     faults = faults[(faults.inject_time >= start) & (faults.inject_time < end)].reset_index(drop=True)
     if faults.empty:
         raise ValueError(f"{faults_path}: no fault between {start} and {end}, the scored range after the first training")
