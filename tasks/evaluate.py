@@ -1,10 +1,11 @@
 """Evaluate detection against injected-event labels, next to a naive per-RPC median/MAD rule.
 
-An event counts as detected when an anomaly overlaps its window (one bucket of slack either side,
-two after) on one of its RPCs or on a pattern its request type's traces belong to. Incidents that
-overlap no event (drift windows aside) are false alarms. The naive reference is what a team writes
-in an afternoon: per RPC, flag calls or p95 latency more than 5 MADs from the median of the
-previous hour, grouped into incidents the same way (same persistence rule).
+An event counts as detected when an anomaly overlaps its window (one bucket of slack before, two
+after) on one of its RPCs or on a pattern its request type's traces belong to. Incidents that
+overlap no event are false alarms; precision is event-wise (detected / (detected + false)). The
+naive reference is what a team writes in an afternoon: per RPC, flag calls or p95 latency more
+than 5 MADs from the median of the previous hour (once 15 minutes of it exist), grouped into
+incidents the same way (same persistence rule).
 """
 
 from __future__ import annotations
