@@ -248,7 +248,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
           f"({hours[0]:%Y-%m-%d %H:00} .. {hours[-1]:%H:00}), {counts['faults']} faults in replay time")
     print(f"next (as `make trainticket` does): RPCWATCH_BUCKET_SECONDS=5 RPCWATCH_MIN_TRAIN_HOURS=0.5 \\\n"
           f"        rpcwatch run --source {args.out} --format spans --mapping {args.mapping}\n"
-          f"      RPCWATCH_BUCKET_SECONDS=5 rpcwatch evaluate --faults {args.out / 'fault_list.json'}")
+          f"      rpcwatch evaluate --faults {args.out / 'fault_list.json'}")
     return 0
 
 

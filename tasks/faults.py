@@ -120,10 +120,9 @@ def _our_incidents(con, start, end) -> pd.DataFrame:
     return _starts([(s, [tuple(n.split("|")[:2]) for n in nodes]) for s, _, nodes in rows])
 
 
-def _naive_incidents(points: pd.DataFrame, settings: Settings) -> pd.DataFrame:
+def _naive_incidents(points: pd.DataFrame, settings: Settings, seconds: int) -> pd.DataFrame:
     from tasks.evaluate import _incidents
 
-    seconds = settings.bucket_seconds
     runs = _incidents(points.assign(grp=points.key), "grp", timedelta(seconds=settings.incident_gap_buckets * seconds),
                       settings.incident_min_buckets) if len(points) else pd.DataFrame()
     return _starts([(r.start, [tuple(k.split(":")[:2]) for k in r.keys]) for r in runs.itertuples()])
@@ -134,10 +133,10 @@ def evaluate_faults(settings: Settings, faults_path: Path) -> tuple[list[FaultSc
     on irregular points and on incident starts (the alerts the persistence rule of `incidents` raises)."""
     from tasks.evaluate import _naive_points
 
-    seconds = settings.bucket_seconds
     faults = load_faults(faults_path)
     with opened(settings.warehouse, read_only=True) as con:
         start, end = _evaluated_range(con)
+        seconds = con.execute("SELECT max(bucket_seconds) FROM rpc_series").fetchone()[0]  # as the run bucketed
         ours = con.execute("SELECT bucket_ts, caller, callee FROM anomalies WHERE bucket_ts >= ? AND bucket_ts <= ?",
                            [start, end]).df()
         our_incidents = _our_incidents(con, start, end)
@@ -148,7 +147,7 @@ def evaluate_faults(settings: Settings, faults_path: Path) -> tuple[list[FaultSc
         raise ValueError(f"{faults_path}: no fault between {start} and {end}, the scored range after the first training")
     buckets = pd.date_range(start, end, freq=f"{seconds}s")
     detectors = (("rpcwatch points", ours), ("naive points", naive),
-                 ("rpcwatch incident starts", our_incidents), ("naive incident starts", _naive_incidents(naive, settings)))
+                 ("rpcwatch incident starts", our_incidents), ("naive incident starts", _naive_incidents(naive, settings, seconds)))
     return [score_faults(name, pts, faults, buckets, seconds) for name, pts in detectors], faults
 
 

@@ -372,17 +372,29 @@ def calibrate(data: PatternData, prep: Prepared, pred: np.ndarray, alarm_p: floa
     return Thresholds(alarm_p, method, nodes, metrics(pred, obs)["mape_calls"])
 
 
-def count_band(expected: np.ndarray, alpha: float, alarm_p: float, phi: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """Two-sided band around `expected` of phi x a negative-binomial (Poisson when alpha = 0) count
-    of mean expected / phi: bursts of phi calls, Var = phi * lambda + alpha * lambda^2."""
+def count_quantile(which: str, q: float, lam: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """Elementwise `ppf` or `isf` of the count distribution (lam, alpha of one shape): Poisson where
+    alpha < 1e-6, else negative binomial with r = 1 / alpha; one scipy call per family."""
     from scipy.stats import nbinom, poisson
 
-    lam = np.maximum(expected, 1e-9) / phi
-    if alpha < 1e-6:
-        return phi * poisson.ppf(alarm_p / 2, lam), phi * poisson.isf(alarm_p / 2, lam)
-    r = 1.0 / alpha  # Var Y = mu + alpha mu^2 with mu = lambda / phi
-    p = r / (r + lam)
-    return phi * nbinom.ppf(alarm_p / 2, r, p), phi * nbinom.isf(alarm_p / 2, r, p)
+    lam, alpha = np.asarray(lam, dtype=float), np.asarray(alpha, dtype=float)
+    out = np.empty_like(lam)
+    plain = alpha < 1e-6
+    if plain.any():
+        out[plain] = getattr(poisson, which)(q, lam[plain])
+    if (~plain).any():
+        r = 1.0 / alpha[~plain]
+        out[~plain] = getattr(nbinom, which)(q, r, r / (r + lam[~plain]))
+    return out
+
+
+def count_band(expected: np.ndarray, alpha: float, alarm_p: float, phi: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Two-sided band around `expected` of phi x a negative-binomial (Poisson when alpha = 0) count
+    of mean expected / phi: bursts of phi calls, Var = phi * lambda + alpha * lambda^2 (the
+    negative binomial of the bursts has Var = mu + alpha mu^2 with mu = lambda / phi)."""
+    lam = np.maximum(np.asarray(expected, dtype=float), 1e-9) / phi
+    alphas = np.broadcast_to(np.asarray(alpha, dtype=float), lam.shape)
+    return phi * count_quantile("ppf", alarm_p / 2, lam, alphas), phi * count_quantile("isf", alarm_p / 2, lam, alphas)
 
 
 def latency_band(expected: np.ndarray, calls: np.ndarray, sigma: float, k: float, phi: float = 1.0) -> tuple[np.ndarray, np.ndarray]:

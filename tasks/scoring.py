@@ -28,7 +28,8 @@ import duckdb
 import numpy as np
 import torch
 
-from tasks.forecast import Prepared, TrainConfig, _windows, latency_band, make_model, metrics, predict
+from tasks.forecast import (Prepared, TrainConfig, _windows, count_quantile, latency_band, make_model, metrics,
+                            predict)
 from tasks.nn import graph_edge_index
 from tasks.ingest import HOUR, hour_floor, naive_utc
 from tasks.series import FEATURES
@@ -272,21 +273,6 @@ def _cleaned_lead_in(con, pattern_id: int, nodes: list[str], buckets: np.ndarray
     return _cleaned(values, _fetch_flagged(con, [grid], until).get(pattern_id))
 
 
-def _quantile(which: str, q: float, lam: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    """Elementwise `ppf` or `isf` of `forecast.count_band`'s distribution (lam, alpha of one shape):
-    Poisson where alpha < 1e-6, else negative binomial with r = 1 / alpha; one scipy call per family."""
-    from scipy.stats import nbinom, poisson
-
-    out = np.empty_like(lam)
-    plain = alpha < 1e-6
-    if plain.any():
-        out[plain] = getattr(poisson, which)(q, lam[plain])
-    if (~plain).any():
-        r = 1.0 / alpha[~plain]
-        out[~plain] = getattr(nbinom, which)(q, r, r / (r + lam[~plain]))
-    return out
-
-
 def _count_bands(expected: np.ndarray, alpha: np.ndarray, alarm_p: float, observed: np.ndarray,
                  lower: np.ndarray, phi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """`forecast.count_band` of K series at once (expected, observed [S, K]; alpha, phi, lower [K]:
@@ -307,10 +293,10 @@ def _burst_bands(expected: np.ndarray, alpha: np.ndarray, alarm_p: float, observ
     if not lam.size:
         return lo, hi
     per_point = np.broadcast_to(alpha, lam.shape)
-    up = observed > _quantile("isf", q, lam.min(axis=0), alpha) - 1
-    down = lower & (observed < _quantile("ppf", q, lam.max(axis=0), alpha) + 1)
-    hi[up] = _quantile("isf", q, lam[up], per_point[up])
-    lo[down] = _quantile("ppf", q, lam[down], per_point[down])
+    up = observed > count_quantile("isf", q, lam.min(axis=0), alpha) - 1
+    down = lower & (observed < count_quantile("ppf", q, lam.max(axis=0), alpha) + 1)
+    hi[up] = count_quantile("isf", q, lam[up], per_point[up])
+    lo[down] = count_quantile("ppf", q, lam[down], per_point[down])
     return lo, hi
 
 

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import shared_file
-from tasks.replay import NS, replay_days, replay_hours
+from tasks.replay import replay_days, replay_hours
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ from datetime import timedelta
 import duckdb
 
 from conftest import START, copy_home
+from per_bucket_scoring import per_bucket_forecast
 from tasks.scoring import score_hour
 
 H3 = START + timedelta(hours=3)
@@ -83,33 +84,6 @@ def test_plot_marks_the_flood_and_names_a_wrong_node(trained, tmp_path):
 
 # --- the batched forecast loop against the bucket-by-bucket loop it replaced -------------------
 
-def _per_bucket(model, cfg, norm, values, targets, edge_index, nodes, thresholds, clean):
-    """The forecast loop before batching, kept as the reference: one forward pass per bucket."""
-    import numpy as np
-    import torch
-
-    from tasks.forecast import Prepared, _windows, predict
-    from tasks.scoring import MAX_CLEANED_RUN, _flags
-
-    observed = values[targets].copy()
-    expected = np.zeros_like(observed)
-    flags = []
-    run = np.zeros(values.shape[1:], dtype=int)
-    for s, t in enumerate(targets):
-        starts = np.array([t - cfg.horizon - cfg.window + 1])
-        x, offsets = _windows(norm, clean, starts, cfg.window)
-        prep = Prepared(x, torch.zeros(0), np.array([t]), 0, edge_index, offsets, norm)
-        expected[s] = predict(model, prep, slice(None), torch.device("cpu"))[0]
-        flagged = np.zeros(values.shape[1:], dtype=bool)
-        for _, n, f, threshold, score, direction, kind in _flags(observed[s:s + 1], expected[s:s + 1], nodes, thresholds):
-            flags.append((s, n, f, threshold, score, direction, kind))
-            flagged[n, f] = True
-        run = np.where(flagged, run + 1, 0)
-        replace = flagged & (run <= MAX_CLEANED_RUN)
-        clean[t][replace] = expected[s][replace]
-    return expected, observed, flags
-
-
 def _champion_inputs(trained, tmp_path):
     """A real champion of the `trained` fixture and its pattern's hour H3 with the lead-in."""
     import numpy as np
@@ -150,7 +124,7 @@ def test_batched_forecast_loop_gives_the_per_bucket_results_with_floods_cleaned(
         ref_clean, new_clean = clean.copy(), clean.copy()
         ref_clean[targets] = observed[targets]
         new_clean[targets] = observed[targets]
-        exp_ref, obs_ref, flags_ref = _per_bucket(model, cfg, norm, observed, targets, edge_index, nodes, thresholds, ref_clean)
+        exp_ref, obs_ref, flags_ref = per_bucket_forecast(model, cfg, norm, observed, targets, edge_index, nodes, thresholds, ref_clean)
         exp_new, obs_new, flags_new = scoring._forecast_sequentially(model, cfg, norm, observed, targets, edge_index,
                                                                      nodes, thresholds, new_clean)
         assert np.allclose(exp_new, exp_ref, rtol=1e-5, atol=1e-6), case

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 import tempfile
 import time
 from datetime import datetime, timedelta, timezone
@@ -32,15 +33,18 @@ import numpy as np
 import pandas as pd
 import torch
 
-from tasks.forecast import Prepared, TrainConfig, _windows, calibrate, predict, prepare, train
+from tasks.forecast import TrainConfig, calibrate, predict, prepare, train
 from tasks.ingest import naive_utc
 from tasks.nn import graph_edge_index
-from tasks.scoring import (MAX_CLEANED_RUN, _cleaned_lead_in, _flags, _forecast_sequentially, _one_thread, _series,
+from tasks.scoring import (_cleaned_lead_in, _forecast_sequentially, _one_thread, _series,
                            champion_folder, score_hour)
 from tasks.series import PatternData
 from tasks.settings import load_settings
 from tasks.training import _artifacts, load_model
 from tasks.warehouse import opened
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the reference loop
+from per_bucket_scoring import per_bucket_forecast  # noqa: E402
 
 HOUR = datetime(2026, 1, 2, 10, tzinfo=timezone.utc)
 TARGET_SECONDS = 10.0
@@ -145,27 +149,6 @@ def timed_score(settings, critical: int) -> tuple[float, float, object]:
     return time.perf_counter() - started, time.process_time() - cpu, report
 
 
-def per_bucket_reference(model, cfg, norm, values, targets, edge_index, nodes, thresholds, clean):
-    """The forecast loop before batching: one forward pass per bucket."""
-    observed = values[targets].copy()
-    expected = np.zeros_like(observed)
-    flags = []
-    run = np.zeros(values.shape[1:], dtype=int)
-    for s, t in enumerate(targets):
-        starts = np.array([t - cfg.horizon - cfg.window + 1])
-        x, offsets = _windows(norm, clean, starts, cfg.window)
-        prep = Prepared(x, torch.zeros(0), np.array([t]), 0, edge_index, offsets, norm)
-        expected[s] = predict(model, prep, slice(None), torch.device("cpu"))[0]
-        flagged = np.zeros(values.shape[1:], dtype=bool)
-        for _, n, f, threshold, score, direction, kind in _flags(observed[s:s + 1], expected[s:s + 1], nodes, thresholds):
-            flags.append((s, n, f, threshold, score, direction, kind))
-            flagged[n, f] = True
-        run = np.where(flagged, run + 1, 0)
-        replace = flagged & (run <= MAX_CLEANED_RUN)
-        clean[t][replace] = expected[s][replace]
-    return expected, observed, flags
-
-
 def compare_loops(settings, patterns: int) -> tuple[float, float, bool]:
     """Seconds of the per-bucket and the batched forecast loop over the first `patterns` patterns."""
     seconds = {"per-bucket": 0.0, "batched": 0.0}
@@ -178,7 +161,7 @@ def compare_loops(settings, patterns: int) -> tuple[float, float, bool]:
             targets = np.arange(lead, len(buckets))
             edge_index = graph_edge_index(len(graph["nodes"]), [tuple(e) for e in graph["edges"]])
             results = {}
-            for name, loop in (("per-bucket", per_bucket_reference), ("batched", _forecast_sequentially)):
+            for name, loop in (("per-bucket", per_bucket_forecast), ("batched", _forecast_sequentially)):
                 clean = _cleaned_lead_in(con, pid, graph["nodes"], buckets, values, HOUR)
                 started = time.perf_counter()
                 results[name] = loop(model, cfg, norm, values, targets, edge_index, graph["nodes"], thresholds, clean)
