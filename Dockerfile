@@ -49,6 +49,8 @@ COPY pyproject.toml ./
 COPY tasks/ ./tasks/
 COPY dags/ ./dags/
 COPY plugins/ ./plugins/
+# The api-server's entrypoint: admin password from the environment into SimpleAuthManager's file.
+COPY deploy/simple_auth_passwords.py ./deploy/
 RUN pip install --no-deps -e . \
  && python -c "import torch, duckdb, mlflow, psycopg2, asyncpg, tasks, airflow.providers.celery; \
 spec = '${TORCH_SPEC}'; \

@@ -43,7 +43,9 @@ trainticket: setup
 	  RPCWATCH_HOME=$$home $(TT_ENV) $(BIN)/rpcwatch evaluate --faults $$home/replay/fault_list.json || exit 1; \
 	done
 
-# Airflow UI on the demo's runs (http://localhost:8080); stop with Ctrl-C.
+# Airflow UI on the demo's runs: http://127.0.0.1:8080 (this machine only), stop with Ctrl-C.
+# Log in as `admin`; the password is in .rpcwatch/airflow/simple_auth_manager_passwords.json.generated
+# (printed at start). AIRFLOW_HOME / AIRFLOW__API__PORT=... in the environment are respected.
 airflow: setup
 	$(BIN)/rpcwatch airflow standalone
 

@@ -1,17 +1,57 @@
 """Airflow UI view of rpcwatch's anomalies: a nav entry "rpcwatch anomalies" served by a small
 FastAPI app inside the Airflow API server. It reads the published snapshot `analytics.duckdb`
-read-only, so it never blocks the pipeline (see tasks.publish)."""
+read-only, so it never blocks the pipeline (see tasks.publish).
+
+Access: the API server does not put plugin apps behind its login, so this app does it itself with
+Airflow's own security dependency, on the app (every route, the docs and the OpenAPI schema too).
+A request needs a valid Airflow JWT, from the UI login's `_token` cookie or an `Authorization: Bearer`
+header (`POST /auth/token`), whose user may read the DAG that produces the anomalies. The auth
+manager decides that (SimpleAuthManager: every role from viewer up; FAB/Keycloak: their DAG
+permissions). Without a valid token the answer is 401; a browser asking for the page is sent to
+Airflow's login page instead."""
 
 from __future__ import annotations
 
 import html
 
 import duckdb
+from airflow.api_fastapi.core_api.security import requires_access_dag
 from airflow.plugins_manager import AirflowPlugin
-from fastapi import FastAPI, Query
-from fastapi.responses import HTMLResponse
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-app = FastAPI(title="rpcwatch anomalies")
+# The anomalies are this DAG's output: who may read the DAG may read them.
+DAG_ID = "rpcwatch_hourly"
+require_read_access = requires_access_dag("GET", param_dag_id=DAG_ID)
+
+# FastAPI's own docs/openapi routes take no dependencies, so they are off and served below instead.
+app = FastAPI(
+    title="rpcwatch anomalies",
+    docs_url=None,
+    redoc_url=None,
+    openapi_url=None,
+    dependencies=[Depends(require_read_access)],
+)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _login_redirect(request: Request, exc: StarletteHTTPException):
+    """401 for API clients; a browser (GET, Accept: text/html) goes to the login page and back."""
+    if exc.status_code == 401 and request.method == "GET" and "text/html" in request.headers.get("accept", ""):
+        try:
+            from airflow.api_fastapi.app import get_auth_manager
+
+            login = get_auth_manager().get_url_login(next_url=str(request.url))
+        except RuntimeError:  # no auth manager: not inside the API server
+            login = None
+        if login:
+            return RedirectResponse(login, status_code=307)
+    return await http_exception_handler(request, exc)
+
 
 INCIDENTS_SQL = """SELECT strftime(start_ts, '%Y-%m-%d %H:%M') AS start, strftime(end_ts, '%H:%M') AS "end",
     array_to_string(patterns, ', ') AS patterns, array_to_string(kinds, ', ') AS kinds, points,
@@ -42,7 +82,7 @@ def _table(title: str, headers: list[str], rows: list[tuple]) -> str:
 
 
 @app.get("/", response_class=HTMLResponse)
-def page(limit: int = Query(100, le=1000)) -> str:
+def page(limit: int = Query(100, ge=1, le=1000)) -> str:
     incidents = _table("Incidents", *_query(INCIDENTS_SQL, limit))
     anomalies = _table("Irregular points, last 6 hours", *_query(ANOMALIES_SQL, limit))
     style = "body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse}td,th{padding:3px 8px;border-bottom:1px solid #ddd;font-size:13px}"
@@ -50,9 +90,22 @@ def page(limit: int = Query(100, le=1000)) -> str:
 
 
 @app.get("/api/anomalies")
-def anomalies(limit: int = Query(100, le=10000)) -> list[dict]:
+def anomalies(limit: int = Query(100, ge=1, le=10000)) -> list[dict]:
     headers, rows = _query(ANOMALIES_SQL, limit)
     return [dict(zip(headers, r)) for r in rows]
+
+
+@app.get("/openapi.json", include_in_schema=False)
+def openapi_schema(request: Request) -> JSONResponse:
+    root = request.scope.get("root_path", "").rstrip("/")
+    servers = [{"url": root}] if root else None
+    return JSONResponse(get_openapi(title=app.title, version=app.version, routes=app.routes, servers=servers))
+
+
+@app.get("/docs", include_in_schema=False)
+def docs(request: Request) -> HTMLResponse:
+    root = request.scope.get("root_path", "").rstrip("/")
+    return get_swagger_ui_html(openapi_url=f"{root}/openapi.json", title=f"{app.title} - API docs")
 
 
 class RpcwatchPlugin(AirflowPlugin):

@@ -22,18 +22,18 @@ def aggregate_hour(settings: Settings, hour: datetime) -> AggregateReport:
     """Replace `rpc_series` rows of `hour` (idempotent); buckets of `settings.bucket_seconds`."""
     hour = hour_floor(hour)
     start, end = naive_utc(hour), naive_utc(hour + HOUR)
-    seconds = settings.bucket_seconds
+    seconds = int(settings.bucket_seconds)
     with opened(settings.warehouse) as con:
         con.execute("BEGIN")
         con.execute("DELETE FROM rpc_series WHERE bucket_ts >= ? AND bucket_ts < ?", [start, end])
-        con.execute(f"""
+        con.execute("""
             INSERT INTO rpc_series
-            SELECT time_bucket(INTERVAL '{seconds} seconds', ts) AS bucket_ts, caller, callee, interface,
+            SELECT time_bucket(to_seconds($seconds), ts) AS bucket_ts, caller, callee, interface,
                    rpc_type, count(*) AS calls, count(*) FILTER (WHERE is_error) AS errors,
                    avg(rt_ms) AS rt_mean, quantile_cont(rt_ms, 0.5) AS rt_p50,
-                   quantile_cont(rt_ms, 0.95) AS rt_p95, {seconds} AS bucket_seconds
-            FROM calls WHERE ts >= ? AND ts < ?
-            GROUP BY ALL""", [start, end])
+                   quantile_cont(rt_ms, 0.95) AS rt_p95, $seconds AS bucket_seconds
+            FROM calls WHERE ts >= $start AND ts < $end
+            GROUP BY ALL""", {"seconds": seconds, "start": start, "end": end})  # a setting: bound, not SQL text
         rows, rpcs = con.execute(
             "SELECT count(*), count(DISTINCT (caller, callee, interface, rpc_type)) FROM rpc_series "
             "WHERE bucket_ts >= ? AND bucket_ts < ?", [start, end]).fetchone()

@@ -27,7 +27,7 @@ def _hours(settings: Settings, args: argparse.Namespace) -> list[datetime]:
         return [hour_floor(parse_utc(args.hour))]
     hours = hours_in_sources(settings, args.source or [settings.incoming], args.format)
     if not hours:
-        raise SystemExit("no --hour given and no rows with timestamps found in the source")
+        raise ValueError("no --hour given and no rows with timestamps found in the source")
     return hours
 
 
@@ -99,18 +99,21 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from tasks.pipeline import run_hour
+    from tasks.publish import analytics_path
     from tasks.report import table
 
     settings = _settings(args)
     rows = []
     for hour in _hours(settings, args):
         r = run_hour(settings, hour, args.source, args.format)
-        rows.append([f"{hour:%Y-%m-%d %H:00}", r.ingest.rows_read, r.ingest.rows_kept,
-                     r.ingest.rows_quarantined, len(r.validation.findings), r.aggregate.series_rows,
-                     r.patterns.reconstruction.traces, r.patterns.changes.clusters if r.patterns.reclustered else "-",
-                     f"{r.patterns.critical_share:.1%}", sum("skipped" not in o for o in r.trained)])
+        ingest, patterns = r["ingest"], r["patterns"]
+        rows.append([f"{hour:%Y-%m-%d %H:00}", ingest["rows_read"], ingest["rows_kept"], ingest["rows_quarantined"],
+                     r["validate"]["expectations"], r["aggregate"]["series_rows"], patterns["traces"],
+                     "-" if patterns["clusters"] is None else patterns["clusters"], f"{patterns['critical_share']:.1%}",
+                     sum("skipped" not in o for o in r["train"]), r["score"]["anomalies"]])
     print(table(["hour", "rows read", "kept", "quarantined", "checks", "series rows", "traces", "clusters",
-                 "critical share", "models trained"], rows))
+                 "critical share", "models trained", "irregular points"], rows))
+    print(f"\nsee them: rpcwatch anomalies, or read-only in DuckDB: {analytics_path(settings)}")
     return 0
 
 
@@ -219,6 +222,7 @@ def cmd_anomalies(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     headers, rows = anomaly_rows(settings, _since(args.since), args.pattern, args.limit)
+    _say_source(settings)
     if args.json:
         print(json.dumps([dict(zip(headers, r)) for r in rows], default=str, indent=1))
         return 0
@@ -266,8 +270,18 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     headers, rows = hour_summary(settings)
+    _say_source(settings)
     print(table(headers, rows))
     return 0
+
+
+def _say_source(settings: Settings) -> None:
+    """Name the published snapshot when a read command used it: hours only ingested since (no
+    `run`/`score` yet) are not in it."""
+    from tasks.report import read_source
+
+    if (source := read_source(settings)) != settings.warehouse:
+        print(f"(from {source}, published by the last run or score)", file=sys.stderr)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -404,7 +418,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
-        print(f"rpcwatch {args.command}: {err}", file=sys.stderr)
+        # a person's mistake or a busy/missing file: the message says what to do, a traceback would not
+        print(f"rpcwatch: error: {err}", file=sys.stderr)
         return 2
 
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import xxhash
 
+from tasks.keys import split_edge_key
+
 
 @dataclass
 class Shapes:
@@ -175,7 +177,7 @@ def build_graph(shapes: Shapes, members: np.ndarray, min_support: float) -> Grap
             node_traces[key] = node_traces.get(key, 0) + n
             node_calls[key] = node_calls.get(key, 0) + n * int(count)
         for edge in set(shapes.edges[i]):
-            parent, child = edge.split(" > ", 1)
+            parent, child = split_edge_key(edge)
             edge_traces[(parent, child)] = edge_traces.get((parent, child), 0) + n
     keep = max(1.0, min_support * total)
     nodes = {k: (v / total, node_calls[k]) for k, v in node_traces.items() if v >= keep}

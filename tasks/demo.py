@@ -135,7 +135,7 @@ def example_node(db: Path, max_hours: int) -> ExampleNode | None:
         return None
     pattern_id, caller, callee, interface, start, last = row
     back = math.ceil((last - start).total_seconds() / 3600) + 1  # the incident plus some normal before it
-    return ExampleNode(int(pattern_id), f"{caller}:{callee}:{interface}", max(1, min(back, max_hours)))
+    return ExampleNode(int(pattern_id), f"{caller}:{callee}:{interface or ''}", max(1, min(back, max_hours)))
 
 
 def _incidents(snapshot: Path) -> None:

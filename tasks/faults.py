@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from tasks.settings import Settings
+from tasks.keys import split_node_key
 from tasks.warehouse import opened
 
 DEFAULT_WINDOW = timedelta(minutes=3)
@@ -117,7 +118,7 @@ def _starts(incidents: list[tuple]) -> pd.DataFrame:
 def _our_incidents(con, start, end) -> pd.DataFrame:
     rows = con.execute("SELECT start_ts, end_ts, nodes FROM incidents WHERE start_ts >= ? AND start_ts <= ?",
                        [start, end]).fetchall()
-    return _starts([(s, [tuple(n.split("|")[:2]) for n in nodes]) for s, _, nodes in rows])
+    return _starts([(s, [split_node_key(n)[:2] for n in nodes]) for s, _, nodes in rows])
 
 
 def _naive_incidents(points: pd.DataFrame, settings: Settings, seconds: int) -> pd.DataFrame:

@@ -4,13 +4,20 @@ Every `normalise_sql` reads a relation named `raw` (the format's columns as text
 plus `source_file`, `file_row` and `raw_hash`, a hash of all the row's raw values) and yields the
 columns of `NORMALISED`. Nothing is filtered here: rows that cannot be normalised keep NULLs and
 are quarantined by the row checks.
+
+No text from outside (column names, mapping values) becomes SQL text: column names go through
+`quote_identifier`, the one quoting helper; mapping values are DuckDB variables bound as
+parameters (`set_format_variables`, read back with `getvariable`), because the SQL ends up in
+views, which cannot hold prepared parameters.
 """
 
 from __future__ import annotations
 
 import json
+import operator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 NORMALISED = (
     "ts", "trace_id", "call_id", "parent_call_id", "caller", "callee", "interface",
@@ -19,14 +26,32 @@ NORMALISED = (
 MISSING_MARKERS = "('', 'UNKNOWN', 'UNAVAILABLE', 'NAN', 'nan', 'None', 'NULL', '(?)')"
 MAPPINGS = Path(__file__).with_name("mappings")
 UNITS_TO_MS = {"ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3}
+# ms since the Unix epoch that make a valid timestamp (years 1..9999): outside it a value is
+# unparseable, and (value + epoch) * 1000 cannot overflow INT64
+MIN_MS, MAX_MS = -62_135_596_800_000, 253_402_300_799_999
 
 
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
+class Executes(Protocol):
+    def execute(self, query: str, parameters: object = ...) -> Any: ...
 
 
-def _literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
+def quote_identifier(name: str) -> str:
+    """The one quoting helper for identifiers from outside (file headers, mapping columns)."""
+    return '"' + str(name).replace('"', '""') + '"'
+
+
+def _int(value: object, what: str) -> int:
+    """A validated int, safe to format into SQL text (rejects text and floats)."""
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise ValueError(f"{what} must be an integer, got {value!r}") from None
+
+
+def set_format_variables(con: Executes, fmt: TraceFormat) -> None:
+    """Bind the format's outside values as the DuckDB variables its `normalise_sql` reads."""
+    for name, value in fmt.variables().items():
+        con.execute(f"SET VARIABLE {name} = ?", [value])  # name: a constant of this module
 
 
 def _service(column: str) -> str:
@@ -44,7 +69,10 @@ def _parent_rpc_id(column: str) -> str:
 
 
 def _epoch_ts(ms_column: str, epoch_ms: int) -> str:
-    return f"make_timestamp((TRY_CAST({ms_column} AS BIGINT) + {epoch_ms}) * 1000)"
+    """Epoch + ms as a timestamp; NULL (unparseable) outside years 1..9999 instead of an overflow."""
+    epoch = _int(epoch_ms, "epoch_ms")
+    ms = f"TRY_CAST({ms_column} AS BIGINT)"
+    return f"CASE WHEN {ms} BETWEEN {MIN_MS - epoch} AND {MAX_MS - epoch} THEN make_timestamp(({ms} + {epoch}) * 1000) END"
 
 
 @dataclass(frozen=True)
@@ -56,6 +84,9 @@ class AlibabaV2022:
     required: tuple[str, ...] = ("timestamp", "traceid", "rpc_id", "rpctype", "um", "dm", "interface", "rt")
     optional: tuple[str, ...] = ("error",)
 
+    def variables(self) -> dict[str, object]:
+        return {}
+
     def normalise_sql(self, columns: set[str]) -> str:
         error = "coalesce(TRY_CAST(error AS INTEGER), 0) <> 0" if "error" in columns else "false"
         return f"""
@@ -65,7 +96,7 @@ class AlibabaV2022:
                {_parent_rpc_id('rpc_id')} AS parent_call_id,
                {_service('um')} AS caller, {_service('dm')} AS callee,
                {_text_or_null('interface')} AS interface,
-               CASE WHEN rpctype IN {MISSING_MARKERS} THEN 'UNKNOWN' ELSE rpctype END AS rpc_type,
+               CASE WHEN rpctype IS NULL OR rpctype IN {MISSING_MARKERS} THEN 'UNKNOWN' ELSE rpctype END AS rpc_type,
                TRY_CAST(rt AS DOUBLE) AS rt_ms, {error} AS is_error, source_file, file_row, raw_hash
         FROM raw"""
 
@@ -83,6 +114,9 @@ class AlibabaV2021:
     name: str = "alibaba-v2021"
     required: tuple[str, ...] = ("traceid", "timestamp", "rpcid", "um", "rpctype", "dm", "interface", "rt")
     optional: tuple[str, ...] = ()
+
+    def variables(self) -> dict[str, object]:
+        return {}
 
     def normalise_sql(self, columns: set[str]) -> str:
         keys = "traceid, rpcid, rpctype, um, dm, interface"
@@ -105,7 +139,7 @@ class AlibabaV2021:
                {_parent_rpc_id('rpcid')} AS parent_call_id,
                {_service('um')} AS caller, {_service('dm')} AS callee,
                {_text_or_null('interface')} AS interface,
-               CASE WHEN rpctype IN {MISSING_MARKERS} THEN 'UNKNOWN' ELSE rpctype END AS rpc_type,
+               CASE WHEN rpctype IS NULL OR rpctype IN {MISSING_MARKERS} THEN 'UNKNOWN' ELSE rpctype END AS rpc_type,
                rt_v AS rt_ms, false AS is_error, source_file, file_row, raw_hash
         FROM merged"""
 
@@ -174,44 +208,60 @@ class Spans:
         wanted = [m.trace_id, m.span_id, m.parent_id, m.service, m.operation, m.start, m.end, m.duration]
         return tuple(c for c in wanted if c is not None)
 
+    def variables(self) -> dict[str, object]:
+        """Mapping values (from a JSON file: outside text), bound as DuckDB variables."""
+        m = self.mapping
+        return {"rpcwatch_span_regex": m.service_regex, "rpcwatch_span_roots": [str(v) for v in m.root_parent_values],
+                "rpcwatch_span_errors": [str(v) for v in m.error_values], "rpcwatch_span_rpc_type": str(m.rpc_type)}
+
     def _timestamp(self) -> str:
-        per_us = UNITS_TO_MS[self.mapping.start_unit] * 1000
-        return f"make_timestamp(CAST(TRY_CAST({_quote(self.mapping.start)} AS HUGEINT) * {per_us} AS BIGINT))"
+        """Start as a timestamp; NULL (unparseable) when it does not fit, instead of an overflow."""
+        per_us = _to_ms(self.mapping.start_unit) * 1000
+        us = f"TRY_CAST(TRY_CAST({quote_identifier(self.mapping.start)} AS HUGEINT) * {per_us!r} AS BIGINT)"
+        return f"CASE WHEN {us} BETWEEN {MIN_MS * 1000} AND {MAX_MS * 1000} THEN make_timestamp({us}) END"
 
     def _rt_ms(self) -> str:
         m = self.mapping
         if m.duration is not None:
-            return f"TRY_CAST({_quote(m.duration)} AS DOUBLE) * {UNITS_TO_MS[m.duration_unit]}"
-        start_ms = f"TRY_CAST({_quote(m.start)} AS HUGEINT) * {UNITS_TO_MS[m.start_unit]}"
-        end_ms = f"TRY_CAST({_quote(m.end)} AS HUGEINT) * {UNITS_TO_MS[m.end_unit]}"
+            return f"TRY_CAST({quote_identifier(m.duration)} AS DOUBLE) * {_to_ms(m.duration_unit)!r}"
+        start_ms = f"TRY_CAST({quote_identifier(m.start)} AS HUGEINT) * {_to_ms(m.start_unit)!r}"
+        end_ms = f"TRY_CAST({quote_identifier(m.end)} AS HUGEINT) * {_to_ms(m.end_unit)!r}"
         return f"CAST({end_ms} - {start_ms} AS DOUBLE)"
 
     def normalise_sql(self, columns: set[str]) -> str:
+        """Needs `set_format_variables` on the connection first (the mapping's values)."""
         m = self.mapping
-        service = _quote(m.service)
+        service = quote_identifier(m.service)
         if m.service_regex:
-            service = f"coalesce(nullif(regexp_extract({service}, {_literal(m.service_regex)}, 1), ''), {service})"
-        roots = "(" + ", ".join(_literal(v) for v in m.root_parent_values) + ")"
-        parent = _quote(m.parent_id)
+            service = f"coalesce(nullif(regexp_extract({service}, getvariable('rpcwatch_span_regex'), 1), ''), {service})"
+        parent = quote_identifier(m.parent_id)
         error = "false"
         if m.status:
-            values = "(" + ", ".join(_literal(v) for v in m.error_values) + ")"
-            error = f"coalesce(CAST({_quote(m.status)} AS VARCHAR) IN {values}, false)"
+            error = (f"coalesce(list_contains(getvariable('rpcwatch_span_errors')::VARCHAR[], "
+                     f"CAST({quote_identifier(m.status)} AS VARCHAR)), false)")
         return f"""
         WITH s AS (
-            SELECT {self._timestamp()} AS ts, nullif(trim(CAST({_quote(m.trace_id)} AS VARCHAR)), '') AS trace_id,
-                   nullif(trim(CAST({_quote(m.span_id)} AS VARCHAR)), '') AS call_id,
-                   CASE WHEN {parent} IS NULL OR trim(CAST({parent} AS VARCHAR)) IN {roots} THEN NULL
+            SELECT {self._timestamp()} AS ts, nullif(trim(CAST({quote_identifier(m.trace_id)} AS VARCHAR)), '') AS trace_id,
+                   nullif(trim(CAST({quote_identifier(m.span_id)} AS VARCHAR)), '') AS call_id,
+                   CASE WHEN {parent} IS NULL OR list_contains(getvariable('rpcwatch_span_roots')::VARCHAR[],
+                                                               trim(CAST({parent} AS VARCHAR))) THEN NULL
                         ELSE CAST({parent} AS VARCHAR) END AS parent_call_id,
-                   {service} AS service, nullif(CAST({_quote(m.operation)} AS VARCHAR), '') AS interface,
+                   {service} AS service, nullif(CAST({quote_identifier(m.operation)} AS VARCHAR), '') AS interface,
                    {self._rt_ms()} AS rt_ms, {error} AS is_error, source_file, file_row, raw_hash
             FROM raw),
         parents AS (SELECT trace_id, call_id, any_value(service) AS service FROM s GROUP BY ALL)
         SELECT s.ts, s.trace_id, s.call_id, s.parent_call_id,
                CASE WHEN s.parent_call_id IS NULL THEN 'USER' ELSE coalesce(p.service, 'UNKNOWN') END AS caller,
-               coalesce(s.service, 'UNKNOWN') AS callee, s.interface, {_literal(m.rpc_type)} AS rpc_type,
+               coalesce(s.service, 'UNKNOWN') AS callee, s.interface,
+               CAST(getvariable('rpcwatch_span_rpc_type') AS VARCHAR) AS rpc_type,
                s.rt_ms, s.is_error, s.source_file, s.file_row, s.raw_hash
         FROM s LEFT JOIN parents p ON p.trace_id = s.trace_id AND p.call_id = s.parent_call_id"""
+
+
+def _to_ms(unit: str) -> float:
+    if unit not in UNITS_TO_MS:
+        raise ValueError(f"unknown time unit {unit!r} in span mapping; use one of {', '.join(UNITS_TO_MS)}")
+    return UNITS_TO_MS[unit]
 
 
 TraceFormat = AlibabaV2022 | AlibabaV2021 | Spans

@@ -4,11 +4,16 @@ Per hour: find the files, fingerprint them, skip the hour if nothing changed sin
 ingest, else replace exactly that hour: normalised rows that pass the row checks go to `calls`,
 the others to `quarantine` with their reason. Unreadable files and files missing required columns
 are recorded in `ingest_log` with the error; the good files still land. Validation then fails the
-batch for them (see `tasks.validate`).
+batch for them (see `tasks.validate`). Empty files are recorded as `empty`; the hour goes on.
+
+A landed hour is only replaced by a batch with rows: no files, no readable file or no row for the
+hour raise `IngestError` and leave the warehouse as it was. No path, column name, setting or batch
+id becomes SQL text (see `tasks.ingest_files`): they are bound, or validated numbers/datetimes.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -17,31 +22,13 @@ from pathlib import Path
 import duckdb
 import xxhash
 
-from tasks.formats import TraceFormat, make_format
+from tasks.formats import TraceFormat, make_format, set_format_variables
+from tasks.ingest_files import (FileCheck, discover_files, hour_folder, inspect_file, is_trace_file,
+                                raw_select)
 from tasks.settings import KNOWN_RPC_TYPES, Settings
 from tasks.warehouse import opened
 
-TRACE_SUFFIXES = (".parquet", ".csv", ".csv.gz")
 HOUR = timedelta(hours=1)
-
-
-@dataclass
-class FileCheck:
-    path: Path
-    kind: str  # parquet | csv
-    size_bytes: int
-    content_hash: str
-    columns: tuple[str, ...] = ()
-    rows_in_file: int | None = None  # known up front for Parquet (footer metadata)
-    status: str = "ok"  # ok | error | schema_error | empty
-    error: str | None = None
-    rows_read: int = 0
-    rows_kept: int = 0
-    rows_quarantined: int = 0
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "ok"
 
 
 @dataclass
@@ -65,7 +52,13 @@ class IngestReport:
 
     @property
     def failed_files(self) -> list[FileCheck]:
-        return [f for f in self.files if not f.ok]
+        """Unreadable or unusable files (recorded in ingest_log; validation fails the hour)."""
+        return [f for f in self.files if f.failed]
+
+    @property
+    def empty_files(self) -> list[FileCheck]:
+        """Files without rows (recorded in ingest_log as `empty`; the hour goes on)."""
+        return [f for f in self.files if f.status == "empty"]
 
 
 def hour_floor(value: datetime) -> datetime:
@@ -77,102 +70,31 @@ def naive_utc(value: datetime) -> datetime:
     return value.astimezone(timezone.utc).replace(tzinfo=None)
 
 
-def _is_trace_file(path: Path) -> bool:
-    return path.is_file() and path.name.endswith(TRACE_SUFFIXES) and not path.name.startswith(".")
+def _sql_ts(value: datetime) -> str:
+    """A TIMESTAMP literal from a datetime object (digits and separators only: safe SQL text)."""
+    if not isinstance(value, datetime):
+        raise TypeError(f"expected a datetime, got {value!r}")
+    return f"TIMESTAMP '{naive_utc(value):%Y-%m-%d %H:%M:%S}'"
 
 
-def discover_files(sources: list[Path], hour: datetime) -> tuple[list[Path], bool]:
-    """Files for `hour` and whether they come from hour partitions (`dt=YYYY-MM-DD/hour=HH`).
-
-    A source is a file, or a folder: hive-partitioned (only that hour's folder is read) or flat
-    (every trace file under it is read and rows are filtered to the hour).
-    """
-    files: list[Path] = []
-    partitioned = False
-    for source in sources:
-        if source.is_file():
-            files.append(source)
-            continue
-        if not source.is_dir():
-            raise FileNotFoundError(f"trace source {source} does not exist")
-        if any(source.glob("dt=*")):
-            partitioned = True
-            folder = source / f"dt={hour:%Y-%m-%d}" / f"hour={hour:%H}"
-            files.extend(sorted(p for p in folder.rglob("*") if _is_trace_file(p)) if folder.is_dir() else [])
-        else:
-            files.extend(sorted(p for p in source.rglob("*") if _is_trace_file(p)))
-    return files, partitioned
+def _finite(value: object, what: str) -> float:
+    """A validated finite number, safe to format into SQL text."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"settings.{what} must be a finite number, got {value!r}")
+    return float(value)
 
 
-def fingerprint(path: Path) -> str:
-    digest = xxhash.xxh3_128()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _csv_reader(path: Path, extra: str = "") -> str:
-    return f"read_csv('{path}', all_varchar=true, header=true{extra})"
-
-
-def inspect_file(con: duckdb.DuckDBPyConnection, path: Path, fmt: TraceFormat) -> FileCheck:
-    """Size, content hash and columns of one file; a bad file is recorded, never raised."""
-    kind = "parquet" if path.name.endswith(".parquet") else "csv"
-    check = FileCheck(path=path, kind=kind, size_bytes=path.stat().st_size, content_hash=fingerprint(path))
-    try:
-        if kind == "parquet":
-            rows = con.execute(f"SELECT name FROM parquet_schema('{path}') WHERE num_children IS NULL OR num_children = 0").fetchall()
-            check.columns = tuple(r[0] for r in rows)
-            n = con.execute(f"SELECT sum(num_rows) FROM parquet_file_metadata('{path}')").fetchone()[0]
-            check.rows_in_file = int(n or 0)
-        else:
-            # store_rejects keeps the sniffer from reading a malformed line as the header
-            rows = con.execute(f"DESCRIBE SELECT * FROM {_csv_reader(path, ', store_rejects=true')}").fetchall()
-            check.columns = tuple(r[0] for r in rows)
-            n = None
-    except duckdb.Error as err:
-        check.status, check.error = "error", f"{path}: unreadable {kind} file: {err}".splitlines()[0]
-        return check
-    missing = [c for c in fmt.required if c not in check.columns]
-    if missing:
-        check.status = "schema_error"
-        check.error = (f"{path}: missing column(s) {', '.join(repr(c) for c in missing)} required by "
-                       f"format {fmt.name} (found: {', '.join(check.columns)})")
-    elif n == 0 or check.size_bytes == 0:
-        check.status, check.error = "empty", f"{path}: file has no rows"
-    return check
-
-
-def _raw_select(files: list[FileCheck], fmt: TraceFormat) -> str:
-    """One relation over all good files: the format's columns, `source_file`, `file_row` (1-based)."""
-    wanted = list(fmt.required) + [c for c in fmt.optional if any(c in f.columns for f in files)]
-    every = sorted({c for f in files for c in f.columns})
-    cols = ", ".join('"' + c + '"' for c in wanted)
-    cols += ", hash(" + ", ".join('"' + c + '"' for c in every) + ") AS raw_hash"
-    parts = []
-    parquet = [f for f in files if f.kind == "parquet"]
-    if parquet:
-        paths = ", ".join(f"'{f.path}'" for f in parquet)
-        parts.append(f"SELECT {cols}, filename AS source_file, file_row_number + 1 AS file_row "
-                     f"FROM read_parquet([{paths}], union_by_name=true, filename=true, file_row_number=true)")
-    for f in (f for f in files if f.kind == "csv"):
-        reader = _csv_reader(f.path, ", store_rejects=true, rejects_table='csv_rejects', rejects_scan='csv_scans'")
-        parts.append(f"SELECT {cols}, '{f.path}' AS source_file, row_number() OVER () AS file_row FROM {reader}")
-    return " UNION ALL BY NAME ".join(parts)
-
-
-def _reason_sql(hour: datetime, rt_max_ms: float) -> str:
-    types = ", ".join(f"'{t}'" for t in KNOWN_RPC_TYPES)
-    start, end = naive_utc(hour), naive_utc(hour + HOUR)
+def _reason_sql(hour: datetime, rt_max_ms: object) -> str:
+    types = ", ".join(f"'{t}'" for t in KNOWN_RPC_TYPES)  # constants of tasks.settings
+    rt_max = _finite(rt_max_ms, "rt_max_ms")
     return f"""CASE
         WHEN trace_id IS NULL THEN 'missing trace_id'
         WHEN call_id IS NULL THEN 'missing call_id (rpc_id / span id)'
         WHEN ts IS NULL THEN 'unparseable timestamp'
-        WHEN ts < TIMESTAMP '{start}' OR ts >= TIMESTAMP '{end}'
-            THEN 'timestamp ' || strftime(ts, '%Y-%m-%dT%H:%M:%S') || ' outside hour {start:%Y-%m-%dT%H:00}'
+        WHEN ts < {_sql_ts(hour)} OR ts >= {_sql_ts(hour + HOUR)}
+            THEN 'timestamp ' || strftime(ts, '%Y-%m-%dT%H:%M:%S') || ' outside hour {naive_utc(hour):%Y-%m-%dT%H:00}'
         WHEN rt_ms IS NULL THEN 'missing or non-numeric rt'
-        WHEN rt_ms < 0 OR rt_ms > {rt_max_ms} THEN 'rt ' || rt_ms || ' ms outside [0, {rt_max_ms:g}]'
+        WHEN rt_ms < 0 OR rt_ms > {rt_max!r} THEN 'rt ' || rt_ms || ' ms outside [0, {rt_max:g}]'
         WHEN rpc_type NOT IN ({types}) THEN 'unknown rpc_type ''' || rpc_type || ''''
     END"""
 
@@ -183,12 +105,12 @@ def _define_batch(con: duckdb.DuckDBPyConnection, files: list[FileCheck], fmt: T
     (NULL when the row passes every row check)."""
     con.execute("DROP TABLE IF EXISTS csv_rejects; DROP TABLE IF EXISTS csv_scans;")
     columns = {c for f in files for c in f.columns}
-    con.execute(f"CREATE OR REPLACE TEMP VIEW raw AS {_raw_select(files, fmt)}")
+    set_format_variables(con, fmt)
+    con.execute(f"CREATE OR REPLACE TEMP VIEW raw AS {raw_select(con, files, fmt)}")
     in_hour = "true"
     if not partitioned:  # flat sources: this hour's rows; unparseable ones go to the first hour
-        start, end = naive_utc(hour), naive_utc(hour + HOUR)
-        in_hour = (f"(ts >= TIMESTAMP '{start}' AND ts < TIMESTAMP '{end}') OR (ts IS NULL AND "
-                   f"date_trunc('hour', (SELECT min(ts) FROM n)) = TIMESTAMP '{start}')")
+        start, end = _sql_ts(hour), _sql_ts(hour + HOUR)
+        in_hour = f"(ts >= {start} AND ts < {end}) OR (ts IS NULL AND date_trunc('hour', (SELECT min(ts) FROM n)) = {start})"
     con.execute(f"""CREATE OR REPLACE TEMP VIEW batch AS
         WITH n AS ({fmt.normalise_sql(columns)})
         SELECT *, {_reason_sql(hour, settings.rt_max_ms)} AS reason FROM n WHERE {in_hour}""")
@@ -214,6 +136,8 @@ def _find_duplicates(con: duckdb.DuckDBPyConnection) -> int:
 
 
 def _count(con: duckdb.DuckDBPyConnection, table: str) -> int:
+    if table not in ("dups", "batch"):  # internal names only: this one is SQL text
+        raise ValueError(f"not an ingest table: {table!r}")
     return con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
 
 
@@ -222,6 +146,10 @@ def _all_rows_accounted(files: list[FileCheck], partitioned: bool, landed: int) 
     give the row count), so the pass that looks for rows failing a check can be skipped."""
     known = [f.rows_in_file for f in files]
     return partitioned and None not in known and landed == sum(known)
+
+
+QUARANTINED = """?, b.source_file, b.file_row, {reason}, ts, trace_id, call_id, parent_call_id, caller,
+    callee, interface, rpc_type, rt_ms, is_error, ?"""
 
 
 def _load(con: duckdb.DuckDBPyConnection, files: list[FileCheck], fmt: TraceFormat, hour: datetime,
@@ -233,17 +161,18 @@ def _load(con: duckdb.DuckDBPyConnection, files: list[FileCheck], fmt: TraceForm
     start = naive_utc(hour)
     not_dup = "AND (source_file, file_row) NOT IN (SELECT (source_file, file_row) FROM dups)" if has_dups else ""
     kept = con.execute(f"""INSERT INTO calls SELECT ts, trace_id, call_id, parent_call_id, caller, callee,
-        interface, rpc_type, rt_ms, is_error, source_file, '{batch_id}' FROM batch WHERE reason IS NULL {not_dup}""").fetchone()[0]
-    quarantined = f"""TIMESTAMP '{start}', b.source_file, b.file_row, {{reason}}, ts, trace_id, call_id,
-        parent_call_id, caller, callee, interface, rpc_type, rt_ms, is_error, '{batch_id}'"""
+        interface, rpc_type, rt_ms, is_error, source_file, ? FROM batch WHERE reason IS NULL {not_dup}""",
+                       [batch_id]).fetchone()[0]
     if not _all_rows_accounted(files, partitioned, kept + _count(con, "dups")):
-        con.execute(f"INSERT INTO quarantine SELECT {quarantined.format(reason='reason')} FROM batch b WHERE reason IS NOT NULL")
+        con.execute(f"INSERT INTO quarantine SELECT {QUARANTINED.format(reason='reason')} FROM batch b "
+                    "WHERE reason IS NOT NULL", [start, batch_id])
     if has_dups:
-        con.execute(f"""INSERT INTO quarantine SELECT {quarantined.format(reason="'duplicate of row ' || d.first_row || ' in ' || d.first_file")}
-            FROM batch b JOIN dups d USING (source_file, file_row) WHERE b.reason IS NULL""")
-    for path, line, reason in _csv_reject_rows(con):
+        reason = "'duplicate of row ' || d.first_row || ' in ' || d.first_file"
+        con.execute(f"""INSERT INTO quarantine SELECT {QUARANTINED.format(reason=reason)}
+            FROM batch b JOIN dups d USING (source_file, file_row) WHERE b.reason IS NULL""", [start, batch_id])
+    for path, line, why in _csv_reject_rows(con):
         con.execute("INSERT INTO quarantine (hour, source_file, file_row, reason, batch_id) VALUES (?, ?, ?, ?, ?)",
-                    [start, path, line, reason, batch_id])
+                    [start, path, line, why, batch_id])
 
 
 def _csv_reject_rows(con: duckdb.DuckDBPyConnection) -> list[tuple[str, int, str]]:
@@ -269,11 +198,16 @@ def _batch_id(hour: datetime, files: list[FileCheck]) -> str:
     return f"{hour:%Y%m%dT%H}-{digest[:10]}"
 
 
+def _log_status(f: FileCheck) -> str:
+    return "ingested" if f.ok else f.status
+
+
 def _unchanged(con: duckdb.DuckDBPyConnection, hour: datetime, files: list[FileCheck], fmt: TraceFormat) -> bool:
+    """Same files, same content, same format as the landed batch, and none of them failed."""
     seen = con.execute("SELECT path, content_hash, status, format FROM ingest_log WHERE hour = ?",
                        [naive_utc(hour)]).fetchall()
-    now = {(str(f.path), f.content_hash, "ingested", fmt.name) for f in files}
-    return bool(files) and all(f.ok for f in files) and set(seen) == now
+    now = {(str(f.path), f.content_hash, _log_status(f), fmt.name) for f in files}
+    return bool(files) and not any(f.failed for f in files) and set(seen) == now
 
 
 def _write_log(con: duckdb.DuckDBPyConnection, report: IngestReport, fmt: TraceFormat) -> None:
@@ -283,7 +217,7 @@ def _write_log(con: duckdb.DuckDBPyConnection, report: IngestReport, fmt: TraceF
     for f in report.files:
         con.execute("INSERT INTO ingest_log VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [start, str(f.path), fmt.name, f.size_bytes, f.content_hash, f.rows_read, f.rows_kept,
-                     f.rows_quarantined, "ingested" if f.ok else f.status, f.error, report.batch_id, now])
+                     f.rows_quarantined, _log_status(f), f.error, report.batch_id, now])
 
 
 def _recount_from_log(con: duckdb.DuckDBPyConnection, report: IngestReport) -> None:
@@ -294,44 +228,86 @@ def _recount_from_log(con: duckdb.DuckDBPyConnection, report: IngestReport) -> N
         f.rows_read, f.rows_kept, f.rows_quarantined, report.batch_id = rows[str(f.path)]
 
 
-def _probe(con: duckdb.DuckDBPyConnection, f: FileCheck) -> None:
-    """Read a whole file once, to find which file broke a batch read."""
-    reader = f"read_parquet('{f.path}')" if f.kind == "parquet" else _csv_reader(f.path, ", store_rejects=true")
+def _batch_error(con: duckdb.DuckDBPyConnection, files: list[FileCheck], fmt: TraceFormat, hour: datetime,
+                 partitioned: bool, settings: Settings) -> str | None:
+    """Read and normalise `files` without loading anything: the error that breaks them, if any."""
     try:
-        con.execute(f"SELECT count(*), sum(hash(COLUMNS(*))) FROM {reader}").fetchall()
+        _define_batch(con, files, fmt, hour, partitioned, settings)
+        con.execute("SELECT count(*), sum(hash(COLUMNS(*))) FROM batch").fetchall()
+        return None
     except duckdb.Error as err:
-        f.status, f.error = "error", f"{f.path}: unreadable {f.kind} file: {err}".splitlines()[0]
+        return str(err).splitlines()[0]
+
+
+def _drop_breaking_files(con: duckdb.DuckDBPyConnection, files: list[FileCheck], fmt: TraceFormat,
+                         hour: datetime, partitioned: bool, settings: Settings) -> list[FileCheck]:
+    """After a failed batch: mark the files that break it (alone, or next to the files before them)
+    and return the others. Slow (a read per file and per growing set), so only on failure."""
+    args = (fmt, hour, partitioned, settings)
+    for f in files:
+        if (err := _batch_error(con, [f], *args)) is not None:
+            f.mark_unreadable(err)
+    usable = [f for f in files if f.ok]
+    if len(usable) < 2 or _batch_error(con, usable, *args) is None:
+        return usable
+    together: list[FileCheck] = []
+    for f in usable:  # drift between files (e.g. one column typed differently): keep the first
+        if (err := _batch_error(con, together + [f], *args)) is None:
+            together.append(f)
+        else:
+            f.mark_unreadable(err, f"cannot be read together with {len(together)} earlier file(s) as a")
+    return together
 
 
 def _load_good_files(con: duckdb.DuckDBPyConnection, report: IngestReport, fmt: TraceFormat,
                      partitioned: bool, settings: Settings) -> list[FileCheck]:
-    """Load all good files in one open transaction; if a file breaks the read, drop it and retry."""
+    """Load the good files in one open transaction (left open for the caller to commit); if the
+    batch breaks, record the files that break it and load the others."""
     good = [f for f in report.files if f.ok]
-    con.execute("BEGIN")
     if not good:
         return good
+    con.execute("BEGIN")
     try:
         _load(con, good, fmt, report.hour, partitioned, settings, report.batch_id)
         return good
     except duckdb.Error:
         con.execute("ROLLBACK")
-    for f in good:
-        _probe(con, f)
-    good = [f for f in good if f.ok]
-    con.execute("BEGIN")
+    good = _drop_breaking_files(con, good, fmt, report.hour, partitioned, settings)
     if good:
+        con.execute("BEGIN")
         _load(con, good, fmt, report.hour, partitioned, settings, report.batch_id)
     return good
 
 
+class IngestError(RuntimeError):
+    """An hour that cannot be ingested: the warehouse keeps what it had for that hour."""
+
+
+def _refuse(hour: datetime, sources: list[Path], why: str) -> IngestError:
+    return IngestError(f"hour {hour:%Y-%m-%dT%H:00} not ingested from {', '.join(map(str, sources))}: {why}; "
+                       f"the warehouse keeps what it had for this hour")
+
+
+def _trace_format(settings: Settings, fmt_name: str | None) -> TraceFormat:
+    epoch = settings.trace_epoch
+    return make_format(fmt_name or settings.format, int(epoch.timestamp() * 1000) if epoch else None,
+                       settings.span_mapping)
+
+
 def ingest_hour(settings: Settings, hour: datetime, sources: list[Path] | None = None,
                 fmt_name: str | None = None, force: bool = False) -> IngestReport:
-    """Replace the warehouse's rows for `hour` with what the trace files hold (idempotent)."""
-    hour = hour_floor(hour)
-    epoch = settings.trace_epoch
-    fmt = make_format(fmt_name or settings.format, int(epoch.timestamp() * 1000) if epoch else None,
-                      settings.span_mapping)
-    paths, partitioned = discover_files(sources or [settings.incoming], hour)
+    """Replace the warehouse's rows for `hour` with what the trace files hold (idempotent).
+
+    Only a batch with rows replaces the hour: no files, no readable file or no row in the hour
+    raise `IngestError` and leave calls, quarantine and ingest_log as they were.
+    """
+    hour, sources = hour_floor(hour), list(sources or [settings.incoming])
+    fmt = _trace_format(settings, fmt_name)
+    _finite(settings.rt_max_ms, "rt_max_ms")
+    paths, partitioned = discover_files(sources, hour)
+    if not paths:
+        where = f" (no partition folder {hour_folder(hour)} with trace files)" if partitioned else ""
+        raise _refuse(hour, sources, f"no trace files{where}")
     with opened(settings.warehouse) as con:
         report = IngestReport(hour=hour, batch_id="", files=[inspect_file(con, p, fmt) for p in paths])
         report.batch_id = _batch_id(hour, report.files)
@@ -339,10 +315,16 @@ def ingest_hour(settings: Settings, hour: datetime, sources: list[Path] | None =
             _recount_from_log(con, report)
             report.skipped_unchanged = True
             return report
-        good = _load_good_files(con, report, fmt, partitioned, settings)
-        if not good:
-            _clear_hour(con, hour)
+        try:
+            good = _load_good_files(con, report, fmt, partitioned, settings)
+        except duckdb.Error as err:  # the files passed one by one but not as a batch
+            raise _refuse(hour, sources, f"the batch cannot be loaded: {str(err).splitlines()[0]}") from err
         _count_per_file(con, good, hour)
+        if not good or report.rows_read == 0:  # not a good batch: undo the replacement
+            if good:
+                con.execute("ROLLBACK")
+            problems = "; ".join(f.error for f in report.files if f.error)
+            raise _refuse(hour, sources, f"no rows for this hour in {len(paths)} file(s)" + (f" ({problems})" if problems else ""))
         _write_log(con, report, fmt)
         con.execute("COMMIT")
     return report
@@ -352,6 +334,23 @@ def _clear_hour(con: duckdb.DuckDBPyConnection, hour: datetime) -> None:
     start, end = naive_utc(hour), naive_utc(hour + HOUR)
     con.execute("DELETE FROM calls WHERE ts >= ? AND ts < ?", [start, end])
     con.execute("DELETE FROM quarantine WHERE hour = ?", [start])
+
+
+def _distinct_hours(con: duckdb.DuckDBPyConnection, checks: list[FileCheck], fmt: TraceFormat) -> set[datetime]:
+    """Hours the rows of `checks` fall into; files that break the read are left for ingest to record."""
+    if not checks:
+        return set()
+    try:
+        set_format_variables(con, fmt)
+        con.execute(f"CREATE OR REPLACE TEMP VIEW raw AS {raw_select(con, checks, fmt)}")
+        columns = {c for f in checks for c in f.columns}
+        rows = con.execute(f"SELECT DISTINCT date_trunc('hour', ts) FROM ({fmt.normalise_sql(columns)}) "
+                           "WHERE ts IS NOT NULL").fetchall()
+        return {r[0].replace(tzinfo=timezone.utc) for r in rows}
+    except duckdb.Error:
+        if len(checks) == 1:
+            return set()
+        return set().union(*(_distinct_hours(con, [c], fmt) for c in checks))
 
 
 def hours_in_sources(settings: Settings, sources: list[Path], fmt_name: str | None = None) -> list[datetime]:
@@ -366,15 +365,8 @@ def hours_in_sources(settings: Settings, sources: list[Path], fmt_name: str | No
         if not found:
             flat.append(source)
     if flat:
-        epoch = settings.trace_epoch
-        fmt = make_format(fmt_name or settings.format, int(epoch.timestamp() * 1000) if epoch else None,
-                          settings.span_mapping)
-        files = [p for s in flat for p in ([s] if s.is_file() else s.rglob("*")) if _is_trace_file(p)]
-        con = duckdb.connect()
-        checks = [c for c in (inspect_file(con, p, fmt) for p in files) if c.ok]
-        if checks:
-            con.execute(f"CREATE TEMP VIEW raw AS {_raw_select(checks, fmt)}")
-            rows = con.execute(f"SELECT DISTINCT date_trunc('hour', ts) FROM ({fmt.normalise_sql({c for f in checks for c in f.columns})}) WHERE ts IS NOT NULL").fetchall()
-            hours |= {r[0].replace(tzinfo=timezone.utc) for r in rows}
-        con.close()
+        fmt = _trace_format(settings, fmt_name)
+        files = [p for s in flat for p in ([s] if s.is_file() else s.rglob("*")) if is_trace_file(p)]
+        with duckdb.connect() as con:
+            hours |= _distinct_hours(con, [c for c in (inspect_file(con, p, fmt) for p in files) if c.ok], fmt)
     return sorted(hours)

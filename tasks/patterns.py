@@ -19,6 +19,7 @@ import numpy as np
 
 from tasks.clustering import Graph, Shapes, build_graph, cluster_labels, containment, critical, jaccard, match_clusters, shape_features
 from tasks.ingest import HOUR, hour_floor, naive_utc
+from tasks.keys import node_key_sql, split_node_key
 from tasks.settings import Settings
 from tasks.traces import ReconstructionReport, rebuild_hour, store_traces, temp_table
 from tasks.warehouse import opened
@@ -142,7 +143,7 @@ def _store_graph(con: duckdb.DuckDBPyConnection, pid: int, version: int, graph: 
     con.execute("DELETE FROM pattern_nodes WHERE pattern_id = ? AND version = ?", [pid, version])
     con.execute("DELETE FROM pattern_edges WHERE pattern_id = ? AND version = ?", [pid, version])
     con.executemany("INSERT INTO pattern_nodes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", [
-        [pid, version, node, *node.split("|", 3)[:2], node.split("|", 3)[2] or None, node.split("|", 3)[3], support, calls]
+        [pid, version, node, *split_node_key(node), support, calls]
         for node, (support, calls) in sorted(graph.nodes.items())])
     if graph.edges:
         con.executemany("INSERT INTO pattern_edges VALUES (?, ?, ?, ?, ?)",
@@ -221,7 +222,7 @@ def _pattern_series(con: duckdb.DuckDBPyConnection, settings: Settings, hour: da
     con.execute("DELETE FROM pattern_series WHERE bucket_ts >= ? AND bucket_ts < ?", [start, end])
     return con.execute(f"""INSERT INTO pattern_series
         SELECT t.pattern_id, time_bucket(INTERVAL '{seconds} seconds', c.ts) AS bucket_ts,
-               concat_ws('|', c.caller, c.callee, coalesce(c.interface, ''), c.rpc_type) AS node,
+               {node_key_sql('c')} AS node,
                c.caller, c.callee, c.interface, c.rpc_type, count(*), count(*) FILTER (WHERE c.is_error),
                avg(c.rt_ms), quantile_cont(c.rt_ms, 0.95), {seconds}
         FROM calls c JOIN trace_patterns t USING (trace_id)
@@ -233,10 +234,10 @@ def _novel_rpcs(con: duckdb.DuckDBPyConnection, hour: datetime) -> int:
     """RPCs of this hour (from `rpc_series`) that are in no active pattern's graph."""
     start, end = naive_utc(hour), naive_utc(hour + HOUR)
     con.execute("DELETE FROM novel_rpcs WHERE bucket_ts >= ? AND bucket_ts < ?", [start, end])
-    n = con.execute("""INSERT INTO novel_rpcs
+    n = con.execute(f"""INSERT INTO novel_rpcs
         SELECT r.bucket_ts, r.caller, r.callee, r.interface, r.rpc_type, r.calls, NULL FROM rpc_series r
         WHERE r.bucket_ts >= ? AND r.bucket_ts < ?
-          AND concat_ws('|', r.caller, r.callee, coalesce(r.interface, ''), r.rpc_type) NOT IN (
+          AND {node_key_sql('r')} NOT IN (
               SELECT n.node FROM pattern_nodes n JOIN patterns p
               ON p.pattern_id = n.pattern_id AND p.version = n.version AND p.status = 'active')""",
                     [start, end]).fetchone()[0]

@@ -1,39 +1,165 @@
-"""One hour through every stage that exists, in order, without Airflow (the DAG runs the same calls)."""
+"""One hour through every stage, in order. `STAGES` is the one ordered list that both `rpcwatch run`
+(`run_hour`) and the hourly DAG (dags/rpcwatch_hourly.py: one task per stage, wired in this order)
+follow, so the two cannot drift apart; publishing the analysts' snapshot is a stage of its own.
+
+A stage takes the run (`Run`: settings, hour, where the trace files are, where its lines go) and the
+previous stage's result, and returns a JSON-able result (the DAG hands it on as XCom). `train` is
+mapped: it runs once per job that `stale` planned (the DAG maps its task over them). This module
+imports nothing heavy at import time: the DAG file reads `STAGES` when Airflow parses it.
+"""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any, Callable
 
-from tasks.aggregate import AggregateReport, aggregate_hour
-from tasks.ingest import IngestReport, ingest_hour
-from tasks.patterns import PatternReport, patterns_hour
-from tasks.scoring import ScoreReport
 from tasks.settings import Settings
-from tasks.validate import ValidationReport, validate_hour
+
+log = logging.getLogger(__name__)
 
 
-@dataclass
-class HourReport:
-    ingest: IngestReport
-    validation: ValidationReport
-    aggregate: AggregateReport
-    patterns: PatternReport
-    trained: list[dict]
-    scored: ScoreReport
+@dataclass(frozen=True)
+class Run:
+    """What every stage of one hour needs."""
+
+    settings: Settings
+    hour: datetime
+    sources: list[Path] | None = None  # default: the settings' incoming folder
+    fmt_name: str | None = None  # default: the settings' format
+    say: Callable[[str], None] = log.info  # the DAG prints into the task log
+
+
+def ingest(run: Run, _: Any = None) -> dict:
+    """Load this hour's trace files into `calls` (unchanged files are skipped)."""
+    from tasks.ingest import ingest_hour
+
+    report = ingest_hour(run.settings, run.hour, run.sources, run.fmt_name)
+    for bad in report.failed_files:
+        run.say(f"file failed: {bad.error}")
+    run.say(f"hour {run.hour}: {len(report.files)} files, {report.rows_read} rows read, {report.rows_kept} kept, "
+            f"{report.rows_quarantined} quarantined{' (unchanged, skipped)' if report.skipped_unchanged else ''}")
+    return {"batch_id": report.batch_id, "rows_read": report.rows_read, "rows_kept": report.rows_kept,
+            "rows_quarantined": report.rows_quarantined, "skipped": report.skipped_unchanged}
+
+
+def validate(run: Run, ingested: dict) -> dict:
+    """Run the validation suite; a failed batch-level expectation raises (and stops the hour)."""
+    from tasks.validate import validate_hour
+
+    report = validate_hour(run.settings, run.hour)
+    run.say(f"batch {ingested['batch_id']}: {len(report.findings)} expectations, all batch-level passed")
+    return {"batch_id": report.batch_id, "expectations": len(report.findings)}
+
+
+def aggregate(run: Run, _: Any = None) -> dict:
+    """Rebuild `rpc_series` for this hour."""
+    from tasks.aggregate import aggregate_hour
+
+    report = aggregate_hour(run.settings, run.hour)
+    run.say(f"{report.series_rows} series rows over {report.rpcs} RPCs")
+    return {"series_rows": report.series_rows, "rpcs": report.rpcs}
+
+
+def patterns(run: Run, _: Any = None) -> dict:
+    """Rebuild traces, assign them to RPC-chain patterns or re-cluster (when the cadence says), and
+    write pattern graphs, per-pattern series and novel RPCs."""
+    from tasks.patterns import patterns_hour
+
+    report = patterns_hour(run.settings, run.hour)
+    for line in report.lines():
+        run.say(line)
+    return {"reclustered": report.reclustered, "reason": report.reason, "critical": report.critical,
+            "critical_share": report.critical_share, "traces": report.reconstruction.traces,
+            "clusters": report.changes.clusters if report.reclustered else None}
+
+
+def stale(run: Run, _: Any = None) -> list[dict]:
+    """Which critical patterns' models are stale (no champion, graph changed, drift, age), each
+    exported to Parquet so that training never opens DuckDB."""
+    from tasks.retrain import plan_training
+
+    jobs = plan_training(run.settings, run.hour)
+    for job in jobs:
+        run.say(f"pattern {job['pattern_id']} is stale: {', '.join(job['reasons'])}")
+    if not jobs:
+        run.say("nothing is stale this hour: no model will be trained")
+    return jobs
+
+
+def train(run: Run, job: dict) -> dict:
+    """Train one stale pattern's model (GPU when there is one), tracked in MLflow."""
+    from tasks.retrain import train_job
+
+    outcome = train_job(run.settings, job)
+    run.say(outcome.get("skipped") or f"pattern {outcome['pattern_id']}: version {outcome['model_version']} "
+                                      f"-> {outcome['decision']} ({outcome['reason']})")
+    return outcome
+
+
+def record(run: Run, outcomes: list[dict] | None) -> int:
+    """Mirror the trainings into DuckDB's `models` table (what staleness and scoring read)."""
+    from tasks.retrain import record_outcomes
+
+    n = record_outcomes(run.settings, list(outcomes or []))
+    run.say(f"{n} model(s) recorded" if n else "no model trained this hour")
+    return n
+
+
+def score(run: Run, _: Any = None) -> dict:
+    """Forecast every bucket of the hour with each critical pattern's champion: irregular points to
+    `anomalies`, related ones to `incidents`, novel RPCs too."""
+    from tasks.scoring import score_hour
+
+    report = score_hour(run.settings, run.hour)
+    run.say(report.line())
+    return {"scored": report.scored, "skipped": {str(k): v for k, v in report.skipped.items()},
+            "anomalies": report.anomalies, "incidents": report.incidents}
+
+
+def publish(run: Run, _: Any = None) -> dict:
+    """Copy the tables people read into the read-only snapshot `analytics.duckdb` (tasks.publish)."""
+    from tasks.publish import publish as publish_snapshot
+
+    path = publish_snapshot(run.settings)
+    run.say(f"published for analysts (read-only, never blocks a run): {path}")
+    return {"path": str(path)}
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: Callable[[Run, Any], Any]
+    mapped: bool = False  # once per item of the previous stage's result
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("ingest", ingest), Stage("validate", validate), Stage("aggregate", aggregate), Stage("patterns", patterns),
+    Stage("stale", stale), Stage("train", train, mapped=True), Stage("record", record), Stage("score", score),
+    Stage("publish", publish))
+
+
+def stage(name: str) -> Stage:
+    return next(s for s in STAGES if s.name == name)
+
+
+# kill -9 points of the crash-safety tests (tasks/failpoints.py) at these stage boundaries; the one
+# inside publish is in tasks.publish
+CRASH_AFTER = ("ingest", "patterns", "score")
 
 
 def run_hour(settings: Settings, hour: datetime, sources: list[Path] | None = None,
-             fmt_name: str | None = None) -> HourReport:
-    """ingest → validate → aggregate → patterns → train the stale models → score; a failed
-    batch-level validation stops the hour."""
-    from tasks.retrain import train_stale
-    from tasks.scoring import score_hour
+             fmt_name: str | None = None) -> dict[str, Any]:
+    """Every stage of `STAGES` for one hour, in order; returns each stage's result by name. A failed
+    batch-level validation (or any stage's error) stops the hour."""
+    from tasks.failpoints import crash_point
 
-    ingest = ingest_hour(settings, hour, sources, fmt_name)
-    validation = validate_hour(settings, hour)
-    aggregate = aggregate_hour(settings, hour)
-    patterns = patterns_hour(settings, hour)
-    trained = train_stale(settings, hour)
-    return HourReport(ingest, validation, aggregate, patterns, trained, score_hour(settings, hour))
+    run, results, previous = Run(settings, hour, sources, fmt_name), {}, None
+    for s in STAGES:
+        previous = [s.run(run, item) for item in previous] if s.mapped else s.run(run, previous)
+        results[s.name] = previous
+        if s.name in CRASH_AFTER:
+            crash_point(s.name)
+    return results

@@ -6,6 +6,14 @@ from pathlib import Path
 
 import numpy as np
 
+from tasks.keys import split_node_key
+
+
+def _display(key: str) -> str:
+    """A node as users name it on the command line: caller:callee:interface."""
+    caller, callee, interface, _ = split_node_key(key)
+    return f"{caller}:{callee}:{interface or ''}"
+
 
 def forecast_plot(times: np.ndarray, observed: np.ndarray, expected: np.ndarray, alpha: float, alarm_p: float,
                   title: str, path: Path, flagged: np.ndarray | None = None, phi: float = 1.0) -> Path:
@@ -53,11 +61,10 @@ def plot_node(settings, pattern_id: int, node: str, hours: int, out: Path) -> Pa
         if champion is None:
             raise ValueError(f"pattern {pattern_id} has no champion model yet (see `rpcwatch stale`)")
         model, cfg, graph, norm, thresholds = load_model(champion_folder(settings, pattern_id, champion))
-        wanted = "|".join(node.split(":", 2)) + "|"
-        matches = [i for i, n in enumerate(graph["nodes"]) if n.startswith(wanted)]
+        matches = [i for i, n in enumerate(graph["nodes"]) if _display(n) == node]
         if not matches:
             raise ValueError(f"node {node!r} is not in pattern {pattern_id}'s graph; nodes look like "
-                             f"{graph['nodes'][0].rsplit('|', 1)[0].replace('|', ':')}")
+                             f"{_display(graph['nodes'][0])}")
         seconds = graph["bucket_seconds"]
         end = con.execute("SELECT max(bucket_ts) FROM pattern_series WHERE pattern_id = ?", [pattern_id]).fetchone()[0]
         end = end + timedelta(seconds=seconds)

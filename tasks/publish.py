@@ -5,6 +5,10 @@ the next hourly run. Instead, after each run the tables people query are copied 
 that then replaces `<home>/analytics.duckdb` atomically (`os.replace`): an open reader keeps the
 file it opened (POSIX semantics) and never blocks or breaks a run; the next `connect` sees the new
 snapshot. Readers open it read-only.
+
+A staging file is removed when its publish fails, and by the next publish when its process died
+(kill -9) before the swap: publish holds the warehouse's write lock, so no other publish can be
+writing one.
 """
 
 from __future__ import annotations
@@ -13,31 +17,52 @@ import os
 from datetime import datetime, timezone
 from pathlib import Path
 
+import duckdb
+
 from tasks.settings import Settings
-from tasks.warehouse import opened
+from tasks.warehouse import RECENT_ANOMALIES_SQL, opened
 
 PUBLISHED = ("anomalies", "incidents", "patterns", "pattern_nodes", "pattern_edges", "pattern_history",
-             "models", "score_runs", "reconstruction", "rpc_series", "validation_runs", "ingest_log")
+             "models", "score_runs", "reconstruction", "rpc_series", "validation_runs", "ingest_log",
+             "clustering_runs")
+STAGING_GLOB = ".analytics-*"  # a staging file and its DuckDB write-ahead log (.wal)
 
 
 def analytics_path(settings: Settings) -> Path:
     return settings.home / "analytics.duckdb"
 
 
+def _remove_staging(folder: Path) -> None:
+    """Remove every staging file (and WAL) in `folder`: call only while holding the warehouse lock."""
+    for path in folder.glob(STAGING_GLOB):
+        path.unlink(missing_ok=True)
+
+
+def _write_snapshot(con: duckdb.DuckDBPyConnection, staging: Path, now: datetime) -> None:
+    """Copy the published tables and the view into a new DuckDB file at `staging`."""
+    con.execute("ATTACH ? AS snapshot", [str(staging)])  # DuckDB binds ATTACH's path: no path in SQL text
+    try:
+        for table in PUBLISHED:  # names from the constant above, never from input
+            con.execute(f"CREATE TABLE snapshot.{table} AS SELECT * FROM main.{table}")
+        con.execute("CREATE VIEW snapshot.recent_anomalies AS " + RECENT_ANOMALIES_SQL)
+        con.execute("CREATE TABLE snapshot.published AS SELECT ?::TIMESTAMP AS published_at", [now.replace(tzinfo=None)])
+    finally:
+        con.execute("DETACH snapshot")
+
+
 def publish(settings: Settings) -> Path:
     """Write a fresh snapshot file and swap it in; returns the published path."""
+    from tasks.failpoints import crash_point
+
     target = analytics_path(settings)
     now = datetime.now(timezone.utc)
-    stamp = now.strftime("%Y%m%dT%H%M%S%f")
-    staging = target.with_name(f".analytics-{stamp}.duckdb")
+    staging = target.with_name(f".analytics-{now:%Y%m%dT%H%M%S%f}.duckdb")
     with opened(settings.warehouse) as con:
-        con.execute(f"ATTACH '{staging}' AS snapshot")
-        for table in PUBLISHED:
-            con.execute(f"CREATE TABLE snapshot.{table} AS SELECT * FROM main.{table}")
-        con.execute("""CREATE VIEW snapshot.recent_anomalies AS SELECT * FROM anomalies
-                        WHERE bucket_ts >= (SELECT max(bucket_ts) FROM anomalies) - INTERVAL 6 HOUR
-                        ORDER BY bucket_ts DESC, score DESC""")
-        con.execute("CREATE TABLE snapshot.published AS SELECT ?::TIMESTAMP AS published_at", [now.replace(tzinfo=None)])
-        con.execute("DETACH snapshot")
-    os.replace(staging, target)
+        _remove_staging(target.parent)  # left by a publish killed before its swap
+        try:
+            _write_snapshot(con, staging, now)
+            crash_point("publish")  # crash-safety tests: snapshot written, not yet swapped in
+            os.replace(staging, target)
+        finally:
+            _remove_staging(target.parent)  # this publish's own file, when it failed before the swap
     return target

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from tasks.formats import SpanMapping
+from tasks.formats import SpanMapping, quote_identifier
 
 RUN_GAP_S = 30  # files further apart than this belong to different runs
 NS = 1_000_000_000
@@ -59,12 +59,12 @@ def _span_files(day: Path) -> list[Path]:
 
 def _file_ranges(con: duckdb.DuckDBPyConnection, files: list[Path], mapping: SpanMapping) -> list[tuple[Path, int, int]]:
     """(file, first span start, last span end) in ns, ordered by start."""
-    start, duration = mapping.start, mapping.duration
+    start, duration = quote_identifier(mapping.start), quote_identifier(mapping.duration)
     scale = {"us": 1000, "ms": 1_000_000, "ns": 1}[mapping.duration_unit or "us"]
     out = []
     for f in files:
-        lo, hi = con.execute(f"""SELECT min("{start}"), max("{start}" + "{duration}" * {scale})
-                                 FROM read_csv('{f}', header = true)""").fetchone()
+        lo, hi = con.execute(f"""SELECT min({start}), max({start} + {duration} * {int(scale)})
+                                 FROM read_csv(?, header = true)""", [str(f)]).fetchone()
         if lo is None:
             raise ValueError(f"{f}: no spans")
         out.append((f, int(lo), int(hi)))
@@ -93,11 +93,13 @@ def place(runs: list[Run], start: datetime) -> None:
 
 
 def _write_run(con: duckdb.DuckDBPyConnection, run: Run, mapping: SpanMapping, out: Path) -> int:
-    files = ", ".join(f"'{f}'" for f in run.files)
-    end_col = f', "{mapping.end}" + {run.offset_ns} AS "{mapping.end}"' if mapping.end else ""
-    table = con.sql(f"""SELECT * REPLACE ("{mapping.start}" + {run.offset_ns} AS "{mapping.start}"{end_col})
-                            FROM read_csv([{files}], header = true, union_by_name = true)
-                            ORDER BY "{mapping.start}" """).to_arrow_table()
+    # paths and the offset are bound; mapping columns pass through the one quoting helper
+    start = quote_identifier(mapping.start)
+    end_col = f", {quote_identifier(mapping.end)} + $offset AS {quote_identifier(mapping.end)}" if mapping.end else ""
+    table = con.execute(f"""SELECT * REPLACE ({start} + $offset AS {start}{end_col})
+                            FROM read_csv($files, header = true, union_by_name = true)
+                            ORDER BY {start}""", {"offset": run.offset_ns, "files": [str(f) for f in run.files]}
+                        ).to_arrow_table()
     hours = pc.divide(table[mapping.start], pa.scalar(3600 * NS, pa.int64()))
     for hour in sorted(set(hours.to_pylist())):
         ts = datetime.fromtimestamp(hour * 3600, timezone.utc)

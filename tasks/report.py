@@ -2,17 +2,36 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import duckdb
 
 from tasks.settings import Settings
-from tasks.warehouse import opened
+
+# C0/C1 controls, and the Unicode line separators and bidi overrides that reorder what a terminal shows
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_ESCAPES = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
+def shown(text: str) -> str:
+    """`text` with control characters escaped (`\\n`, `\\x00`, `\\u202e`): names come from trace
+    files, and a newline, NUL or terminal escape must not break or forge a table row."""
+    def escape(m: re.Match) -> str:
+        c = m.group()
+        return _ESCAPES.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+
+    return _CONTROL.sub(escape, text)
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A plain-text table with right-aligned numbers."""
+    """A plain-text table with right-aligned numbers; every cell is escaped here, in one place."""
     def cell(v: object) -> str:
-        return f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else ("" if v is None else str(v))
+        return f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else ("" if v is None else shown(str(v)))
 
+    headers = [shown(h) for h in headers]
     cells = [[cell(v) for v in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
     numeric = [bool(rows) and all(isinstance(r[i], (int, float)) for r in rows) for i in range(len(headers))]
@@ -21,6 +40,44 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
         return "  ".join(v.rjust(w) if n else v.ljust(w) for v, w, n in zip(values, widths, numeric)).rstrip()
 
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+def read_source(settings: Settings) -> Path:
+    """What the read commands read: the published snapshot when there is one (it never waits for,
+    nor blocks, a run), else the warehouse."""
+    from tasks.publish import analytics_path
+
+    snapshot = analytics_path(settings)
+    return snapshot if snapshot.exists() else settings.warehouse
+
+
+@contextmanager
+def reading(settings: Settings) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A read-only connection on `read_source`. A file locked by a writer is a RuntimeError naming it
+    and the process that holds it, not DuckDB's traceback."""
+    path = read_source(settings)
+    if not path.exists():
+        raise FileNotFoundError(f"no warehouse at {path}: run `rpcwatch ingest` first")
+    try:
+        con = duckdb.connect(str(path), read_only=True)
+    except duckdb.IOException as err:
+        raise RuntimeError(_unreadable(path, path == settings.warehouse, str(err))) from err
+    try:
+        yield con
+    finally:
+        con.close()
+
+
+def _unreadable(path: Path, warehouse: bool, error: str) -> str:
+    """Why `path` cannot be read, for people: above all, which process holds its write lock."""
+    holder = re.search(r"lock is held in (.*?)(?:\. See also|$)", error)
+    if holder is None:
+        return f"cannot read {path}: {error}"
+    who = f"held by {holder.group(1)}"
+    if warehouse:
+        return (f"cannot read {path}: a run is writing it (DuckDB lets no other process open it meanwhile; {who}) "
+                "and no snapshot is published yet: retry when the run has finished")
+    return f"cannot read {path}: a process has it open for writing ({who})"
 
 
 HOUR_SUMMARY_SQL = """
@@ -48,7 +105,7 @@ ORDER BY f.hour
 
 
 def hour_summary(settings: Settings) -> tuple[list[str], list[tuple]]:
-    with opened(settings.warehouse, read_only=True) as con:
+    with reading(settings) as con:
         cursor = con.execute(HOUR_SUMMARY_SQL)
         headers = [d[0] for d in cursor.description]
         return headers, cursor.fetchall()
@@ -67,14 +124,14 @@ FROM models m ORDER BY m.pattern_id, m.model_version
 
 def model_table(settings: Settings) -> tuple[list[str], list[tuple]]:
     """Every trained model version with its validation calls MAPE against the floor and baselines."""
-    with opened(settings.warehouse, read_only=True) as con:
+    with reading(settings) as con:
         cursor = con.execute(MODELS_SQL)
         return [d[0] for d in cursor.description], cursor.fetchall()
 
 
 def anomaly_rows(settings: Settings, since, pattern: int | None = None, limit: int = 50) -> tuple[list[str], list[tuple]]:
     """Irregular points within `since` of the latest scored bucket, newest and strongest first."""
-    with opened(settings.warehouse, read_only=True) as con:
+    with reading(settings) as con:
         cursor = con.execute("""
             SELECT strftime(bucket_ts, '%Y-%m-%d %H:%M') AS bucket, pattern_id AS pattern, kind, direction AS dir,
                    caller, callee, interface, feature, round(observed, 1) AS observed, round(expected, 1) AS expected,

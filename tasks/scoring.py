@@ -32,6 +32,7 @@ from tasks.forecast import (Prepared, TrainConfig, _windows, count_quantile, lat
                             predict)
 from tasks.nn import graph_edge_index
 from tasks.ingest import HOUR, hour_floor, naive_utc
+from tasks.keys import node_key_sql, split_node_key
 from tasks.series import FEATURES
 from tasks.settings import Settings
 from tasks.warehouse import opened
@@ -65,15 +66,11 @@ class ScoreReport:
 
 
 def champion_folder(settings: Settings, pattern_id: int, version: int) -> Path:
-    """The champion's artifacts, downloaded from MLflow once and cached under the home."""
-    from tasks.training import model_name, setup_mlflow
+    """The champion's artifacts, cached under the home and verified against the registry's digests
+    on every load (an edited cached file is downloaded again, never trusted)."""
+    from tasks.training import cached_artifacts
 
-    folder = settings.home / "model-cache" / model_name(pattern_id) / str(version)
-    if not (folder / "artifacts" / "state_dict.pt").exists():
-        mlflow = setup_mlflow(settings)
-        folder.mkdir(parents=True, exist_ok=True)
-        mlflow.artifacts.download_artifacts(f"models:/{model_name(pattern_id)}/{version}", dst_path=str(folder))
-    return folder / "artifacts"
+    return cached_artifacts(settings, pattern_id, version)
 
 
 # one module per model config, with its parameters and buffers by name: building an STGCN (and
@@ -431,7 +428,7 @@ def _score_pattern(champion: Champion, grid: Grid, rows: dict | None, flagged: d
                                                        thresholds, _cleaned(values, flagged))
     out = []
     for s, n, f, threshold, score, direction, kind in flags:
-        caller, callee, interface, _ = nodes[n].split("|", 3)
+        caller, callee, interface, _ = split_node_key(nodes[n])
         out.append((buckets[targets[s]].astype(datetime), champion.pattern_id, nodes[n], caller, callee,
                     interface or None, FEATURES[f], float(observed[s, n, f]), float(expected[s, n, f]), float(threshold),
                     float(score), direction, kind, f"rpcwatch-pattern-{champion.pattern_id}", champion.version,
@@ -490,32 +487,73 @@ def _store(con, hour: datetime, scored: dict[int, Scored], skipped: dict[int, st
 def _novel_anomalies(con: duckdb.DuckDBPyConnection, hour: datetime, scored_at: datetime) -> int:
     start, end = naive_utc(hour), naive_utc(hour + HOUR)
     con.execute("DELETE FROM anomalies WHERE kind = 'novel_rpc' AND bucket_ts >= ? AND bucket_ts < ?", [start, end])
-    return con.execute("""INSERT INTO anomalies
-        SELECT bucket_ts, NULL, concat_ws('|', caller, callee, coalesce(interface, ''), rpc_type), caller, callee,
+    return con.execute(f"""INSERT INTO anomalies
+        SELECT bucket_ts, NULL, {node_key_sql()}, caller, callee,
                interface, 'calls', calls, 0, 0, calls, 'up', 'novel_rpc', NULL, NULL, NULL, ?
         FROM novel_rpcs WHERE bucket_ts >= ? AND bucket_ts < ?""", [scored_at, start, end]).fetchone()[0]
+
+
+# a group's flagged points (a pattern's; novel RPCs: a calling service's) at most $gap apart form a
+# run, numbered by `run`; RANGE framing sums a bucket's rows together, so rows sharing a bucket get
+# the same run whatever order the tie is sorted in
+RUNS_SQL = """
+WITH a AS (
+    SELECT *, coalesce(CAST(pattern_id AS VARCHAR), 'novel:' || caller) AS grp FROM anomalies
+    WHERE bucket_ts >= $lo AND bucket_ts < $hi),
+marked AS (
+    SELECT *, CASE WHEN bucket_ts - lag(bucket_ts) OVER (PARTITION BY grp ORDER BY bucket_ts) <= $gap
+                   THEN 0 ELSE 1 END AS new_run FROM a),
+runs AS (
+    SELECT *, sum(new_run) OVER (PARTITION BY grp ORDER BY bucket_ts RANGE UNBOUNDED PRECEDING) AS run FROM marked)
+"""
+# [$start, $end) grown to every run of points read that overlaps it
+RUN_SPAN_SQL = RUNS_SQL + """
+SELECT least($start, min(first)), greatest($end, max(last)) FROM (
+    SELECT min(bucket_ts) AS first, max(bucket_ts) + $bucket AS last FROM runs GROUP BY grp, run)
+WHERE first < $end AND last > $start
+"""
+INCIDENT_SPAN_SQL = """
+SELECT least($start, min(start_ts)), greatest($end, max(end_ts)) FROM incidents WHERE start_ts < $end AND end_ts > $start
+"""
+# lists sorted: a rebuild gives identical rows
+INCIDENTS_SQL = RUNS_SQL + """
+SELECT md5(grp || ':' || CAST(min(bucket_ts) AS VARCHAR))[:12], min(bucket_ts), max(bucket_ts) + $bucket,
+       list_sort(list(DISTINCT pattern_id) FILTER (WHERE pattern_id IS NOT NULL)), list_sort(list(DISTINCT node)),
+       max(score), list_sort(list(DISTINCT kind)), count(*)
+FROM runs GROUP BY grp, run
+HAVING count(DISTINCT bucket_ts) >= $min_buckets OR max(score) >= 3
+"""
+
+
+def _incident_span(con: duckdb.DuckDBPyConnection, start: datetime, end: datetime, gap: timedelta,
+                   bucket: timedelta, margin: timedelta) -> tuple[datetime, datetime]:
+    """[start, end) grown until no stored incident and no run of flagged points crosses its edges,
+    so the incidents inside can be rebuilt from the points inside alone. Stored incidents let a run
+    that began hours before be found in one step; points are read `margin` beyond the edges."""
+    while True:
+        lo, hi = con.execute(INCIDENT_SPAN_SQL, {"start": start, "end": end}).fetchone()
+        lo, hi = con.execute(RUN_SPAN_SQL, {"lo": lo - margin, "hi": hi + margin, "gap": gap, "bucket": bucket,
+                                            "start": lo, "end": hi}).fetchone()
+        if (lo, hi) == (start, end):
+            return start, end
+        start, end = lo, hi
 
 
 def _incidents(con: duckdb.DuckDBPyConnection, hour: datetime, gap_buckets: int, seconds: int, min_buckets: int) -> int:
     """Flagged points of one pattern (novel RPCs: of one calling service) no more than `gap_buckets`
     apart are one incident: a flood is one incident, not 300 rows. A run must span `min_buckets`
-    buckets (like an alert's `for: 3m`) unless a point is far out (score >= 3). Rebuilt for the hour
-    and the one before."""
-    start, end = naive_utc(hour - HOUR), naive_utc(hour + HOUR)
-    con.execute("DELETE FROM incidents WHERE start_ts >= ? AND start_ts < ?", [start, end])
-    return con.execute(f"""INSERT INTO incidents
-        WITH a AS (
-            SELECT *, coalesce(CAST(pattern_id AS VARCHAR), 'novel:' || caller) AS grp FROM anomalies
-            WHERE bucket_ts >= ? AND bucket_ts < ?),
-        marked AS (
-            SELECT *, CASE WHEN bucket_ts - lag(bucket_ts) OVER (PARTITION BY grp ORDER BY bucket_ts)
-                           <= INTERVAL '{gap_buckets * seconds} seconds' THEN 0 ELSE 1 END AS new_run FROM a),
-        runs AS (SELECT *, sum(new_run) OVER (PARTITION BY grp ORDER BY bucket_ts ROWS UNBOUNDED PRECEDING) AS run FROM marked)
-        SELECT md5(grp || ':' || CAST(min(bucket_ts) AS VARCHAR))[:12], min(bucket_ts), max(bucket_ts) + INTERVAL '{seconds} seconds',
-               list(DISTINCT pattern_id) FILTER (WHERE pattern_id IS NOT NULL), list(DISTINCT node), max(score),
-               list(DISTINCT kind), count(*)
-        FROM runs GROUP BY grp, run
-        HAVING count(DISTINCT bucket_ts) >= {min_buckets} OR max(score) >= 3""", [start, end]).fetchone()[0]
+    buckets (like an alert's `for: 3m`) unless a point is far out (score >= 3).
+
+    The hour's points just changed: the incidents of every run touching the hour, however far it
+    reaches into earlier or later hours, are rebuilt whole (one row per run, extended; never a
+    second row for its tail), so the table is the same whatever order hours are (re)scored in.
+    Returns the number of incidents rebuilt."""
+    gap, bucket = timedelta(seconds=gap_buckets * seconds), timedelta(seconds=seconds)
+    start, end = _incident_span(con, naive_utc(hour), naive_utc(hour + HOUR), gap, bucket,
+                                margin=gap * max(min_buckets, 1))  # a run too short to be stored fits in it
+    con.execute("DELETE FROM incidents WHERE start_ts < ? AND end_ts > ?", [end, start])
+    return con.execute("INSERT INTO incidents " + INCIDENTS_SQL, {"lo": start, "hi": end, "gap": gap, "bucket": bucket,
+                                                                  "min_buckets": min_buckets}).fetchone()[0]
 
 
 def score_hour(settings: Settings, hour: datetime) -> ScoreReport:

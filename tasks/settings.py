@@ -6,7 +6,9 @@ sqlite database and artifacts, and Airflow's home.
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from dataclasses import dataclass, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -14,6 +16,8 @@ from pathlib import Path
 PREFIX = "RPCWATCH_"
 KNOWN_RPC_TYPES = ("rpc", "http", "mq", "mc", "db", "userDefined", "span", "UNKNOWN")
 FORMATS = ("alibaba-v2022", "alibaba-v2021", "spans")
+THRESHOLD_METHODS = ("quantile", "pot")
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")  # what forecast.device / torch.device take
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,12 @@ class Settings:
     incident_min_buckets: int = 3  # ... spanning at least this many buckets (or one point scoring >= 3)
     device: str = "auto"
     airflow_pool: str = "rpcwatch_duckdb"
+    # default: sqlite under the home (set in __post_init__; `with_(home=...)` moves it along)
+    mlflow_tracking_uri: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.mlflow_tracking_uri is None:
+            object.__setattr__(self, "mlflow_tracking_uri", _default_tracking_uri(self.home))
 
     @property
     def warehouse(self) -> Path:
@@ -70,16 +80,18 @@ class Settings:
         return self.home / "airflow"
 
     @property
-    def mlflow_tracking_uri(self) -> str:
-        uri = os.environ.get(PREFIX + "MLFLOW_TRACKING_URI")
-        return uri or f"sqlite:///{(self.home / 'mlflow.db').resolve()}"
-
-    @property
     def mlflow_artifacts(self) -> Path:
         return self.home / "mlartifacts"
 
     def with_(self, **changes: object) -> Settings:
+        if "home" in changes and "mlflow_tracking_uri" not in changes \
+                and self.mlflow_tracking_uri == _default_tracking_uri(self.home):
+            changes["mlflow_tracking_uri"] = None  # the default follows the home
         return replace(self, **changes)
+
+
+def _default_tracking_uri(home: Path) -> str:
+    return f"sqlite:///{(home / 'mlflow.db').resolve()}"
 
 
 def _parse(kind: str, raw: str) -> object:
@@ -105,21 +117,83 @@ def parse_utc(text: str) -> datetime:
     return value.astimezone(timezone.utc)
 
 
+# numeric settings: (lowest, highest, brackets saying whether each end is allowed); None: no bound
+RANGES: dict[str, tuple[float, float | None, str]] = {
+    "bucket_seconds": (1, 3600, "[]"), "rt_max_ms": (0, None, "()"), "max_duplicate_ratio": (0, 1, "[]"),
+    "min_volume_ratio": (0, 1, "[]"), "volume_lookback_hours": (1, None, "[]"), "sample_rows_for_ge": (1, None, "[]"),
+    "recluster_every_hours": (1, None, "[]"), "recluster_unclustered_share": (0, 1, "[]"),
+    "critical_coverage": (0, 1, "(]"), "critical_min_calls_per_hour": (0, None, "[]"),
+    "pattern_match_jaccard": (0, 1, "[]"), "graph_min_support": (0, 1, "[]"), "pattern_min_traces": (1, None, "[]"),
+    "variant_containment": (0, 1, "[]"), "hdbscan_min_cluster_size": (2, None, "[]"),  # HDBSCAN needs 2
+    "hdbscan_min_samples": (1, None, "[]"), "train_history_hours": (1, None, "[]"), "min_train_hours": (0, None, "[]"),
+    "alarm_p": (0, 1, "()"), "model_max_age_hours": (1, None, "[]"), "drift_factor": (0, None, "()"),
+    "drift_hours": (1, None, "[]"), "incident_gap_buckets": (1, None, "[]"), "incident_min_buckets": (1, None, "[]"),
+}
+
+
+def _range_problem(value: float, low: float, high: float | None, ends: str) -> str | None:
+    """Why `value` is outside its range, or None."""
+    if not math.isfinite(value):
+        return "must be finite"
+    above = value >= low if ends[0] == "[" else value > low
+    below = high is None or (value <= high if ends[1] == "]" else value < high)
+    if above and below:
+        return None
+    if high is None:
+        return f"must be {'>=' if ends[0] == '[' else '>'} {low:g}"
+    return f"must be in {ends[0]}{low:g}, {high:g}{ends[1]}"
+
+
+def _home_problem(home: Path) -> str | None:
+    """The home must be a folder, or creatable as one: no regular file on its path."""
+    for path in (home, *home.parents):
+        if path.exists():
+            if path.is_dir():
+                return None
+            return "exists and is not a directory" if path == home else f"{path} is a regular file, not a folder"
+    return None
+
+
+def _problems(s: Settings) -> dict[str, str]:
+    """Every setting checked: field name -> what is wrong with its value."""
+    out = {name: why for name, (low, high, ends) in RANGES.items()
+           if (why := _range_problem(getattr(s, name), low, high, ends))}
+    if "bucket_seconds" not in out and 3600 % s.bucket_seconds:
+        out["bucket_seconds"] = "must divide 3600 (1 s .. 1 h)"
+    if s.format not in FORMATS:
+        out["format"] = f"unknown trace format; choose one of {', '.join(FORMATS)}"
+    if s.threshold_method not in THRESHOLD_METHODS:
+        out["threshold_method"] = "must be quantile or pot"
+    if not DEVICE_PATTERN.fullmatch(s.device):
+        out["device"] = "must be auto, cpu, cuda, cuda:N or mps"
+    for name in ("airflow_pool", "span_mapping"):
+        if not getattr(s, name).strip():
+            out[name] = "must not be empty"
+    if why := _home_problem(s.home):
+        out["home"] = why
+    return out
+
+
 def load_settings(env: dict[str, str] | None = None, **overrides: object) -> Settings:
-    """Settings from the environment (`RPCWATCH_*`), then explicit overrides."""
+    """Settings from `env` (default: the environment, `RPCWATCH_*`), then explicit overrides; every
+    value is checked, and a bad one raises ValueError naming its variable, e.g.
+    `RPCWATCH_ALARM_P=2: must be in (0, 1)`."""
     env = dict(os.environ if env is None else env)
     values: dict[str, object] = {}
+    shown: dict[str, str] = {}  # the text each value came as, for messages
     for spec in fields(Settings):
         raw = env.get(PREFIX + spec.name.upper())
         if raw not in (None, ""):
+            shown[spec.name] = raw
             try:
                 values[spec.name] = _parse(str(spec.type), raw)
             except ValueError as err:
-                raise ValueError(f"{PREFIX}{spec.name.upper()}={raw!r}: {err}") from err
-    values.update({k: v for k, v in overrides.items() if v is not None})
+                raise ValueError(f"{PREFIX}{spec.name.upper()}={raw}: {err}") from err
+    given = {k: v for k, v in overrides.items() if v is not None}
+    values.update(given)
+    shown.update({k: str(v) for k, v in given.items()})
     settings = Settings(**values)
-    if settings.format not in FORMATS:
-        raise ValueError(f"unknown trace format {settings.format!r}; choose one of {FORMATS}")
-    if not 1 <= settings.bucket_seconds <= 3600 or 3600 % settings.bucket_seconds:
-        raise ValueError(f"bucket_seconds={settings.bucket_seconds} must divide 3600 (1 s .. 1 h)")
+    problems = _problems(settings)
+    for name in (f.name for f in fields(Settings) if f.name in problems):  # the first, in field order
+        raise ValueError(f"{PREFIX}{name.upper()}={shown.get(name, getattr(settings, name))}: {problems[name]}")
     return settings

@@ -24,9 +24,15 @@ class Stale:
 
 
 def _drifting(con: duckdb.DuckDBPyConnection, pattern_id: int, version: int, hour: datetime, settings: Settings) -> bool:
-    """The champion's scored error stayed above factor x its calibrated level for N hours in a row."""
+    """The champion's scored error stayed above factor x its calibrated level for N scored hours running.
+
+    A quiet hour (no scored calls: MAPE NULL or NaN, or no calibrated level) is skipped, not
+    evidence either way: it neither counts as drift nor breaks the run, just as an hour without
+    any scoring row does; the N most recent hours that have both values decide."""
     rows = con.execute("""SELECT mape_calls, calibrated_mape_calls FROM forecast_errors
-                          WHERE pattern_id = ? AND model_version = ? AND hour <= ? ORDER BY hour DESC LIMIT ?""",
+                          WHERE pattern_id = ? AND model_version = ? AND hour <= ?
+                                AND isfinite(mape_calls) AND isfinite(calibrated_mape_calls)  -- NULL: filtered too
+                          ORDER BY hour DESC LIMIT ?""",
                        [pattern_id, version, naive_utc(hour), settings.drift_hours]).fetchall()
     return len(rows) == settings.drift_hours and all(m > settings.drift_factor * c for m, c in rows)
 

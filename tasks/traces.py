@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from tasks.ingest import HOUR, naive_utc
+from tasks.keys import EDGE, node_key_sql
 
 MASK = np.uint64(0xFFFFFFFFFFFFFFFF)
 MAX_DEPTH = 256
@@ -245,11 +246,11 @@ def _shape_rows(con: duckdb.DuckDBPyConnection, f: TraceForest, r: Rebuilt, hour
     temp_table(con, "shape_calls", rowid=f.rowid[rows],
                parent_rowid=np.where(parents >= 0, f.rowid[np.maximum(parents, 0)], -1),
                shape_id=r.shape[r.trace_of_call[rows]], depth=r.depth[rows].astype(np.int32))
-    con.execute("""INSERT INTO shapes
-        WITH k AS (SELECT rowid, concat_ws('|', caller, callee, coalesce(interface, ''), rpc_type) AS node FROM scope
+    con.execute(f"""INSERT INTO shapes
+        WITH k AS (SELECT rowid, {node_key_sql()} AS node FROM scope
                    WHERE rowid IN (SELECT rowid FROM shape_calls UNION ALL SELECT parent_rowid FROM shape_calls))
         SELECT sc.shape_id, count(*), max(sc.depth), list_sort(list(k.node)),
-               coalesce(list_sort(list(p.node || ' > ' || k.node) FILTER (WHERE p.node IS NOT NULL)), []::VARCHAR[]),
+               coalesce(list_sort(list(p.node || '{EDGE}' || k.node) FILTER (WHERE p.node IS NOT NULL)), []::VARCHAR[]),
                $hour
         FROM shape_calls sc JOIN k USING (rowid) LEFT JOIN k p ON p.rowid = sc.parent_rowid
         GROUP BY sc.shape_id""", {"hour": naive_utc(hour)})

@@ -46,7 +46,7 @@ ROW_CHECKS = (
 class Finding:
     expectation: str
     subject: str  # a file, a column, or the batch
-    severity: str  # batch: fails the task | row: rows quarantined, batch goes on
+    severity: str  # batch: fails the task | row: rows quarantined | file: an empty file; batch goes on
     success: bool
     observed: str = ""
     details: str = ""
@@ -82,7 +82,9 @@ def _file_findings(con: duckdb.DuckDBPyConnection, hour: datetime) -> tuple[list
                        [naive_utc(hour)]).fetchall()
     expectation = {"error": "expect_file_to_be_readable", "schema_error": "expect_table_columns_to_match_set",
                    "empty": "expect_table_row_count_to_be_between"}
-    findings = [Finding(expectation[status], path, "batch", False, status, error or "")
+    # an unreadable or unusable file fails the hour; an empty one is recorded, the hour goes on
+    severity = {"error": "batch", "schema_error": "batch", "empty": "file"}
+    findings = [Finding(expectation[status], path, severity[status], False, status, error or "")
                 for path, status, error, _ in rows if status in expectation]
     if not rows:
         findings.append(Finding("expect_batch_to_have_files", "batch", "batch", False, "0 files",

@@ -12,6 +12,11 @@ from typing import Iterator
 
 import duckdb
 
+# the analysts' view, in the warehouse and in the published snapshot (tasks.publish): defined once here
+RECENT_ANOMALIES_SQL = """
+    SELECT * FROM anomalies WHERE bucket_ts >= (SELECT max(bucket_ts) FROM anomalies) - INTERVAL 6 HOUR
+    ORDER BY bucket_ts DESC, score DESC"""
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS calls (
     ts TIMESTAMP NOT NULL, trace_id VARCHAR NOT NULL, call_id VARCHAR NOT NULL,
@@ -107,9 +112,7 @@ CREATE TABLE IF NOT EXISTS incidents (
     incident_id VARCHAR, start_ts TIMESTAMP, end_ts TIMESTAMP, patterns INTEGER[], nodes VARCHAR[],
     peak_score DOUBLE, kinds VARCHAR[], points BIGINT
 );
-CREATE OR REPLACE VIEW recent_anomalies AS
-    SELECT * FROM anomalies WHERE bucket_ts >= (SELECT max(bucket_ts) FROM anomalies) - INTERVAL 6 HOUR
-    ORDER BY bucket_ts DESC, score DESC;
+CREATE OR REPLACE VIEW recent_anomalies AS """ + RECENT_ANOMALIES_SQL + """;
 CREATE TABLE IF NOT EXISTS clustering_runs (
     hour TIMESTAMP PRIMARY KEY, reclustered BOOLEAN, reason VARCHAR, shapes INTEGER,
     clusters INTEGER, noise_shapes INTEGER, noise_share DOUBLE, critical INTEGER,

@@ -41,3 +41,82 @@ def test_patterns_stale_score_and_anomalies_on_a_trained_home(trained, tmp_path,
     assert "scored" in capsys.readouterr().out
     assert main(["anomalies", "--home", home, "--json", "--since", "2h"]) == 0
     assert isinstance(json.loads(capsys.readouterr().out), list)
+
+
+HOLDER = """
+import duckdb, sys
+con = duckdb.connect(sys.argv[1])         # a run's write connection: DuckDB locks the file
+print("locked", flush=True)
+sys.stdin.readline()
+"""
+
+
+def _hold(path):
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def _home_with_a_point(settings, caller="svc-a"):
+    from datetime import datetime
+
+    from tasks.warehouse import opened
+
+    with opened(settings.warehouse) as con:
+        con.execute("INSERT INTO anomalies (bucket_ts, pattern_id, node, caller, callee, interface, feature, observed, "
+                    "expected, threshold, score, direction, kind) VALUES (?, 1, 'n', ?, 'svc-b', 'get', 'calls', 9, 1, "
+                    "2, 5, 'up', 'traffic_spike')", [datetime(2026, 1, 1, 3, 5), caller])
+
+
+def test_read_commands_while_a_run_writes_say_who_holds_the_lock_or_read_the_snapshot(settings, capsys):
+    from tasks.publish import publish
+
+    _home_with_a_point(settings)
+    home = str(settings.home)
+    holder = _hold(settings.warehouse)
+    try:
+        for command in (["anomalies", "--home", home], ["summary", "--home", home]):
+            assert main(command) != 0
+            err = capsys.readouterr().err
+            assert err.startswith("rpcwatch: error: ") and "Traceback" not in err, err
+            assert str(settings.warehouse) in err and "a run is writing" in err and f"PID {holder.pid}" in err, err
+    finally:
+        holder.communicate("done\n", timeout=30)
+    publish(settings)
+    holder = _hold(settings.warehouse)
+    try:
+        assert main(["anomalies", "--home", home, "--json"]) == 0, "the published snapshot never waits for a run"
+        out = capsys.readouterr()
+        assert [r["caller"] for r in json.loads(out.out)] == ["svc-a"]
+        assert "analytics.duckdb" in out.err, "says what it read"
+        assert main(["summary", "--home", home]) == 0
+    finally:
+        holder.communicate("done\n", timeout=30)
+
+
+def test_a_bad_setting_is_a_one_line_error_with_exit_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("RPCWATCH_ALARM_P", "2")
+    assert main(["summary", "--home", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == "rpcwatch: error: RPCWATCH_ALARM_P=2: must be in (0, 1)\n"
+    monkeypatch.delenv("RPCWATCH_ALARM_P")
+    (tmp_path / "file").write_text("x")
+    assert main(["summary", "--home", str(tmp_path / "file" / "home")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rpcwatch: error: RPCWATCH_HOME=") and "regular file" in err and len(err.splitlines()) == 1
+
+
+def test_tables_show_control_characters_escaped(settings, capsys):
+    from tasks.report import table
+
+    text = table(["na\nme", "n"], [["evil\nname\x00\x1b[31m", 1], ["tab\there", 22]])
+    lines = text.splitlines()
+    assert len(lines) == 4 and "\x00" not in text and "\x1b" not in text and "\t" not in text
+    assert lines[0].startswith("na\\nme") and "evil\\nname\\x00\\x1b[31m" in lines[2] and "tab\\there" in lines[3]
+    _home_with_a_point(settings, caller="svc\nspoofed\x00")
+    assert main(["anomalies", "--home", str(settings.home)]) == 0
+    out = capsys.readouterr().out
+    assert "svc\\nspoofed\\x00" in out and len(out.splitlines()) == 3

@@ -23,7 +23,9 @@ yaml = pytest.importorskip("yaml")
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
-PG_INIT = ROOT / "deploy" / "postgres-init.sql"
+PG_INIT = ROOT / "deploy" / "postgres-init.sh"
+ENV_EXAMPLE = ROOT / ".env.example"
+PASSWORD_WRITER = ROOT / "deploy" / "simple_auth_passwords.py"
 
 POOL = "rpcwatch_duckdb"
 MLFLOW_URI = "http://mlflow:5000"
@@ -33,7 +35,8 @@ _VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}|\$([
 
 
 def interpolate(value: object) -> object:
-    """Resolve Compose `${VAR:-default}` interpolation as on a host with no variables set."""
+    """Resolve Compose `${VAR:-default}` interpolation as on a host with no variables set; a required
+    `${VAR:?message}` (Compose refuses to start without it) becomes the placeholder `<VAR>`."""
     if isinstance(value, str):
 
         def sub(m: re.Match[str]) -> str:
@@ -41,6 +44,8 @@ def interpolate(value: object) -> object:
                 return "$"
             if m.group(2) in (":-", "-"):
                 return m.group(3)
+            if m.group(2) in (":?", "?"):
+                return f"<{m.group(1)}>"
             return ""
 
         return _VAR.sub(sub, value)
@@ -240,6 +245,8 @@ def test_same_secrets_and_folders_everywhere(services):
         "AIRFLOW__CORE__PLUGINS_FOLDER",
         "AIRFLOW__CORE__AUTH_MANAGER",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS",
+        "AIRFLOW__CORE__FERNET_KEY",
     ):
         values = {env(svc).get(key) for svc in airflow.values()}
         assert len(values) == 1 and None not in values and "" not in values, (key, values)
@@ -350,6 +357,204 @@ def test_healthchecks(services):
     api_name, _ = one(by_airflow_command(services, "api-server"), "api-server")
     assert "/api/v2/monitor/health" in test_of(api_name)
     assert re.search(r"localhost:5000/health\b", test_of("mlflow"))
+
+
+# --- secrets and login ------------------------------------------------------------------------
+
+# Every variable that holds a secret; each must be set in `.env` (no default anywhere).
+SECRETS = {
+    "POSTGRES_PASSWORD",  # Postgres superuser = Airflow's metadata DB role
+    "MLFLOW_DB_PASSWORD",  # MLflow's own DB role
+    "AIRFLOW_JWT_SECRET",
+    "AIRFLOW_API_SECRET_KEY",
+    "AIRFLOW_FERNET_KEY",
+    "AIRFLOW_ADMIN_PASSWORD",
+    "FLOWER_BASIC_AUTH",
+}
+SECRET_NAME = re.compile(r"PASSWORD|SECRET|FERNET|_KEY$|TOKEN|BASIC_AUTH|CREDENTIAL")
+_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
+
+
+def references(text: str) -> list[tuple[str, str | None, str]]:
+    """(VAR, operator, word) for each `${...}` in the raw file, `$$` escapes skipped."""
+    return [(m.group(1), m.group(2), m.group(3) or "") for m in _REF.finditer(text.replace("$$", ""))]
+
+
+def env_example() -> dict[str, str]:
+    values = {}
+    for line in ENV_EXAMPLE.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, sep, value = line.partition("=")
+            assert sep, f".env.example: not KEY=VALUE: {line!r}"
+            values[key.strip()] = value.strip()
+    return values
+
+
+def test_secrets_have_no_default_and_fail_fast():
+    refs = references(COMPOSE_FILE.read_text())
+    used = {var for var, _, _ in refs}
+    assert SECRETS <= used, f"secrets not taken from .env: {sorted(SECRETS - used)}"
+    for var, op, word in refs:
+        if var in SECRETS or SECRET_NAME.search(var):
+            assert op == ":?", f"${{{var}}} must be written ${{{var}:?...}} (no default, fails when unset or empty)"
+            assert ".env" in word, f"${{{var}:?...}}: the message should say where to set it, got {word!r}"
+
+
+def test_no_known_insecure_values(compose):
+    text = COMPOSE_FILE.read_text()
+    for bad in ("change-me", "rpcwatch-dev-", "airflow:airflow@", ":-airflow}"):
+        assert bad not in text, f"{bad!r} is a working default secret"
+    for name, svc in airflow_services(compose["services"]).items():
+        e = env(svc)
+        assert e["AIRFLOW__API_AUTH__JWT_SECRET"] == "<AIRFLOW_JWT_SECRET>", name
+        assert e["AIRFLOW__API__SECRET_KEY"] == "<AIRFLOW_API_SECRET_KEY>", name
+        assert e["AIRFLOW__CORE__FERNET_KEY"] == "<AIRFLOW_FERNET_KEY>", name
+
+
+def _db_user_and_password(url: str) -> tuple[str, str]:
+    m = re.match(r"^[a-z0-9+]+://([^:@/]+):([^@]+)@", url)
+    assert m, f"no user:password in {url}"
+    return m.group(1), m.group(2)
+
+
+def test_mlflow_has_its_own_database_role_and_password(services):
+    backend = option(command(services["mlflow"]), "--backend-store-uri") or ""
+    mlflow_user, mlflow_password = _db_user_and_password(backend)
+    for name, svc in airflow_services(services).items():
+        airflow_user, airflow_password = _db_user_and_password(env(svc)["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"])
+        assert mlflow_password != airflow_password, f"MLflow reuses {name}'s DB password {airflow_password}"
+        assert mlflow_user != airflow_user, f"MLflow logs in as {name}'s DB role {airflow_user}"
+    assert mlflow_password == "<MLFLOW_DB_PASSWORD>"
+    # Postgres creates that role on first start, with the password from the environment.
+    pg = env(services["postgres"])
+    assert pg.get("MLFLOW_DB_PASSWORD") == "<MLFLOW_DB_PASSWORD>"
+    assert pg.get("POSTGRES_PASSWORD") == "<POSTGRES_PASSWORD>"
+    script = PG_INIT.read_text()
+    assert re.search(rf"(?i)CREATE\s+(ROLE|USER)\s+{mlflow_user}\b[^;]*\bPASSWORD\s+:'", script), script
+    assert re.search(rf"(?i)CREATE\s+DATABASE\s+mlflow\s+OWNER\s+{mlflow_user}\b", script)
+    assert "MLFLOW_DB_PASSWORD" in script
+    bash = shutil.which("bash")
+    if bash:
+        done = subprocess.run([bash, "-n", str(PG_INIT)], capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+
+
+def test_secrets_reach_only_the_services_that_need_them(services):
+    for name, svc in services.items():
+        e = env(svc)
+        if "<MLFLOW_DB_PASSWORD>" in str(e):
+            assert name == "postgres", f"{name} gets MLflow's DB password"
+        if "<AIRFLOW_ADMIN_PASSWORD>" in str(e):
+            assert command(svc)[:2] == ["airflow", "api-server"], f"{name} gets the admin password"
+
+
+def test_a_real_login_not_everyone_admin(services):
+    airflow = airflow_services(services)
+    for name, svc in airflow.items():
+        e = env(svc)
+        assert e.get("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS", "").lower() == "false", name
+        users = dict(u.split(":")[:2] for u in e["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS"].split(",") if u)
+        assert users.get("admin") == "admin", users
+    api_name, api = one(by_airflow_command(services, "api-server"), "api-server")
+    e = env(api)
+    assert e.get("AIRFLOW_ADMIN_PASSWORD") == "<AIRFLOW_ADMIN_PASSWORD>"
+    passwords_file = e.get("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE")
+    assert passwords_file and passwords_file.startswith("/"), passwords_file
+    entry = api.get("entrypoint") or []
+    assert any(str(part).endswith("simple_auth_passwords.py") for part in entry), entry
+    assert entry[0] == "/usr/bin/tini", "keep tini as PID 1"
+
+
+def test_flower_is_behind_basic_auth(services):
+    found = by_airflow_command(services, "celery", "flower")
+    for name, svc in found.items():
+        assert env(svc).get("AIRFLOW__CELERY__FLOWER_BASIC_AUTH") == "<FLOWER_BASIC_AUTH>", name
+        check = " ".join(svc["healthcheck"]["test"])
+        assert "-u " in check and "FLOWER_BASIC_AUTH" in check, f"{name}'s healthcheck would get 401: {check}"
+
+
+def test_the_admin_password_writer(tmp_path):
+    """deploy/simple_auth_passwords.py: admin's password from the environment into the passwords
+    file (0600), other users kept, the variable not passed on, then runs the command."""
+    import json
+    import os
+    import sys
+
+    target = tmp_path / "auth" / "passwords.json"
+    target.parent.mkdir()
+    target.write_text(json.dumps({"admin": "old", "viewer": "kept"}))
+    child = "import os, sys; sys.stdout.write(os.environ.get('AIRFLOW_ADMIN_PASSWORD', '<unset>'))"
+    run_env = {
+        "PATH": os.environ.get("PATH", ""),
+        "AIRFLOW_ADMIN_PASSWORD": "s3cr\"et'$x",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(target),
+    }
+    done = subprocess.run([sys.executable, str(PASSWORD_WRITER), sys.executable, "-c", child], env=run_env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "<unset>"
+    assert json.loads(target.read_text()) == {"admin": "s3cr\"et'$x", "viewer": "kept"}
+    assert (target.stat().st_mode & 0o777) == 0o600
+    for missing in ("AIRFLOW_ADMIN_PASSWORD", "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"):
+        bad = {k: v for k, v in run_env.items() if k != missing}
+        done = subprocess.run([sys.executable, str(PASSWORD_WRITER), "true"], env=bad, capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode != 0 and missing in done.stderr, (missing, done.stderr)
+    run_env["AIRFLOW_ADMIN_PASSWORD"] = ""
+    done = subprocess.run([sys.executable, str(PASSWORD_WRITER), "true"], env=run_env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode != 0
+
+
+def test_the_image_carries_the_password_writer(services):
+    """The api-server's entrypoint script is copied into the image where compose runs it from."""
+    workdir, targets = "/", set()
+    for kw, rest in dockerfile_instructions():
+        if kw == "WORKDIR":
+            workdir = rest
+        elif kw == "COPY" and PASSWORD_WRITER.name in rest:
+            *srcs, dest = rest.split()
+            assert f"deploy/{PASSWORD_WRITER.name}" in srcs, rest
+            dest = dest if dest.startswith("/") else f"{workdir.rstrip('/')}/{dest.removeprefix('./')}"
+            targets.add(f"{dest.rstrip('/')}/{PASSWORD_WRITER.name}" if dest.endswith("/") else dest)
+    _, api = one(by_airflow_command(services, "api-server"), "api-server")
+    script = next(str(part) for part in api["entrypoint"] if str(part).endswith(PASSWORD_WRITER.name))
+    assert script in targets, (script, targets)
+
+
+def test_env_example_documents_every_variable_and_holds_no_secret():
+    refs = references(COMPOSE_FILE.read_text())
+    documented = env_example()
+    text = ENV_EXAMPLE.read_text()
+    for var in sorted({v for v, _, _ in refs}):
+        assert var in documented, f"{var} is used by docker-compose.yml but not in .env.example"
+    for var in SECRETS:
+        assert documented[var] == "", f".env.example must not ship a value for {var}"
+        # each secret says how to make one
+        block = text[: text.index(f"\n{var}=")].rsplit("\n\n", 1)[-1]
+        assert re.search(r"openssl|python|secrets|Fernet", block), f"{var}: no generation command above it"
+    assert "Fernet.generate_key()" in text
+
+
+def _git(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=30)
+
+
+def test_env_and_data_folders_are_not_committed():
+    if not shutil.which("git") or _git("rev-parse", "--git-dir").returncode:
+        pytest.skip("not a git checkout")
+    for path in (".env", ".env.local", ".rpcwatch/x", ".rpcwatch-trainticket/x", ".rpcwatch-demo/x",
+                 "incoming/x.parquet", "mlruns/x", "mlartifacts/x"):
+        assert _git("check-ignore", "-q", "--no-index", path).returncode == 0, f"{path} is not git-ignored"
+    assert _git("check-ignore", "-q", "--no-index", ".env.example").returncode == 1, ".env.example must be committed"
+    tracked = _git("ls-files", "--", ".env", "incoming").stdout.split()
+    assert not tracked, f"tracked although ignored: {tracked}"
+
+
+def test_env_is_kept_out_of_the_image_build_context():
+    patterns = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
+    assert ".env" in patterns or ".env*" in patterns
 
 
 # --- Dockerfile -------------------------------------------------------------------------------

@@ -67,12 +67,14 @@ print(json.dumps({{"heavy": heavy,
     out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
     facts = json.loads(out.stdout.strip().splitlines()[-1])
     assert facts["heavy"] == [], f"heavy imports at DAG parse time: {facts['heavy']}"
-    assert facts["tasks"] == ["aggregate", "ingest", "patterns", "record", "score", "stale", "train", "validate"]
+    from tasks.pipeline import STAGES
+
+    names = [s.name for s in STAGES]
+    assert sorted(facts["tasks"]) == sorted(names), "one task per pipeline stage"
     assert facts["pools"] == ["default_pool", "rpcwatch_duckdb"]
     assert facts["queues"]["train"] == "gpu" and facts["pool_of"]["train"] == "default_pool"
-    assert facts["upstream"] == {"ingest": [], "validate": ["ingest"], "aggregate": ["validate"],
-                                 "patterns": ["aggregate"], "stale": ["patterns"], "train": ["stale"],
-                                 "record": ["train"], "score": ["record"]}
+    assert facts["upstream"] == {name: names[i - 1:i] for i, name in enumerate(names)}, "wired in the stages' order"
+    assert names[-2:] == ["score", "publish"]
     assert facts["timetable"] == "CronDataIntervalTimetable"
 
 
@@ -92,6 +94,7 @@ def test_two_hours_through_the_dag_match_the_manifest_and_rerun_is_identical(air
     before = _snapshot(settings)
     _run(env, source, START + timedelta(hours=1))
     assert _snapshot(settings) == before
+    assert (settings.home / "analytics.duckdb").exists(), "the publish task published the analysts' snapshot"
 
 
 @pytest.mark.airflow

@@ -5,18 +5,23 @@ from __future__ import annotations
 import json
 
 import duckdb
+import pyarrow as pa
 import pytest
 
-from tasks.formats import AlibabaV2021, AlibabaV2022, SpanMapping, Spans, make_format
+from tasks.formats import (AlibabaV2021, AlibabaV2022, SpanMapping, Spans, make_format, quote_identifier,
+                           set_format_variables)
 
 
 def _normalise(fmt, rows: list[dict]) -> list[dict]:
+    """Rows (as text, like a CSV) through the format's SQL; names and values are bound, never SQL text."""
     con = duckdb.connect()
     columns = list(rows[0])
-    values = ", ".join("(" + ", ".join("NULL" if r[c] is None else repr(str(r[c])) for c in columns) + ")" for r in rows)
-    names = ", ".join(f'"{c}"' for c in columns)
+    table = pa.table({c: pa.array([None if r[c] is None else str(r[c]) for r in rows], pa.string()) for c in columns})
+    con.register("given", table)
+    names = ", ".join(quote_identifier(c) for c in columns)
     con.execute(f"""CREATE TEMP VIEW raw AS SELECT *, 'f.csv' AS source_file, row_number() OVER () AS file_row,
-                    hash({names}) AS raw_hash FROM (VALUES {values}) t({names})""")
+                    hash({names}) AS raw_hash FROM given""")
+    set_format_variables(con, fmt)
     result = con.execute(fmt.normalise_sql(set(columns)) + " ORDER BY call_id, caller")
     keys = [d[0] for d in result.description]
     return [dict(zip(keys, r)) for r in result.fetchall()]
@@ -75,3 +80,30 @@ def test_span_mapping_from_file_with_end_time_and_status(tmp_path):
 def test_bad_mappings_are_named():
     with pytest.raises(ValueError, match="neither a JSON file nor a bundled mapping"):
         SpanMapping.load("no-such-mapping")
+
+
+def test_hostile_mapping_names_and_values_stay_data():
+    """Column names and values of a span mapping are outside text: quoted or bound, never run."""
+    mapping = SpanMapping(trace_id='t"id', span_id="s'id", parent_id="p); DROP TABLE raw; --",
+                          service="svc", operation="op", start="st", start_unit="ms", duration="d",
+                          duration_unit="ms", status="code", error_values=("it's bad", '"x"'),
+                          root_parent_values=("r'oot",), service_regex="^([^']+)'-[0-9]+$", rpc_type="sp'an")
+    rows = [{'t"id': "t", "s'id": "a", "p); DROP TABLE raw; --": "r'oot", "svc": "api'-7", "op": "/",
+             "st": 1000, "d": 2, "code": "it's bad"},
+            {'t"id': "t", "s'id": "b", "p); DROP TABLE raw; --": "a", "svc": "db'-1", "op": "q",
+             "st": 1001, "d": 1, "code": "ok"}]
+    a, b = _normalise(Spans(mapping), rows)
+    assert (a["caller"], a["callee"], a["parent_call_id"], a["is_error"], a["rpc_type"]) == ("USER", "api", None, True, "sp'an")
+    assert (b["caller"], b["callee"], b["parent_call_id"], b["is_error"]) == ("api", "db", "a", False)
+
+
+@pytest.mark.parametrize("ms", ["99999999999999999999", "9999999999999999", "-9999999999999999", "x"])
+def test_timestamps_that_overflow_are_null_not_an_error(ms):
+    row = dict(timestamp=ms, traceid="T", rpc_id="0.1", rpctype="http", um="A", interface="i", dm="B", rt=1)
+    [call] = _normalise(AlibabaV2022(epoch_ms=1_000), [row])
+    assert call["ts"] is None
+
+
+def test_epoch_must_be_an_integer():
+    with pytest.raises(ValueError, match="epoch_ms"):
+        AlibabaV2022(epoch_ms="0) OR (1").normalise_sql(set())

@@ -119,7 +119,10 @@ def test_csv_missing_a_column_is_a_schema_error_naming_file_and_column(settings,
     source = tmp_path / "flat"
     source.mkdir()
     header = V2022_HEADER.replace(",rt", "")
-    _write_v2022_csv(source / "no_rt.csv.gz", [f"{int(START.timestamp() * 1000)},T,S,0.1,http,USER,U,/a,a,P"], header)
+    base = int(START.timestamp() * 1000)
+    _write_v2022_csv(source / "no_rt.csv.gz", [f"{base},T,S,0.1,http,USER,U,/a,a,P"], header)
+    # a good file next to it: an hour with no usable file at all is refused (tests/test_ingest_hostile.py)
+    _write_v2022_csv(source / "good.csv.gz", [f"{base},T,S,0.1,http,USER,U,/a,a,P,1.0"], V2022_HEADER)
     report = ingest_hour(settings, START, [source])
     [bad] = report.failed_files
     assert bad.status == "schema_error" and "'rt'" in bad.error and "no_rt.csv.gz" in bad.error

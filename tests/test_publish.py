@@ -39,3 +39,54 @@ def test_an_open_reader_neither_blocks_nor_breaks_when_the_pipeline_publishes(tr
     with duckdb.connect(str(analytics_path(settings)), read_only=True) as con:
         assert con.execute("SELECT count(*) FROM patterns").fetchone()[0] == int(first[1]) - 1
         assert con.execute("SELECT count(*) FROM recent_anomalies").fetchone()[0] >= 0
+
+
+def _staging(home):
+    return sorted(p.name for p in home.glob(".analytics-*"))
+
+
+def test_a_crashed_publish_leaves_nothing_behind_after_the_next_one(settings):
+    from tasks.warehouse import opened
+
+    with opened(settings.warehouse):
+        pass
+    for leftover in (".analytics-20200101T000000000000.duckdb", ".analytics-20200101T000000000000.duckdb.wal"):
+        (settings.home / leftover).write_bytes(b"half a snapshot")
+    publish(settings)
+    assert _staging(settings.home) == [], "stale staging files of a crashed publish are removed"
+    assert analytics_path(settings).exists()
+
+
+def test_a_failed_publish_removes_its_own_staging_file_and_keeps_the_last_snapshot(settings, monkeypatch):
+    import pytest
+
+    import tasks.publish as publish_module
+
+    publish(settings)
+    before = analytics_path(settings).read_bytes()
+    monkeypatch.setattr(publish_module, "PUBLISHED", publish_module.PUBLISHED + ("no_such_table",))
+    with pytest.raises(duckdb.CatalogException):
+        publish(settings)
+    assert _staging(settings.home) == []
+    assert analytics_path(settings).read_bytes() == before
+
+
+def test_publish_takes_a_home_whose_path_has_a_quote(tmp_path):
+    from tasks.settings import load_settings
+
+    settings = load_settings(env={}, home=tmp_path / "it's home")
+    path = publish(settings)
+    with duckdb.connect(str(path), read_only=True) as con:
+        assert con.execute("SELECT count(*) FROM published").fetchone()[0] == 1
+
+
+def test_recent_anomalies_is_the_same_view_in_warehouse_and_snapshot(settings):
+    from tasks.publish import RECENT_ANOMALIES_SQL
+    from tasks.warehouse import RECENT_ANOMALIES_SQL as WAREHOUSE_VIEW
+
+    assert RECENT_ANOMALIES_SQL is WAREHOUSE_VIEW, "defined once, in tasks.warehouse"
+    views = []
+    for path in (settings.warehouse, publish(settings)):
+        with duckdb.connect(str(path), read_only=True) as con:
+            views.append(con.execute("SELECT sql FROM duckdb_views() WHERE view_name = 'recent_anomalies'").fetchone()[0])
+    assert views[0] == views[1] and "recent_anomalies" in views[0]  # as DuckDB normalised them

@@ -23,3 +23,70 @@ def test_env_prefix_and_derived_paths():
 def test_bad_settings_are_named(env, message):
     with pytest.raises(ValueError, match=message):
         load_settings(env=env)
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("RT_MAX_MS", "-1", "must be > 0"),
+    ("RT_MAX_MS", "inf", "finite"),
+    ("ALARM_P", "2", r"must be in \(0, 1\)"),
+    ("ALARM_P", "0", r"must be in \(0, 1\)"),
+    ("MAX_DUPLICATE_RATIO", "nan", "finite"),
+    ("MAX_DUPLICATE_RATIO", "1.5", r"must be in \[0, 1\]"),
+    ("CRITICAL_COVERAGE", "0", r"must be in \(0, 1\]"),
+    ("DEVICE", "tpu", "auto, cpu, cuda, cuda:N or mps"),
+    ("DEVICE", "cuda:x", "auto, cpu, cuda, cuda:N or mps"),
+    ("THRESHOLD_METHOD", "bogus", "quantile or pot"),
+    ("INCIDENT_MIN_BUCKETS", "-5", "must be >= 1"),
+    ("INCIDENT_GAP_BUCKETS", "0", "must be >= 1"),
+    ("HDBSCAN_MIN_CLUSTER_SIZE", "1", "must be >= 2"),
+    ("TRAIN_HISTORY_HOURS", "0", "must be >= 1"),
+    ("MIN_TRAIN_HOURS", "-1", "must be >= 0"),
+    ("DRIFT_FACTOR", "0", "must be > 0"),
+    ("FORMAT", "zipkin", "unknown trace format"),
+    ("AIRFLOW_POOL", " ", "must not be empty"),
+])
+def test_every_bad_setting_is_refused_naming_its_variable(name, value, message):
+    with pytest.raises(ValueError, match=message) as err:
+        load_settings(env={f"RPCWATCH_{name}": value})
+    assert str(err.value).startswith(f"RPCWATCH_{name}={value}"), str(err.value)
+
+
+def test_an_override_is_checked_too_and_named_like_its_variable():
+    with pytest.raises(ValueError, match=r"^RPCWATCH_ALARM_P=2: must be in \(0, 1\)"):
+        load_settings(env={}, alarm_p=2)
+
+
+def test_good_devices_and_methods_pass():
+    for device in ("auto", "cpu", "cuda", "cuda:1", "mps"):
+        assert load_settings(env={"RPCWATCH_DEVICE": device}).device == device
+    assert load_settings(env={"RPCWATCH_THRESHOLD_METHOD": "pot"}).threshold_method == "pot"
+
+
+def test_a_home_that_is_or_lies_under_a_regular_file_is_named(tmp_path):
+    plain = tmp_path / "plain"
+    plain.write_text("not a folder")
+    with pytest.raises(ValueError, match=r"RPCWATCH_HOME=.*plain: .*not a directory"):
+        load_settings(env={"RPCWATCH_HOME": str(plain)})
+    with pytest.raises(ValueError, match=r"RPCWATCH_HOME=.*plain/home: .*plain is a regular file"):
+        load_settings(env={"RPCWATCH_HOME": str(plain / "home")})
+    assert load_settings(env={"RPCWATCH_HOME": str(tmp_path / "new" / "home")}).home == tmp_path / "new" / "home"
+
+
+def test_the_mlflow_uri_is_a_setting_read_from_the_given_env_only(monkeypatch, tmp_path):
+    monkeypatch.setenv("RPCWATCH_MLFLOW_TRACKING_URI", "http://elsewhere:5000")
+    s = load_settings(env={"RPCWATCH_HOME": str(tmp_path)})
+    assert s.mlflow_tracking_uri == f"sqlite:///{tmp_path / 'mlflow.db'}", "os.environ must not leak in"
+    s = load_settings(env={"RPCWATCH_HOME": str(tmp_path), "RPCWATCH_MLFLOW_TRACKING_URI": "http://mlflow:5000"})
+    assert s.mlflow_tracking_uri == "http://mlflow:5000"
+    assert s.with_(home=tmp_path / "b").mlflow_tracking_uri == "http://mlflow:5000", "an explicit uri stays"
+    moved = load_settings(env={"RPCWATCH_HOME": str(tmp_path)}).with_(home=tmp_path / "copy")
+    assert moved.mlflow_tracking_uri == f"sqlite:///{tmp_path / 'copy' / 'mlflow.db'}", "the default follows the home"
+
+
+def test_every_numeric_setting_has_a_range():
+    from dataclasses import fields
+
+    from tasks.settings import RANGES, Settings
+
+    numeric = {f.name for f in fields(Settings) if str(f.type).startswith(("int", "float"))}
+    assert numeric == set(RANGES)

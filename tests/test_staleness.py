@@ -77,3 +77,20 @@ def test_forced_and_explicit_patterns(con, settings):
     assert _reasons(con, settings, only=[3]) == {3: ["no_champion"]}, "an explicit non-critical pattern counts"
     with pytest.raises(ValueError, match="no such pattern"):
         stale_patterns(con, settings, NOW, only=[99])
+
+
+@pytest.mark.parametrize("errors, drifting", [
+    ([None, None, None], False),  # a quiet pattern: no scored calls, no evidence of drift
+    ([0.2, None, 0.2, 0.2], True),  # a quiet hour between drifting hours is skipped, not a reset
+    ([0.2, None, 0.12, 0.2], False),  # the scored hours still decide
+    ([0.2, 0.2, None], False),  # two scored hours are not three
+])
+def test_quiet_hours_with_null_errors_neither_crash_nor_count_as_drift(con, settings, errors, drifting):
+    _champion(con, 1, "g1", NOW - timedelta(hours=5), calibrated=0.1)
+    _champion(con, 2, "g2", NOW - timedelta(hours=5))
+    for i, mape in enumerate(errors):  # newest hour first
+        con.execute("INSERT INTO forecast_errors (pattern_id, hour, model_version, mape_calls, calibrated_mape_calls) "
+                    "VALUES (1, ?, 1, ?, 0.1)", [NOW - timedelta(hours=i), mape])
+    con.execute("INSERT INTO forecast_errors (pattern_id, hour, model_version, mape_calls, calibrated_mape_calls) "
+                "VALUES (2, ?, 1, 0.9, NULL)", [NOW])  # no calibrated level: not evidence either
+    assert _reasons(con, settings) == ({1: ["drift"]} if drifting else {})

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import START
-from tasks.ingest import ingest_hour
+from tasks.ingest import IngestError, ingest_hour
 from tasks.validate import BatchValidationError, validate_hour
 
 
@@ -57,7 +57,8 @@ def test_corrupt_file_fails_the_batch_naming_it(settings, synth_copy):
 def test_empty_hour_is_a_finding_not_a_success(settings, synth_source):
     source, _ = synth_source
     empty_hour = START + timedelta(hours=5)
-    ingest_hour(settings, empty_hour, [source])
+    with pytest.raises(IngestError, match="no trace files"):  # nothing to land: ingest refuses the hour
+        ingest_hour(settings, empty_hour, [source])
     with pytest.raises(BatchValidationError, match="expect_batch_to_have_files"):
         validate_hour(settings, empty_hour)
 
