@@ -105,8 +105,19 @@ def rpcwatch_hourly():
         """Publish the analysts' read-only snapshot `analytics.duckdb` (never blocks a run)."""
         return _stage("publish", scored)
 
-    _wire({"ingest": ingest, "validate": validate, "aggregate": aggregate, "patterns": patterns, "stale": stale,
-           "train": train, "record": record, "score": score, "publish": publish})
+    _wire(
+        {
+            "ingest": ingest,
+            "validate": validate,
+            "aggregate": aggregate,
+            "patterns": patterns,
+            "stale": stale,
+            "train": train,
+            "record": record,
+            "score": score,
+            "publish": publish,
+        }
+    )
 
 
 hourly = rpcwatch_hourly()

@@ -77,7 +77,9 @@ def _table(title: str, headers: list[str], rows: list[tuple]) -> str:
     if not headers:
         return f"<h2>{title}</h2><p>Nothing published yet: the hourly DAG publishes after scoring.</p>"
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape('' if v is None else str(v))}</td>" for v in r) + "</tr>" for r in rows)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape('' if v is None else str(v))}</td>" for v in r) + "</tr>" for r in rows
+    )
     return f"<h2>{title}</h2><table><tr>{head}</tr>{body}</table>"
 
 
@@ -111,5 +113,6 @@ def docs(request: Request) -> HTMLResponse:
 class RpcwatchPlugin(AirflowPlugin):
     name = "rpcwatch"
     fastapi_apps = [{"app": app, "url_prefix": "/rpcwatch", "name": "rpcwatch anomalies"}]
-    external_views = [{"name": "rpcwatch anomalies", "href": "rpcwatch/", "destination": "nav",
-                       "url_route": "rpcwatch-anomalies"}]
+    external_views = [
+        {"name": "rpcwatch anomalies", "href": "rpcwatch/", "destination": "nav", "url_route": "rpcwatch-anomalies"}
+    ]

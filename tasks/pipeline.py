@@ -11,10 +11,11 @@ imports nothing heavy at import time: the DAG file reads `STAGES` when Airflow p
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from tasks.settings import Settings
 
@@ -34,20 +35,27 @@ class Run:
 
 def ingest(run: Run, _: Any = None) -> dict:
     """Load this hour's trace files into `calls` (unchanged files are skipped)."""
-    from tasks.ingest import ingest_hour
+    from tasks.ingest.stage import ingest_hour
 
     report = ingest_hour(run.settings, run.hour, run.sources, run.fmt_name)
     for bad in report.failed_files:
         run.say(f"file failed: {bad.error}")
-    run.say(f"hour {run.hour}: {len(report.files)} files, {report.rows_read} rows read, {report.rows_kept} kept, "
-            f"{report.rows_quarantined} quarantined{' (unchanged, skipped)' if report.skipped_unchanged else ''}")
-    return {"batch_id": report.batch_id, "rows_read": report.rows_read, "rows_kept": report.rows_kept,
-            "rows_quarantined": report.rows_quarantined, "skipped": report.skipped_unchanged}
+    run.say(
+        f"hour {run.hour}: {len(report.files)} files, {report.rows_read} rows read, {report.rows_kept} kept, "
+        f"{report.rows_quarantined} quarantined{' (unchanged, skipped)' if report.skipped_unchanged else ''}"
+    )
+    return {
+        "batch_id": report.batch_id,
+        "rows_read": report.rows_read,
+        "rows_kept": report.rows_kept,
+        "rows_quarantined": report.rows_quarantined,
+        "skipped": report.skipped_unchanged,
+    }
 
 
 def validate(run: Run, ingested: dict) -> dict:
     """Run the validation suite; a failed batch-level expectation raises (and stops the hour)."""
-    from tasks.validate import validate_hour
+    from tasks.ingest.validate import validate_hour
 
     report = validate_hour(run.settings, run.hour)
     run.say(f"batch {ingested['batch_id']}: {len(report.findings)} expectations, all batch-level passed")
@@ -56,7 +64,7 @@ def validate(run: Run, ingested: dict) -> dict:
 
 def aggregate(run: Run, _: Any = None) -> dict:
     """Rebuild `rpc_series` for this hour."""
-    from tasks.aggregate import aggregate_hour
+    from tasks.ingest.aggregate import aggregate_hour
 
     report = aggregate_hour(run.settings, run.hour)
     run.say(f"{report.series_rows} series rows over {report.rpcs} RPCs")
@@ -66,20 +74,25 @@ def aggregate(run: Run, _: Any = None) -> dict:
 def patterns(run: Run, _: Any = None) -> dict:
     """Rebuild traces, assign them to RPC-chain patterns or re-cluster (when the cadence says), and
     write pattern graphs, per-pattern series and novel RPCs."""
-    from tasks.patterns import patterns_hour
+    from tasks.patterns.stage import patterns_hour
 
     report = patterns_hour(run.settings, run.hour)
     for line in report.lines():
         run.say(line)
-    return {"reclustered": report.reclustered, "reason": report.reason, "critical": report.critical,
-            "critical_share": report.critical_share, "traces": report.reconstruction.traces,
-            "clusters": report.changes.clusters if report.reclustered else None}
+    return {
+        "reclustered": report.reclustered,
+        "reason": report.reason,
+        "critical": report.critical,
+        "critical_share": report.critical_share,
+        "traces": report.reconstruction.traces,
+        "clusters": report.changes.clusters if report.reclustered else None,
+    }
 
 
 def stale(run: Run, _: Any = None) -> list[dict]:
     """Which critical patterns' models are stale (no champion, graph changed, drift, age), each
     exported to Parquet so that training never opens DuckDB."""
-    from tasks.retrain import plan_training
+    from tasks.models.retrain import plan_training
 
     jobs = plan_training(run.settings, run.hour)
     for job in jobs:
@@ -91,17 +104,20 @@ def stale(run: Run, _: Any = None) -> list[dict]:
 
 def train(run: Run, job: dict) -> dict:
     """Train one stale pattern's model (GPU when there is one), tracked in MLflow."""
-    from tasks.retrain import train_job
+    from tasks.models.retrain import train_job
 
     outcome = train_job(run.settings, job)
-    run.say(outcome.get("skipped") or f"pattern {outcome['pattern_id']}: version {outcome['model_version']} "
-                                      f"-> {outcome['decision']} ({outcome['reason']})")
+    run.say(
+        outcome.get("skipped")
+        or f"pattern {outcome['pattern_id']}: version {outcome['model_version']} "
+        f"-> {outcome['decision']} ({outcome['reason']})"
+    )
     return outcome
 
 
 def record(run: Run, outcomes: list[dict] | None) -> int:
     """Mirror the trainings into DuckDB's `models` table (what staleness and scoring read)."""
-    from tasks.retrain import record_outcomes
+    from tasks.models.retrain import record_outcomes
 
     n = record_outcomes(run.settings, list(outcomes or []))
     run.say(f"{n} model(s) recorded" if n else "no model trained this hour")
@@ -111,12 +127,16 @@ def record(run: Run, outcomes: list[dict] | None) -> int:
 def score(run: Run, _: Any = None) -> dict:
     """Forecast every bucket of the hour with each critical pattern's champion: irregular points to
     `anomalies`, related ones to `incidents`, novel RPCs too."""
-    from tasks.scoring import score_hour
+    from tasks.scoring.score import score_hour
 
     report = score_hour(run.settings, run.hour)
     run.say(report.line())
-    return {"scored": report.scored, "skipped": {str(k): v for k, v in report.skipped.items()},
-            "anomalies": report.anomalies, "incidents": report.incidents}
+    return {
+        "scored": report.scored,
+        "skipped": {str(k): v for k, v in report.skipped.items()},
+        "anomalies": report.anomalies,
+        "incidents": report.incidents,
+    }
 
 
 def publish(run: Run, _: Any = None) -> dict:
@@ -136,9 +156,16 @@ class Stage:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("ingest", ingest), Stage("validate", validate), Stage("aggregate", aggregate), Stage("patterns", patterns),
-    Stage("stale", stale), Stage("train", train, mapped=True), Stage("record", record), Stage("score", score),
-    Stage("publish", publish))
+    Stage("ingest", ingest),
+    Stage("validate", validate),
+    Stage("aggregate", aggregate),
+    Stage("patterns", patterns),
+    Stage("stale", stale),
+    Stage("train", train, mapped=True),
+    Stage("record", record),
+    Stage("score", score),
+    Stage("publish", publish),
+)
 
 
 def stage(name: str) -> Stage:
@@ -150,8 +177,9 @@ def stage(name: str) -> Stage:
 CRASH_AFTER = ("ingest", "patterns", "score")
 
 
-def run_hour(settings: Settings, hour: datetime, sources: list[Path] | None = None,
-             fmt_name: str | None = None) -> dict[str, Any]:
+def run_hour(
+    settings: Settings, hour: datetime, sources: list[Path] | None = None, fmt_name: str | None = None
+) -> dict[str, Any]:
     """Every stage of `STAGES` for one hour, in order; returns each stage's result by name. A failed
     batch-level validation (or any stage's error) stops the hour."""
     from tasks.failpoints import crash_point

@@ -14,7 +14,7 @@ writing one.
 from __future__ import annotations
 
 import os
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
@@ -22,9 +22,21 @@ import duckdb
 from tasks.settings import Settings
 from tasks.warehouse import RECENT_ANOMALIES_SQL, opened
 
-PUBLISHED = ("anomalies", "incidents", "patterns", "pattern_nodes", "pattern_edges", "pattern_history",
-             "models", "score_runs", "reconstruction", "rpc_series", "validation_runs", "ingest_log",
-             "clustering_runs")
+PUBLISHED = (
+    "anomalies",
+    "incidents",
+    "patterns",
+    "pattern_nodes",
+    "pattern_edges",
+    "pattern_history",
+    "models",
+    "score_runs",
+    "reconstruction",
+    "rpc_series",
+    "validation_runs",
+    "ingest_log",
+    "clustering_runs",
+)
 STAGING_GLOB = ".analytics-*"  # a staging file and its DuckDB write-ahead log (.wal)
 
 
@@ -45,7 +57,9 @@ def _write_snapshot(con: duckdb.DuckDBPyConnection, staging: Path, now: datetime
         for table in PUBLISHED:  # names from the constant above, never from input
             con.execute(f"CREATE TABLE snapshot.{table} AS SELECT * FROM main.{table}")
         con.execute("CREATE VIEW snapshot.recent_anomalies AS " + RECENT_ANOMALIES_SQL)
-        con.execute("CREATE TABLE snapshot.published AS SELECT ?::TIMESTAMP AS published_at", [now.replace(tzinfo=None)])
+        con.execute(
+            "CREATE TABLE snapshot.published AS SELECT ?::TIMESTAMP AS published_at", [now.replace(tzinfo=None)]
+        )
     finally:
         con.execute("DETACH snapshot")
 
@@ -55,7 +69,7 @@ def publish(settings: Settings) -> Path:
     from tasks.failpoints import crash_point
 
     target = analytics_path(settings)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     staging = target.with_name(f".analytics-{now:%Y%m%dT%H%M%S%f}.duckdb")
     with opened(settings.warehouse) as con:
         _remove_staging(target.parent)  # left by a publish killed before its swap

@@ -10,7 +10,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, fields, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 PREFIX = "RPCWATCH_"
@@ -84,8 +84,11 @@ class Settings:
         return self.home / "mlartifacts"
 
     def with_(self, **changes: object) -> Settings:
-        if "home" in changes and "mlflow_tracking_uri" not in changes \
-                and self.mlflow_tracking_uri == _default_tracking_uri(self.home):
+        if (
+            "home" in changes
+            and "mlflow_tracking_uri" not in changes
+            and self.mlflow_tracking_uri == _default_tracking_uri(self.home)
+        ):
             changes["mlflow_tracking_uri"] = None  # the default follows the home
         return replace(self, **changes)
 
@@ -113,21 +116,36 @@ def parse_utc(text: str) -> datetime:
     except ValueError as err:
         raise ValueError(f"not an ISO time: {text!r} (expected e.g. 2026-01-01T03:00)") from err
     if value.tzinfo is None:
-        value = value.replace(tzinfo=timezone.utc)
-    return value.astimezone(timezone.utc)
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)
 
 
 # numeric settings: (lowest, highest, brackets saying whether each end is allowed); None: no bound
 RANGES: dict[str, tuple[float, float | None, str]] = {
-    "bucket_seconds": (1, 3600, "[]"), "rt_max_ms": (0, None, "()"), "max_duplicate_ratio": (0, 1, "[]"),
-    "min_volume_ratio": (0, 1, "[]"), "volume_lookback_hours": (1, None, "[]"), "sample_rows_for_ge": (1, None, "[]"),
-    "recluster_every_hours": (1, None, "[]"), "recluster_unclustered_share": (0, 1, "[]"),
-    "critical_coverage": (0, 1, "(]"), "critical_min_calls_per_hour": (0, None, "[]"),
-    "pattern_match_jaccard": (0, 1, "[]"), "graph_min_support": (0, 1, "[]"), "pattern_min_traces": (1, None, "[]"),
-    "variant_containment": (0, 1, "[]"), "hdbscan_min_cluster_size": (2, None, "[]"),  # HDBSCAN needs 2
-    "hdbscan_min_samples": (1, None, "[]"), "train_history_hours": (1, None, "[]"), "min_train_hours": (0, None, "[]"),
-    "alarm_p": (0, 1, "()"), "model_max_age_hours": (1, None, "[]"), "drift_factor": (0, None, "()"),
-    "drift_hours": (1, None, "[]"), "incident_gap_buckets": (1, None, "[]"), "incident_min_buckets": (1, None, "[]"),
+    "bucket_seconds": (1, 3600, "[]"),
+    "rt_max_ms": (0, None, "()"),
+    "max_duplicate_ratio": (0, 1, "[]"),
+    "min_volume_ratio": (0, 1, "[]"),
+    "volume_lookback_hours": (1, None, "[]"),
+    "sample_rows_for_ge": (1, None, "[]"),
+    "recluster_every_hours": (1, None, "[]"),
+    "recluster_unclustered_share": (0, 1, "[]"),
+    "critical_coverage": (0, 1, "(]"),
+    "critical_min_calls_per_hour": (0, None, "[]"),
+    "pattern_match_jaccard": (0, 1, "[]"),
+    "graph_min_support": (0, 1, "[]"),
+    "pattern_min_traces": (1, None, "[]"),
+    "variant_containment": (0, 1, "[]"),
+    "hdbscan_min_cluster_size": (2, None, "[]"),  # HDBSCAN needs 2
+    "hdbscan_min_samples": (1, None, "[]"),
+    "train_history_hours": (1, None, "[]"),
+    "min_train_hours": (0, None, "[]"),
+    "alarm_p": (0, 1, "()"),
+    "model_max_age_hours": (1, None, "[]"),
+    "drift_factor": (0, None, "()"),
+    "drift_hours": (1, None, "[]"),
+    "incident_gap_buckets": (1, None, "[]"),
+    "incident_min_buckets": (1, None, "[]"),
 }
 
 
@@ -156,8 +174,11 @@ def _home_problem(home: Path) -> str | None:
 
 def _problems(s: Settings) -> dict[str, str]:
     """Every setting checked: field name -> what is wrong with its value."""
-    out = {name: why for name, (low, high, ends) in RANGES.items()
-           if (why := _range_problem(getattr(s, name), low, high, ends))}
+    out = {
+        name: why
+        for name, (low, high, ends) in RANGES.items()
+        if (why := _range_problem(getattr(s, name), low, high, ends))
+    }
     if "bucket_seconds" not in out and 3600 % s.bucket_seconds:
         out["bucket_seconds"] = "must divide 3600 (1 s .. 1 h)"
     if s.format not in FORMATS:

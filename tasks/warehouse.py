@@ -6,9 +6,9 @@ All timestamps are UTC (`TIMESTAMP` without zone).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import duckdb
 
@@ -17,7 +17,8 @@ RECENT_ANOMALIES_SQL = """
     SELECT * FROM anomalies WHERE bucket_ts >= (SELECT max(bucket_ts) FROM anomalies) - INTERVAL 6 HOUR
     ORDER BY bucket_ts DESC, score DESC"""
 
-SCHEMA = """
+SCHEMA = (
+    """
 CREATE TABLE IF NOT EXISTS calls (
     ts TIMESTAMP NOT NULL, trace_id VARCHAR NOT NULL, call_id VARCHAR NOT NULL,
     parent_call_id VARCHAR, caller VARCHAR NOT NULL, callee VARCHAR NOT NULL,
@@ -112,13 +113,16 @@ CREATE TABLE IF NOT EXISTS incidents (
     incident_id VARCHAR, start_ts TIMESTAMP, end_ts TIMESTAMP, patterns INTEGER[], nodes VARCHAR[],
     peak_score DOUBLE, kinds VARCHAR[], points BIGINT
 );
-CREATE OR REPLACE VIEW recent_anomalies AS """ + RECENT_ANOMALIES_SQL + """;
+CREATE OR REPLACE VIEW recent_anomalies AS """
+    + RECENT_ANOMALIES_SQL
+    + """;
 CREATE TABLE IF NOT EXISTS clustering_runs (
     hour TIMESTAMP PRIMARY KEY, reclustered BOOLEAN, reason VARCHAR, shapes INTEGER,
     clusters INTEGER, noise_shapes INTEGER, noise_share DOUBLE, critical INTEGER,
     critical_share DOUBLE, unassigned_share DOUBLE, seconds DOUBLE
 );
 """
+)
 
 
 def connect(path: Path, read_only: bool = False) -> duckdb.DuckDBPyConnection:

@@ -1,17 +1,14 @@
-"""Shared fixtures: a fresh rpcwatch home per test, small synthetic hours, the shared real data."""
+"""Shared fixtures: a fresh rpcwatch home per test, small synthetic hours, a trained home.
+Plain helpers (paths, the start hour, copying a home) live in `helpers.py`."""
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 
+from helpers import START
 from tasks.settings import Settings, load_settings
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
-START = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
 
 @pytest.fixture
@@ -25,7 +22,7 @@ def synth_source(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """Two synthetic hours (small), generated once per session; returns (folder, manifest)."""
     import json
 
-    from tasks.synth import generate
+    from tasks.synth.generate import generate
 
     out = tmp_path_factory.mktemp("synth")
     generate(START, 2, out, seed=11, spans_per_hour=20_000)
@@ -43,24 +40,17 @@ def synth_copy(synth_source: tuple[Path, dict], tmp_path: Path) -> tuple[Path, d
     return dst, manifest
 
 
-def shared_file(*parts: str) -> Path:
-    path = SHARED.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"real trace samples not present at {path} (the ../shared checkout)")
-    return path
-
-
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
     """Five synthetic hours; hours 0-3 through patterns, then the stale (critical) models trained
     at hour 3 under a real MLflow sqlite registry. Returns (settings, source, outcomes)."""
     from datetime import timedelta
 
-    from tasks.aggregate import aggregate_hour
-    from tasks.ingest import ingest_hour
-    from tasks.patterns import patterns_hour
-    from tasks.retrain import train_stale
-    from tasks.synth import generate
+    from tasks.ingest.aggregate import aggregate_hour
+    from tasks.ingest.stage import ingest_hour
+    from tasks.models.retrain import train_stale
+    from tasks.patterns.stage import patterns_hour
+    from tasks.synth.generate import generate
 
     root = tmp_path_factory.mktemp("training")
     source = root / "traces"
@@ -73,12 +63,3 @@ def trained(tmp_path_factory):
         patterns_hour(settings, hour)
     outcomes = train_stale(settings, START + timedelta(hours=3))
     return settings, source, outcomes
-
-
-def copy_home(settings: Settings, tmp_path: Path) -> Settings:
-    """A private copy of a home (warehouse, MLflow db; artifacts stay where the registry says)."""
-    import shutil
-
-    home = tmp_path / "home"
-    shutil.copytree(settings.home, home)
-    return settings.with_(home=home)

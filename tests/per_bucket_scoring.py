@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tasks.forecast import Prepared, _windows, predict
-from tasks.scoring import MAX_CLEANED_RUN, _flags
+from tasks.models.forecast import Prepared, _windows, predict
+from tasks.scoring.score import MAX_CLEANED_RUN, _flags
 
 
 def per_bucket_forecast(model, cfg, norm, values, targets, edge_index, nodes, thresholds, clean):
@@ -22,7 +22,9 @@ def per_bucket_forecast(model, cfg, norm, values, targets, edge_index, nodes, th
         prep = Prepared(x, torch.zeros(0), np.array([t]), 0, edge_index, offsets, norm)
         expected[s] = predict(model, prep, slice(None), torch.device("cpu"))[0]
         flagged = np.zeros(values.shape[1:], dtype=bool)
-        for _, n, f, threshold, score, direction, kind in _flags(observed[s:s + 1], expected[s:s + 1], nodes, thresholds):
+        for _, n, f, threshold, score, direction, kind in _flags(
+            observed[s : s + 1], expected[s : s + 1], nodes, thresholds
+        ):
             flags.append((s, n, f, threshold, score, direction, kind))
             flagged[n, f] = True
         run = np.where(flagged, run + 1, 0)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import duckdb
 
-from conftest import START
-from tasks.aggregate import aggregate_hour
-from tasks.ingest import ingest_hour
+from helpers import START
+from tasks.ingest.aggregate import aggregate_hour
+from tasks.ingest.stage import ingest_hour
 
 
 def _q(settings, sql):
@@ -31,7 +31,14 @@ def test_rerun_replaces_and_one_second_buckets_work(settings, synth_source):
     aggregate_hour(settings, START)
     first = _q(settings, "SELECT count(*), sum(calls), sum(hash(bucket_ts, caller, callee, calls)) FROM rpc_series")
     aggregate_hour(settings, START)
-    assert _q(settings, "SELECT count(*), sum(calls), sum(hash(bucket_ts, caller, callee, calls)) FROM rpc_series") == first
+    assert (
+        _q(settings, "SELECT count(*), sum(calls), sum(hash(bucket_ts, caller, callee, calls)) FROM rpc_series")
+        == first
+    )
     fine = settings.with_(bucket_seconds=1)
     aggregate_hour(fine, START)
-    assert _q(settings, "SELECT min(bucket_seconds), max(bucket_seconds), sum(calls) FROM rpc_series")[0] == (1, 1, first[0][1])
+    assert _q(settings, "SELECT min(bucket_seconds), max(bucket_seconds), sum(calls) FROM rpc_series")[0] == (
+        1,
+        1,
+        first[0][1],
+    )

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 
-from conftest import copy_home
-from tasks.cli import main
+from helpers import copy_home
+from tasks.app.cli import main
 
 
 def test_synth_ingest_validate_aggregate_and_summary(tmp_path, capsys):
     home, traces = tmp_path / "home", tmp_path / "traces"
-    assert main(["synth", "--start", "2026-01-01T00:00", "--hours", "1", "--out", str(traces), "--spans-per-hour", "5000"]) == 0
+    assert (
+        main(["synth", "--start", "2026-01-01T00:00", "--hours", "1", "--out", str(traces), "--spans-per-hour", "5000"])
+        == 0
+    )
     assert "spans/s" in capsys.readouterr().out
     assert main(["ingest", "--home", str(home), "--hour", "2026-01-01T00:00", "--source", str(traces)]) == 0
     out = capsys.readouterr().out
@@ -55,8 +58,9 @@ def _hold(path):
     import subprocess
     import sys
 
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(path)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     assert holder.stdout.readline().strip() == "locked"
     return holder
 
@@ -67,9 +71,12 @@ def _home_with_a_point(settings, caller="svc-a"):
     from tasks.warehouse import opened
 
     with opened(settings.warehouse) as con:
-        con.execute("INSERT INTO anomalies (bucket_ts, pattern_id, node, caller, callee, interface, feature, observed, "
-                    "expected, threshold, score, direction, kind) VALUES (?, 1, 'n', ?, 'svc-b', 'get', 'calls', 9, 1, "
-                    "2, 5, 'up', 'traffic_spike')", [datetime(2026, 1, 1, 3, 5), caller])
+        con.execute(
+            "INSERT INTO anomalies (bucket_ts, pattern_id, node, caller, callee, interface, feature, observed, "
+            "expected, threshold, score, direction, kind) VALUES (?, 1, 'n', ?, 'svc-b', 'get', 'calls', 9, 1, "
+            "2, 5, 'up', 'traffic_spike')",
+            [datetime(2026, 1, 1, 3, 5), caller],
+        )
 
 
 def test_read_commands_while_a_run_writes_say_who_holds_the_lock_or_read_the_snapshot(settings, capsys):
@@ -110,7 +117,7 @@ def test_a_bad_setting_is_a_one_line_error_with_exit_2(tmp_path, monkeypatch, ca
 
 
 def test_tables_show_control_characters_escaped(settings, capsys):
-    from tasks.report import table
+    from tasks.app.report import table
 
     text = table(["na\nme", "n"], [["evil\nname\x00\x1b[31m", 1], ["tab\there", 22]])
     lines = text.splitlines()

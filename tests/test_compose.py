@@ -83,7 +83,7 @@ def env(svc: dict) -> dict[str, str]:
 def depends_on(svc: dict) -> dict[str, str]:
     raw = svc.get("depends_on") or {}
     if isinstance(raw, list):
-        return {name: "service_started" for name in raw}
+        return dict.fromkeys(raw, "service_started")
     return {name: (spec or {}).get("condition", "service_started") for name, spec in raw.items()}
 
 
@@ -110,11 +110,7 @@ def airflow_services(services: dict[str, dict]) -> dict[str, dict]:
 
 def by_airflow_command(services: dict[str, dict], *words: str) -> dict[str, dict]:
     n = len(words)
-    return {
-        name: svc
-        for name, svc in services.items()
-        if command(svc)[: n + 1] == ["airflow", *words]
-    }
+    return {name: svc for name, svc in services.items() if command(svc)[: n + 1] == ["airflow", *words]}
 
 
 def option(cmd: list[str], flag: str) -> str | None:
@@ -167,7 +163,9 @@ def test_depends_on_conditions(services):
         for target, cond in depends_on(svc).items():
             assert cond in conds, f"{name} -> {target}: {cond}"
             if cond == "service_healthy" and target in services:
-                assert "healthcheck" in services[target], f"{name} waits for {target}'s health, which has no healthcheck"
+                assert "healthcheck" in services[target], (
+                    f"{name} waits for {target}'s health, which has no healthcheck"
+                )
     init_name, _ = init_service(services)
     for name, svc in airflow_services(services).items():
         deps = depends_on(svc)
@@ -204,8 +202,12 @@ def test_default_and_gpu_workers(services):
 
 
 def test_gpu_worker_image_is_the_cuda_variant(services):
-    gpu_name, gpu_svc = one({n: s for n, s in workers(services).items() if option(command(s), "--queues") == "gpu"}, "gpu worker")
-    cpu_name, cpu_svc = one({n: s for n, s in workers(services).items() if option(command(s), "--queues") == "default"}, "default worker")
+    gpu_name, gpu_svc = one(
+        {n: s for n, s in workers(services).items() if option(command(s), "--queues") == "gpu"}, "gpu worker"
+    )
+    cpu_name, cpu_svc = one(
+        {n: s for n, s in workers(services).items() if option(command(s), "--queues") == "default"}, "default worker"
+    )
     assert gpu_svc["image"] != cpu_svc["image"], "GPU and CPU images must not share a tag"
     gpu_args, cpu_args = gpu_svc["build"]["args"], cpu_svc["build"]["args"]
     assert gpu_args["TORCH_SPEC"] == cpu_args["TORCH_SPEC"] == "torch==2.13.0"
@@ -394,7 +396,7 @@ def env_example() -> dict[str, str]:
 def test_secrets_have_no_default_and_fail_fast():
     refs = references(COMPOSE_FILE.read_text())
     used = {var for var, _, _ in refs}
-    assert SECRETS <= used, f"secrets not taken from .env: {sorted(SECRETS - used)}"
+    assert used >= SECRETS, f"secrets not taken from .env: {sorted(SECRETS - used)}"
     for var, op, word in refs:
         if var in SECRETS or SECRET_NAME.search(var):
             assert op == ":?", f"${{{var}}} must be written ${{{var}:?...}} (no default, fails when unset or empty)"
@@ -490,20 +492,27 @@ def test_the_admin_password_writer(tmp_path):
         "AIRFLOW_ADMIN_PASSWORD": "s3cr\"et'$x",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(target),
     }
-    done = subprocess.run([sys.executable, str(PASSWORD_WRITER), sys.executable, "-c", child], env=run_env,
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, str(PASSWORD_WRITER), sys.executable, "-c", child],
+        env=run_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout == "<unset>"
     assert json.loads(target.read_text()) == {"admin": "s3cr\"et'$x", "viewer": "kept"}
     assert (target.stat().st_mode & 0o777) == 0o600
     for missing in ("AIRFLOW_ADMIN_PASSWORD", "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"):
         bad = {k: v for k, v in run_env.items() if k != missing}
-        done = subprocess.run([sys.executable, str(PASSWORD_WRITER), "true"], env=bad, capture_output=True,
-                              text=True, timeout=60)
+        done = subprocess.run(
+            [sys.executable, str(PASSWORD_WRITER), "true"], env=bad, capture_output=True, text=True, timeout=60
+        )
         assert done.returncode != 0 and missing in done.stderr, (missing, done.stderr)
     run_env["AIRFLOW_ADMIN_PASSWORD"] = ""
-    done = subprocess.run([sys.executable, str(PASSWORD_WRITER), "true"], env=run_env, capture_output=True,
-                          text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, str(PASSWORD_WRITER), "true"], env=run_env, capture_output=True, text=True, timeout=60
+    )
     assert done.returncode != 0
 
 
@@ -544,8 +553,16 @@ def _git(*args: str) -> subprocess.CompletedProcess[str]:
 def test_env_and_data_folders_are_not_committed():
     if not shutil.which("git") or _git("rev-parse", "--git-dir").returncode:
         pytest.skip("not a git checkout")
-    for path in (".env", ".env.local", ".rpcwatch/x", ".rpcwatch-trainticket/x", ".rpcwatch-demo/x",
-                 "incoming/x.parquet", "mlruns/x", "mlartifacts/x"):
+    for path in (
+        ".env",
+        ".env.local",
+        ".rpcwatch/x",
+        ".rpcwatch-trainticket/x",
+        ".rpcwatch-demo/x",
+        "incoming/x.parquet",
+        "mlruns/x",
+        "mlartifacts/x",
+    ):
         assert _git("check-ignore", "-q", "--no-index", path).returncode == 0, f"{path} is not git-ignored"
     assert _git("check-ignore", "-q", "--no-index", ".env.example").returncode == 1, ".env.example must be committed"
     tracked = _git("ls-files", "--", ".env", "incoming").stdout.split()

@@ -21,8 +21,8 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from conftest import START
-from tasks.synth import generate
+from helpers import START
+from tasks.synth.generate import generate
 
 HOURS = 4
 # columns that say when or how long something ran, or which MLflow run id it got: they differ
@@ -48,16 +48,20 @@ def _rpcwatch(home: Path, source: Path, hour: int | None = None, crash_at: str |
 
 def _table_hashes(warehouse: Path) -> dict[str, tuple[int, int]]:
     with duckdb.connect(str(warehouse), read_only=True) as con:
-        tables = [r[0] for r in con.execute(
-            "SELECT table_name FROM duckdb_tables() WHERE NOT temporary ORDER BY 1").fetchall()]
+        tables = [
+            r[0]
+            for r in con.execute("SELECT table_name FROM duckdb_tables() WHERE NOT temporary ORDER BY 1").fetchall()
+        ]
         out = {}
         for table in tables:
-            columns = [r[0] for r in con.execute(
-                "SELECT column_name FROM duckdb_columns() WHERE table_name = ? ORDER BY column_index",
-                [table]).fetchall()]
+            columns = [
+                r[0]
+                for r in con.execute(
+                    "SELECT column_name FROM duckdb_columns() WHERE table_name = ? ORDER BY column_index", [table]
+                ).fetchall()
+            ]
             kept = ", ".join(f'"{c}"' for c in columns if c not in VOLATILE)  # catalog names, not input
-            count, digest = con.execute(
-                f"SELECT count(*), coalesce(sum(hash(row({kept}))), 0) FROM {table}").fetchone()
+            count, digest = con.execute(f"SELECT count(*), coalesce(sum(hash(row({kept}))), 0) FROM {table}").fetchone()
             out[table] = (count, int(digest))
         return out
 
@@ -99,7 +103,14 @@ def test_kill_9_at_every_stage_boundary_then_rerun_equals_a_clean_run(source, tm
     assert not list(crashed.glob(".analytics-*")), "publish left staging files behind"
     assert (crashed / "analytics.duckdb").exists()
     with duckdb.connect(str(crashed / "warehouse.duckdb"), read_only=True) as con:
-        critical = {r[0] for r in con.execute("SELECT pattern_id FROM patterns WHERE status = 'active' AND critical").fetchall()}
-        scored = {r[0] for r in con.execute("SELECT pattern_id FROM score_runs WHERE status = 'scored' AND hour = ?",
-                                            [(START + timedelta(hours=HOURS - 1)).replace(tzinfo=None)]).fetchall()}
+        critical = {
+            r[0] for r in con.execute("SELECT pattern_id FROM patterns WHERE status = 'active' AND critical").fetchall()
+        }
+        scored = {
+            r[0]
+            for r in con.execute(
+                "SELECT pattern_id FROM score_runs WHERE status = 'scored' AND hour = ?",
+                [(START + timedelta(hours=HOURS - 1)).replace(tzinfo=None)],
+            ).fetchall()
+        }
     assert critical and scored == critical, "every critical pattern is scored in the last hour"

@@ -12,8 +12,8 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from conftest import REPO, START
-from tasks.airflow_env import airflow_env, dag_test, prepare_airflow
+from helpers import REPO, START
+from tasks.app.airflow_env import airflow_env, dag_test, prepare_airflow
 from tasks.settings import load_settings
 
 HEAVY = ("torch", "mlflow", "great_expectations", "hdbscan", "torch_geometric", "pandas", "duckdb", "sklearn")
@@ -55,7 +55,7 @@ def test_dag_file_is_light_and_wired(airflow):
     settings, env = airflow
     probe = f"""
 import importlib.util, json, sys
-spec = importlib.util.spec_from_file_location("d", r"{REPO / 'dags' / 'rpcwatch_hourly.py'}")
+spec = importlib.util.spec_from_file_location("d", r"{REPO / "dags" / "rpcwatch_hourly.py"}")
 module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)
 heavy = sorted(m for m in {HEAVY!r} if m in sys.modules)
 d = module.hourly
@@ -73,7 +73,7 @@ print(json.dumps({{"heavy": heavy,
     assert sorted(facts["tasks"]) == sorted(names), "one task per pipeline stage"
     assert facts["pools"] == ["default_pool", "rpcwatch_duckdb"]
     assert facts["queues"]["train"] == "gpu" and facts["pool_of"]["train"] == "default_pool"
-    assert facts["upstream"] == {name: names[i - 1:i] for i, name in enumerate(names)}, "wired in the stages' order"
+    assert facts["upstream"] == {name: names[i - 1 : i] for i, name in enumerate(names)}, "wired in the stages' order"
     assert names[-2:] == ["score", "publish"]
     assert facts["timetable"] == "CronDataIntervalTimetable"
 
@@ -85,8 +85,11 @@ def test_two_hours_through_the_dag_match_the_manifest_and_rerun_is_identical(air
     for i in range(2):
         _run(env, source, START + timedelta(hours=i))
     with duckdb.connect(str(settings.warehouse), read_only=True) as con:
-        per_hour = dict(con.execute(
-            "SELECT strftime(date_trunc('hour', ts), '%Y-%m-%dT%H:00'), count(*) FROM calls GROUP BY 1").fetchall())
+        per_hour = dict(
+            con.execute(
+                "SELECT strftime(date_trunc('hour', ts), '%Y-%m-%dT%H:00'), count(*) FROM calls GROUP BY 1"
+            ).fetchall()
+        )
         series = con.execute("SELECT sum(calls) FROM rpc_series").fetchone()[0]
     expected = {h: n for h, n in manifest["rows_per_hour"].items() if h in per_hour or h < "2026-01-01T02:00"}
     assert per_hour == expected
@@ -111,7 +114,7 @@ def test_a_bad_batch_fails_the_validate_task_with_its_message(airflow, synth_cop
 @pytest.mark.airflow
 def test_the_dag_trains_stale_patterns_once_and_then_nothing(tmp_path):
     """Hours 0-3 through the DAG: models train when a pattern has 2 h of history, never again after."""
-    from tasks.synth import generate
+    from tasks.synth.generate import generate
 
     source = tmp_path / "traces"
     generate(START, 4, source, seed=5, spans_per_hour=30_000)

@@ -4,21 +4,53 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from tasks.demo import _verdict, example_node, incidents_text
+from tasks.app.demo import _verdict, example_node, incidents_text
 from tasks.publish import publish
 from tasks.warehouse import opened
 
 T = datetime(2026, 1, 1, 8, 0)
 
 INCIDENTS = [  # incident_id, start, end, patterns, nodes, peak_score, kinds, points
-    ("a", T.replace(minute=12), T.replace(minute=17), None, ["svc-user|mysql-users|dumpTable|db"], 24.0,
-     ["novel_rpc"], 5),
-    ("b", T.replace(minute=33), T.replace(minute=39), [9], ["svc-review|es-search|update_review|db"], 6.7,
-     ["latency"], 15),
-    ("c", T.replace(minute=51), T.replace(hour=9, minute=9), [4], ["svc-promo|svc-auth|countAuth|rpc"], 6.5,
-     ["traffic_spike", "errors"], 358),
-    ("d", T.replace(hour=4, minute=37), T.replace(hour=4, minute=42), [6], ["svc-risk|redis-1|get_risk|mc"], 2.5,
-     ["traffic_spike"], 6),
+    (
+        "a",
+        T.replace(minute=12),
+        T.replace(minute=17),
+        None,
+        ["svc-user|mysql-users|dumpTable|db"],
+        24.0,
+        ["novel_rpc"],
+        5,
+    ),
+    (
+        "b",
+        T.replace(minute=33),
+        T.replace(minute=39),
+        [9],
+        ["svc-review|es-search|update_review|db"],
+        6.7,
+        ["latency"],
+        15,
+    ),
+    (
+        "c",
+        T.replace(minute=51),
+        T.replace(hour=9, minute=9),
+        [4],
+        ["svc-promo|svc-auth|countAuth|rpc"],
+        6.5,
+        ["traffic_spike", "errors"],
+        358,
+    ),
+    (
+        "d",
+        T.replace(hour=4, minute=37),
+        T.replace(hour=4, minute=42),
+        [6],
+        ["svc-risk|redis-1|get_risk|mc"],
+        2.5,
+        ["traffic_spike"],
+        6,
+    ),
 ]
 
 ANOMALIES = [  # bucket_ts, pattern_id, caller, callee, interface, feature, score
@@ -35,10 +67,16 @@ def _snapshot(settings, incidents=INCIDENTS, anomalies=ANOMALIES):
         if incidents:
             con.executemany("INSERT INTO incidents VALUES (?, ?, ?, ?, ?, ?, ?, ?)", incidents)
         if anomalies:
-            con.executemany("""INSERT INTO anomalies (bucket_ts, pattern_id, caller, callee, interface, feature, score)
-                               VALUES (?, ?, ?, ?, ?, ?, ?)""", anomalies)
-        con.execute("""INSERT INTO rpc_series (bucket_ts, caller, callee, rpc_type, calls, errors, bucket_seconds)
-                       VALUES (?, 'a', 'b', 'rpc', 1, 0, 60)""", [T.replace(hour=9, minute=59)])
+            con.executemany(
+                """INSERT INTO anomalies (bucket_ts, pattern_id, caller, callee, interface, feature, score)
+                               VALUES (?, ?, ?, ?, ?, ?, ?)""",
+                anomalies,
+            )
+        con.execute(
+            """INSERT INTO rpc_series (bucket_ts, caller, callee, rpc_type, calls, errors, bucket_seconds)
+                       VALUES (?, 'a', 'b', 'rpc', 1, 0, 60)""",
+            [T.replace(hour=9, minute=59)],
+        )
     return publish(settings)
 
 

@@ -8,8 +8,8 @@ from datetime import timedelta
 import pandas as pd
 import pytest
 
-from conftest import START, copy_home, shared_file
-from tasks.faults import evaluate_faults, load_faults, score_faults
+from helpers import START, copy_home, shared_file
+from tasks.evaluation.faults import evaluate_faults, load_faults, score_faults
 
 
 def _points(*rows) -> pd.DataFrame:
@@ -33,11 +33,18 @@ def test_an_empty_fault_list_is_a_clear_error(tmp_path):
 
 def test_detection_delay_and_chance_level_on_hand_made_points():
     buckets = pd.date_range("2023-01-01 00:00", periods=120, freq="5s")  # 10 minutes
-    faults = pd.DataFrame({"inject_time": [pd.Timestamp("2023-01-01 00:05:02")], "service": ["svc-a"],
-                           "window_end": [pd.Timestamp("2023-01-01 00:05:57")]})  # buckets 00:05:00 .. 00:05:55
-    points = _points((pd.Timestamp("2023-01-01 00:05:10"), "svc-a", "db"),  # in the window: detected
-                     (pd.Timestamp("2023-01-01 00:01:00"), "gw", "svc-a"),  # fault-free, touches svc-a
-                     (pd.Timestamp("2023-01-01 00:02:00"), "gw", "svc-b"))  # fault-free, elsewhere
+    faults = pd.DataFrame(
+        {
+            "inject_time": [pd.Timestamp("2023-01-01 00:05:02")],
+            "service": ["svc-a"],
+            "window_end": [pd.Timestamp("2023-01-01 00:05:57")],
+        }
+    )  # buckets 00:05:00 .. 00:05:55
+    points = _points(
+        (pd.Timestamp("2023-01-01 00:05:10"), "svc-a", "db"),  # in the window: detected
+        (pd.Timestamp("2023-01-01 00:01:00"), "gw", "svc-a"),  # fault-free, touches svc-a
+        (pd.Timestamp("2023-01-01 00:02:00"), "gw", "svc-b"),
+    )  # fault-free, elsewhere
     s = score_faults("x", points, faults, buckets, 5)
     assert (s.detected, s.per_fault) == (1, ["after 13 s"])  # bucket 00:05:10 ends 13 s after the injection
     p = 1 / 108  # 120 buckets - 12 in the window; one of them touches svc-a
@@ -47,10 +54,10 @@ def test_detection_delay_and_chance_level_on_hand_made_points():
 
 
 def test_evaluate_on_a_scored_warehouse_counts_only_faults_after_training(trained, tmp_path):
-    from tasks.aggregate import aggregate_hour
-    from tasks.ingest import ingest_hour
-    from tasks.patterns import patterns_hour
-    from tasks.scoring import score_hour
+    from tasks.ingest.aggregate import aggregate_hour
+    from tasks.ingest.stage import ingest_hour
+    from tasks.patterns.stage import patterns_hour
+    from tasks.scoring.score import score_hour
 
     settings, source, _ = trained
     settings = copy_home(settings, tmp_path)
@@ -60,13 +67,20 @@ def test_evaluate_on_a_scored_warehouse_counts_only_faults_after_training(traine
     patterns_hour(settings, h4)
     score_hour(settings, h4)
     path = tmp_path / "fault_list.json"
-    entries = [{"inject_time": "2026-01-01 02:30:00", "inject_pod": "svc-cart-5d9f-x1"},  # trained on: not judged
-               {"inject_time": "2026-01-01 04:20:00", "inject_pod": "svc-cart-5d9f-x1"},
-               {"inject_time": "2026-01-01 04:40:00", "inject_pod": "svc-nowhere-1-2"}]
+    entries = [
+        {"inject_time": "2026-01-01 02:30:00", "inject_pod": "svc-cart-5d9f-x1"},  # trained on: not judged
+        {"inject_time": "2026-01-01 04:20:00", "inject_pod": "svc-cart-5d9f-x1"},
+        {"inject_time": "2026-01-01 04:40:00", "inject_pod": "svc-nowhere-1-2"},
+    ]
     path.write_text(json.dumps({"02": entries[:1], "04": entries[1:]}))
     scores, faults = evaluate_faults(settings, path)
     assert list(faults.service) == ["svc-cart", "svc-nowhere"]
-    assert [s.name for s in scores] == ["rpcwatch points", "naive points", "rpcwatch incident starts", "naive incident starts"]
+    assert [s.name for s in scores] == [
+        "rpcwatch points",
+        "naive points",
+        "rpcwatch incident starts",
+        "naive incident starts",
+    ]
     for s in scores:
         assert s.faults == 2 and len(s.per_fault) == 2 and s.chance >= 0
         assert s.per_fault[1] == "missed", "a service that makes no call can't be hit"

@@ -7,9 +7,10 @@ import math
 import numpy as np
 import pytest
 
-from tasks.forecast import (NotEnoughHistory, TrainConfig, calibrate, count_band, device, latency_band, metrics,
-                            moving_average, perfect_forecast_mape, poisson_floor, predict, prepare, seasonal_naive, train)
-from tasks.series import PatternData
+from tasks.models.baselines import metrics, moving_average, perfect_forecast_mape, poisson_floor, seasonal_naive
+from tasks.models.forecast import NotEnoughHistory, TrainConfig, device, predict, prepare, train
+from tasks.models.series import PatternData
+from tasks.models.thresholds import calibrate, count_band, latency_band
 
 FAST = TrainConfig(max_epochs=60, patience=10)
 
@@ -42,7 +43,7 @@ def test_training_reaches_the_poisson_floor_on_constant_rates():
     prep = prepare(data, FAST)
     dev = device("cpu")
     result = train(prep, FAST, dev)
-    obs = prep.y[prep.split:].numpy().astype(float)
+    obs = prep.y[prep.split :].numpy().astype(float)
     pred = predict(result.model, prep, slice(prep.split, None), dev)
     mape = metrics(pred, obs)["mape_calls"]
     assert mape <= 1.15 * poisson_floor(obs)
@@ -77,7 +78,7 @@ def test_calibration_learns_overdispersion_and_latency_scale():
     rng = np.random.default_rng(5)
     data.values[:, 2, 0] = rng.negative_binomial(5, 5 / (5 + 40.0), size=len(data.values))  # var = 40 + 40^2/5
     prep = prepare(data, FAST)
-    pred = np.broadcast_to(np.nanmean(data.values, axis=0), prep.y[prep.split:].shape).copy()
+    pred = np.broadcast_to(np.nanmean(data.values, axis=0), prep.y[prep.split :].shape).copy()
     th = calibrate(data, prep, pred, alarm_p=1e-3)
     poisson_node, nb_node = th.nodes["USER|a|x|http"], th.nodes["b|c|z|rpc"]
     assert poisson_node["calls"]["alpha"] < 0.02 < nb_node["calls"]["alpha"]
@@ -90,7 +91,7 @@ def test_calibration_learns_overdispersion_and_latency_scale():
 
 def test_bursty_thin_nodes_get_a_burst_factor_and_keep_their_alarm_rate():
     """One request calling a node 8 times (a loop): in thin traffic Var ~ 8 lambda, not lambda."""
-    from tasks.forecast import _burst_factor
+    from tasks.models.thresholds import _burst_factor
 
     rng = np.random.default_rng(7)
     lam = np.full(5_000, 0.2)

@@ -8,8 +8,15 @@ import duckdb
 import pyarrow as pa
 import pytest
 
-from tasks.formats import (AlibabaV2021, AlibabaV2022, SpanMapping, Spans, make_format, quote_identifier,
-                           set_format_variables)
+from tasks.ingest.formats import (
+    AlibabaV2021,
+    AlibabaV2022,
+    SpanMapping,
+    Spans,
+    make_format,
+    quote_identifier,
+    set_format_variables,
+)
 
 
 def _normalise(fmt, rows: list[dict]) -> list[dict]:
@@ -29,7 +36,16 @@ def _normalise(fmt, rows: list[dict]) -> list[dict]:
 
 def test_v2022_missing_markers_roots_and_parents():
     rows = [
-        dict(timestamp=1000, traceid="T", rpc_id="0.1", rpctype="http", um="UNKNOWN", interface="UNAVAILABLE", dm="A", rt=5),
+        dict(
+            timestamp=1000,
+            traceid="T",
+            rpc_id="0.1",
+            rpctype="http",
+            um="UNKNOWN",
+            interface="UNAVAILABLE",
+            dm="A",
+            rt=5,
+        ),
         dict(timestamp=1001, traceid="T", rpc_id="0.1.2", rpctype="UNKNOWN", um="A", interface="get", dm="USER", rt=1),
     ]
     root, child = _normalise(AlibabaV2022(epoch_ms=0), rows)
@@ -52,25 +68,65 @@ def test_v2021_caller_and_callee_rows_merge_into_one_call():
 def test_spans_take_caller_from_parent_span_and_strip_pod_suffix():
     mapping = SpanMapping.load("nezha-trainticket")
     rows = [
-        dict(TraceID="t", SpanID="a", ParentID="root", PodName="ts-gateway-service-6f6cfc45b-h5m2n",
-             OperationName="/*", StartTimeUnixNano=1_000_000_000, Duration=2000),
-        dict(TraceID="t", SpanID="b", ParentID="a", PodName="ts-order-service-7d9c8b-x2x2x",
-             OperationName="GET /orders", StartTimeUnixNano=1_001_000_000, Duration=500),
-        dict(TraceID="t", SpanID="c", ParentID="zz", PodName="ts-order-service-7d9c8b-x2x2x",
-             OperationName="lost", StartTimeUnixNano=1_002_000_000, Duration=100),
+        dict(
+            TraceID="t",
+            SpanID="a",
+            ParentID="root",
+            PodName="ts-gateway-service-6f6cfc45b-h5m2n",
+            OperationName="/*",
+            StartTimeUnixNano=1_000_000_000,
+            Duration=2000,
+        ),
+        dict(
+            TraceID="t",
+            SpanID="b",
+            ParentID="a",
+            PodName="ts-order-service-7d9c8b-x2x2x",
+            OperationName="GET /orders",
+            StartTimeUnixNano=1_001_000_000,
+            Duration=500,
+        ),
+        dict(
+            TraceID="t",
+            SpanID="c",
+            ParentID="zz",
+            PodName="ts-order-service-7d9c8b-x2x2x",
+            OperationName="lost",
+            StartTimeUnixNano=1_002_000_000,
+            Duration=100,
+        ),
     ]
     a, b, c = _normalise(Spans(mapping), rows)
     assert (a["caller"], a["callee"], a["parent_call_id"], a["rt_ms"]) == ("USER", "ts-gateway-service", None, 2.0)
-    assert (b["caller"], b["callee"], b["interface"], b["rt_ms"]) == ("ts-gateway-service", "ts-order-service", "GET /orders", 0.5)
+    assert (b["caller"], b["callee"], b["interface"], b["rt_ms"]) == (
+        "ts-gateway-service",
+        "ts-order-service",
+        "GET /orders",
+        0.5,
+    )
     assert c["caller"] == "UNKNOWN", "a parent outside the batch is unknown, not invented"
     assert str(b["ts"]) == "1970-01-01 00:00:01.001000"
 
 
 def test_span_mapping_from_file_with_end_time_and_status(tmp_path):
     path = tmp_path / "jaeger.json"
-    path.write_text(json.dumps({"trace_id": "tid", "span_id": "sid", "parent_id": "pid", "service": "svc",
-                                "operation": "op", "start": "start_us", "start_unit": "us", "end": "end_us",
-                                "end_unit": "us", "status": "code", "error_values": ["ERR"]}))
+    path.write_text(
+        json.dumps(
+            {
+                "trace_id": "tid",
+                "span_id": "sid",
+                "parent_id": "pid",
+                "service": "svc",
+                "operation": "op",
+                "start": "start_us",
+                "start_unit": "us",
+                "end": "end_us",
+                "end_unit": "us",
+                "status": "code",
+                "error_values": ["ERR"],
+            }
+        )
+    )
     fmt = make_format("spans", span_mapping=str(path))
     rows = [dict(tid="t", sid="a", pid="", svc="s", op="o", start_us=1_000_000, end_us=1_003_000, code="ERR")]
     [call] = _normalise(fmt, rows)
@@ -84,16 +140,52 @@ def test_bad_mappings_are_named():
 
 def test_hostile_mapping_names_and_values_stay_data():
     """Column names and values of a span mapping are outside text: quoted or bound, never run."""
-    mapping = SpanMapping(trace_id='t"id', span_id="s'id", parent_id="p); DROP TABLE raw; --",
-                          service="svc", operation="op", start="st", start_unit="ms", duration="d",
-                          duration_unit="ms", status="code", error_values=("it's bad", '"x"'),
-                          root_parent_values=("r'oot",), service_regex="^([^']+)'-[0-9]+$", rpc_type="sp'an")
-    rows = [{'t"id': "t", "s'id": "a", "p); DROP TABLE raw; --": "r'oot", "svc": "api'-7", "op": "/",
-             "st": 1000, "d": 2, "code": "it's bad"},
-            {'t"id': "t", "s'id": "b", "p); DROP TABLE raw; --": "a", "svc": "db'-1", "op": "q",
-             "st": 1001, "d": 1, "code": "ok"}]
+    mapping = SpanMapping(
+        trace_id='t"id',
+        span_id="s'id",
+        parent_id="p); DROP TABLE raw; --",
+        service="svc",
+        operation="op",
+        start="st",
+        start_unit="ms",
+        duration="d",
+        duration_unit="ms",
+        status="code",
+        error_values=("it's bad", '"x"'),
+        root_parent_values=("r'oot",),
+        service_regex="^([^']+)'-[0-9]+$",
+        rpc_type="sp'an",
+    )
+    rows = [
+        {
+            't"id': "t",
+            "s'id": "a",
+            "p); DROP TABLE raw; --": "r'oot",
+            "svc": "api'-7",
+            "op": "/",
+            "st": 1000,
+            "d": 2,
+            "code": "it's bad",
+        },
+        {
+            't"id': "t",
+            "s'id": "b",
+            "p); DROP TABLE raw; --": "a",
+            "svc": "db'-1",
+            "op": "q",
+            "st": 1001,
+            "d": 1,
+            "code": "ok",
+        },
+    ]
     a, b = _normalise(Spans(mapping), rows)
-    assert (a["caller"], a["callee"], a["parent_call_id"], a["is_error"], a["rpc_type"]) == ("USER", "api", None, True, "sp'an")
+    assert (a["caller"], a["callee"], a["parent_call_id"], a["is_error"], a["rpc_type"]) == (
+        "USER",
+        "api",
+        None,
+        True,
+        "sp'an",
+    )
     assert (b["caller"], b["callee"], b["parent_call_id"], b["is_error"]) == ("api", "db", "a", False)
 
 

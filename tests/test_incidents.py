@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from tasks.scoring import ANOMALY_COLUMNS, _incidents
+from tasks.scoring.score import ANOMALY_COLUMNS, _incidents
 from tasks.warehouse import opened
 
 H = datetime(2026, 1, 1, 10)  # naive UTC, as stored
@@ -19,8 +19,25 @@ def _point(ts: datetime, group: int | str, score: float = 1.0, feature: str = "c
     """An anomalies row: a pattern's point (int group) or a novel RPC of a calling service (str group)."""
     pid, caller = (group, "svc-a") if isinstance(group, int) else (None, group)
     node = f"{caller}|svc-b|get|rpc"
-    return (ts, pid, node, caller, "svc-b", "get", feature, 10.0, 1.0, 2.0, score, "up",
-            "novel_rpc" if pid is None else "traffic_spike", None, None, None, ts)
+    return (
+        ts,
+        pid,
+        node,
+        caller,
+        "svc-b",
+        "get",
+        feature,
+        10.0,
+        1.0,
+        2.0,
+        score,
+        "up",
+        "novel_rpc" if pid is None else "traffic_spike",
+        None,
+        None,
+        None,
+        ts,
+    )
 
 
 def _minutes(first: datetime, last: datetime, group, step: int = 1, **kw) -> list[tuple]:
@@ -33,8 +50,10 @@ def _score(con, hour: datetime, points: list[tuple]) -> None:
     con.execute("DELETE FROM anomalies WHERE bucket_ts >= ? AND bucket_ts < ?", [hour, hour + timedelta(hours=1)])
     rows = [p for p in points if hour <= p[0] < hour + timedelta(hours=1)]
     if rows:
-        con.executemany(f"INSERT INTO anomalies ({', '.join(ANOMALY_COLUMNS)}) VALUES "
-                        f"({', '.join('?' * len(ANOMALY_COLUMNS))})", rows)
+        con.executemany(
+            f"INSERT INTO anomalies ({', '.join(ANOMALY_COLUMNS)}) VALUES ({', '.join('?' * len(ANOMALY_COLUMNS))})",
+            rows,
+        )
     _incidents(con, hour, GAP, SECONDS, MIN_BUCKETS)
 
 
@@ -70,10 +89,12 @@ def _found(con) -> list[tuple[str, datetime, datetime, int]]:
 # pattern 4 flagged from 08:51 to 10:09 (and its latency every 5 min: several rows per bucket); a
 # calling service with a short run across 09:00 (3 buckets: an incident) and one across 10:00
 # (2 buckets, low score: none)
-FLOOD = (_minutes(datetime(2026, 1, 1, 8, 51), datetime(2026, 1, 1, 10, 9), 4)
-         + _minutes(datetime(2026, 1, 1, 8, 55), datetime(2026, 1, 1, 10, 5), 4, step=5, feature="rt_mean")
-         + _minutes(datetime(2026, 1, 1, 8, 59), datetime(2026, 1, 1, 9, 3), "svc-y", step=2)
-         + [_point(datetime(2026, 1, 1, 9, 58), "svc-x"), _point(datetime(2026, 1, 1, 10, 1), "svc-x")])
+FLOOD = (
+    _minutes(datetime(2026, 1, 1, 8, 51), datetime(2026, 1, 1, 10, 9), 4)
+    + _minutes(datetime(2026, 1, 1, 8, 55), datetime(2026, 1, 1, 10, 5), 4, step=5, feature="rt_mean")
+    + _minutes(datetime(2026, 1, 1, 8, 59), datetime(2026, 1, 1, 9, 3), "svc-y", step=2)
+    + [_point(datetime(2026, 1, 1, 9, 58), "svc-x"), _point(datetime(2026, 1, 1, 10, 1), "svc-x")]
+)
 HOURS = [H - timedelta(hours=2), H - timedelta(hours=1), H]
 
 
@@ -83,10 +104,12 @@ def test_an_incident_spanning_hours_is_one_row_whatever_the_scoring_order(settin
         for i in order:
             _score(con, HOURS[i], FLOOD)
         found = _found(con)
-        assert [f for f in found if f[0] == "4"] == [("4", datetime(2026, 1, 1, 8, 51), datetime(2026, 1, 1, 10, 10),
-                                                      79 + 15)], "one incident with all its points"
+        assert [f for f in found if f[0] == "4"] == [
+            ("4", datetime(2026, 1, 1, 8, 51), datetime(2026, 1, 1, 10, 10), 79 + 15)
+        ], "one incident with all its points"
         assert [f[:3] for f in found if f[0] != "4"] == [
-            ("novel:svc-y", datetime(2026, 1, 1, 8, 59), datetime(2026, 1, 1, 9, 4))]
+            ("novel:svc-y", datetime(2026, 1, 1, 8, 59), datetime(2026, 1, 1, 9, 4))
+        ]
         assert found == _expected(con)
 
 
@@ -107,8 +130,10 @@ def test_rescoring_an_hour_that_splits_a_run_leaves_two_incidents_and_no_stale_o
             _score(con, hour, FLOOD)
         _score(con, HOURS[1], hole)  # the rescored hour no longer flags 09:20-09:40
         runs = [f for f in _found(con) if f[0] == "4"]
-        assert [(a, b) for _, a, b, _ in runs] == [(datetime(2026, 1, 1, 8, 51), datetime(2026, 1, 1, 9, 20)),
-                                                   (datetime(2026, 1, 1, 9, 40), datetime(2026, 1, 1, 10, 10))]
+        assert [(a, b) for _, a, b, _ in runs] == [
+            (datetime(2026, 1, 1, 8, 51), datetime(2026, 1, 1, 9, 20)),
+            (datetime(2026, 1, 1, 9, 40), datetime(2026, 1, 1, 10, 10)),
+        ]
         assert _found(con) == _expected(con)
 
 
@@ -124,8 +149,10 @@ def test_random_points_scored_in_random_orders_give_the_rule_over_all_points(tmp
                     for _ in range(rng.randint(0, 4)):  # a few bursts, often at one of the hour's edges
                         edge = rng.choice([hour, hour + timedelta(hours=1)])
                         first = edge + timedelta(minutes=rng.choice([-20, -6, -3, -1, 0, 1, 2, 30]))
-                        points += [_point(first + timedelta(minutes=m), group, score=rng.choice([1.0, 1.0, 4.0]))
-                                   for m in range(0, rng.randint(1, 40), rng.randint(1, 4))]
+                        points += [
+                            _point(first + timedelta(minutes=m), group, score=rng.choice([1.0, 1.0, 4.0]))
+                            for m in range(0, rng.randint(1, 40), rng.randint(1, 4))
+                        ]
                 _score(con, hour, points)
             assert _found(con) == _expected(con), f"trial {trial}"
             ids = [r[0] for r in con.execute("SELECT incident_id FROM incidents").fetchall()]

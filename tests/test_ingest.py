@@ -10,8 +10,8 @@ import duckdb
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import START, shared_file
-from tasks.ingest import discover_files, hours_in_sources, ingest_hour
+from helpers import START, shared_file
+from tasks.ingest.stage import discover_files, hours_in_sources, ingest_hour
 from tasks.settings import parse_utc
 
 
@@ -22,8 +22,11 @@ def _one(settings, sql: str, params=()):
 
 def _calls_in_hour(settings, hour) -> int:
     end = hour + timedelta(hours=1)
-    return _one(settings, "SELECT count(*) FROM calls WHERE ts >= ? AND ts < ?",
-                [hour.replace(tzinfo=None), end.replace(tzinfo=None)])[0][0]
+    return _one(
+        settings,
+        "SELECT count(*) FROM calls WHERE ts >= ? AND ts < ?",
+        [hour.replace(tzinfo=None), end.replace(tzinfo=None)],
+    )[0][0]
 
 
 def _ingest_all(settings, source: Path) -> tuple[int, int, int]:
@@ -31,7 +34,11 @@ def _ingest_all(settings, source: Path) -> tuple[int, int, int]:
     for hour in hours_in_sources(settings, [source]):
         report = ingest_hour(settings, hour, [source])
         assert not report.failed_files, [f.error for f in report.failed_files]
-        read, kept, quarantined = read + report.rows_read, kept + report.rows_kept, quarantined + report.rows_quarantined
+        read, kept, quarantined = (
+            read + report.rows_read,
+            kept + report.rows_kept,
+            quarantined + report.rows_quarantined,
+        )
     return read, kept, quarantined
 
 
@@ -106,9 +113,17 @@ def test_bad_rows_go_to_quarantine_with_their_reason(settings, tmp_path):
     _write_v2022_csv(source / "calls.csv.gz", rows, V2022_HEADER)
     report = ingest_hour(settings, START, [source])
     assert (report.rows_read, report.rows_kept, report.rows_quarantined) == (7, 1, 6), "7 rows of this hour, 1 good"
-    reasons = sorted(r[0].split(" ")[0] + " " + r[0].split(" ")[1] for r in _one(settings, "SELECT reason FROM quarantine"))
-    assert reasons == ["duplicate of", "missing or", "missing trace_id", "rt -5.0", "unknown rpc_type",
-                       "unparseable CSV"]
+    reasons = sorted(
+        r[0].split(" ")[0] + " " + r[0].split(" ")[1] for r in _one(settings, "SELECT reason FROM quarantine")
+    )
+    assert reasons == [
+        "duplicate of",
+        "missing or",
+        "missing trace_id",
+        "rt -5.0",
+        "unknown rpc_type",
+        "unparseable CSV",
+    ]
     lines = _one(settings, "SELECT file_row FROM quarantine WHERE reason LIKE 'unparseable CSV%'")
     assert lines == [(9,)], "the reject names the file's line (header is line 1)"
     nxt = ingest_hour(settings, START + timedelta(hours=1), [source])

@@ -17,20 +17,32 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import START, shared_file
-from tasks.cli import main
-from tasks.ingest import IngestError, hours_in_sources, ingest_hour
-from tasks.validate import validate_hour
+from helpers import START, shared_file
+from tasks.app.cli import main
+from tasks.ingest.stage import IngestError, hours_in_sources, ingest_hour
+from tasks.ingest.validate import validate_hour
 
 H0 = "dt=2026-01-01/hour=00"
 H1 = "dt=2026-01-01/hour=01"
-HOSTILE = ("x'); DELETE FROM calls WHERE ts < TIMESTAMP '2026-01-01 01:00'; CREATE TABLE pwned AS "
-           "SELECT 42 AS a; SELECT name FROM (SELECT 'a' AS name, 0 AS num_children, '")
+HOSTILE = (
+    "x'); DELETE FROM calls WHERE ts < TIMESTAMP '2026-01-01 01:00'; CREATE TABLE pwned AS "
+    "SELECT 42 AS a; SELECT name FROM (SELECT 'a' AS name, 0 AS num_children, '"
+)
 # the same attack shaped for the CSV reader: a comment swallows the rest of the generated line
-HOSTILE_CSV = ("x'); DELETE FROM calls WHERE ts < TIMESTAMP '2026-01-01 01:00'; CREATE TABLE pwned AS "
-               "SELECT 42 AS a; --")
-V2022 = ["timestamp", "traceid", "service", "rpc_id", "rpctype", "um", "uminstanceid", "interface", "dm",
-         "dminstanceid", "rt"]
+HOSTILE_CSV = "x'); DELETE FROM calls WHERE ts < TIMESTAMP '2026-01-01 01:00'; CREATE TABLE pwned AS SELECT 42 AS a; --"
+V2022 = [
+    "timestamp",
+    "traceid",
+    "service",
+    "rpc_id",
+    "rpctype",
+    "um",
+    "uminstanceid",
+    "interface",
+    "dm",
+    "dminstanceid",
+    "rt",
+]
 
 
 def _q(settings, sql: str, params=()) -> list[tuple]:
@@ -41,7 +53,8 @@ def _q(settings, sql: str, params=()) -> list[tuple]:
 def _snapshot(settings) -> dict[str, list]:
     """Everything ingest may touch, comparable before/after."""
     return {t: sorted(_q(settings, f"SELECT * FROM {t}"), key=repr) for t in ("calls", "quarantine", "ingest_log")} | {
-        "tables": sorted(_q(settings, "SELECT table_name FROM duckdb_tables()"))}
+        "tables": sorted(_q(settings, "SELECT table_name FROM duckdb_tables()"))
+    }
 
 
 def _hour_calls(settings, hour) -> int:
@@ -77,8 +90,10 @@ def _csv_rows(table: pa.Table, columns: list[str]) -> list[list[object]]:
 
 # --- item 1: SQL built from file paths and header names ------------------------------------------
 
-@pytest.mark.parametrize("name,kind", [(HOSTILE + ".parquet", "parquet"), (HOSTILE + ".csv", "csv"),
-                                       (HOSTILE_CSV + ".csv", "csv")])
+
+@pytest.mark.parametrize(
+    "name,kind", [(HOSTILE + ".parquet", "parquet"), (HOSTILE + ".csv", "csv"), (HOSTILE_CSV + ".csv", "csv")]
+)
 def test_hostile_file_name_runs_no_sql(settings, synth_copy, name, kind):
     source, manifest = synth_copy
     ingest_hour(settings, START, [source])
@@ -102,8 +117,10 @@ def test_hostile_file_name_runs_no_sql(settings, synth_copy, name, kind):
 def test_hostile_csv_header_names_are_data_not_sql(settings, tmp_path):
     base = int(START.timestamp() * 1000)
     header = V2022 + ['we"ird', "x');DROP TABLE calls;--", 'a"); CREATE TABLE pwned AS SELECT 1; --', "c;d)"]
-    rows = [[base + i, f"T{i}", "S", "0.1", "http", "USER", "U", "/a", "svc", "P", 1.5, '"q"', "'", ";", ")"]
-            for i in range(5)]
+    rows = [
+        [base + i, f"T{i}", "S", "0.1", "http", "USER", "U", "/a", "svc", "P", 1.5, '"q"', "'", ";", ")"]
+        for i in range(5)
+    ]
     source = tmp_path / "flat"
     source.mkdir()
     _write_csv(source / "calls.csv", header, rows)
@@ -121,6 +138,7 @@ def test_non_numeric_rt_max_setting_is_refused(settings, synth_source):
 
 
 # --- item 5: a missing source must not wipe a landed hour -----------------------------------------
+
 
 def test_missing_hour_folder_keeps_the_landed_hour(settings, synth_copy):
     source, manifest = synth_copy
@@ -172,12 +190,14 @@ def test_flat_source_without_rows_in_the_hour_keeps_the_landed_hour(settings, tm
 
 # --- item 6: ordinary drift ------------------------------------------------------------------------
 
+
 def test_csv_with_an_extra_column_next_to_parquet_lands(settings, synth_copy):
     source, manifest = synth_copy
     table = _renamed(pq.read_table(_part(source)), "csv-")
     columns = table.column_names
-    _write_csv(_part(source).with_name("extra.csv"), columns + ["zone"],
-               [r + ["eu-1"] for r in _csv_rows(table, columns)])
+    _write_csv(
+        _part(source).with_name("extra.csv"), columns + ["zone"], [r + ["eu-1"] for r in _csv_rows(table, columns)]
+    )
     report = ingest_hour(settings, START, [source])
     assert not report.failed_files, [f.error for f in report.failed_files]
     assert _hour_calls(settings, START) == manifest["rows_per_hour"]["2026-01-01T00:00"] + 40
@@ -189,8 +209,11 @@ def test_two_csvs_with_different_columns_land(settings, tmp_path):
     source = tmp_path / "flat"
     source.mkdir()
     _write_csv(source / "a.csv", V2022, [[base + 1, "A", "S", "0.1", "http", "USER", "U", "/a", "s", "P", 2.0]])
-    _write_csv(source / "b.csv", V2022 + ["error", "region"],
-               [[base + 2, "B", "S", "0.1", "http", "USER", "U", "/a", "s", "P", 3.0, 1, "eu"]])
+    _write_csv(
+        source / "b.csv",
+        V2022 + ["error", "region"],
+        [[base + 2, "B", "S", "0.1", "http", "USER", "U", "/a", "s", "P", 3.0, 1, "eu"]],
+    )
     report = ingest_hour(settings, START, [source])
     assert not report.failed_files, [f.error for f in report.failed_files]
     assert _q(settings, "SELECT trace_id, is_error FROM calls ORDER BY 1") == [("A", False), ("B", True)]
@@ -202,9 +225,12 @@ def test_real_v2022_csv_without_error_column_next_to_parquet_with_it(settings, t
     source.mkdir()
     shutil.copy(sample, source / sample.name)
     with duckdb.connect() as con:  # 20 distinct real rows, typed as a Parquet writer would, plus `error`
-        table = con.sql("""SELECT DISTINCT "timestamp"::BIGINT AS "timestamp", traceid, service, rpc_id, rpctype,
+        table = con.sql(
+            """SELECT DISTINCT "timestamp"::BIGINT AS "timestamp", traceid, service, rpc_id, rpctype,
                                    um, uminstanceid, interface, dm, dminstanceid, rt::DOUBLE AS rt
-                               FROM read_csv(?, all_varchar=true) ORDER BY ALL LIMIT 20""", params=[str(sample)]).to_arrow_table()
+                               FROM read_csv(?, all_varchar=true) ORDER BY ALL LIMIT 20""",
+            params=[str(sample)],
+        ).to_arrow_table()
     table = _renamed(table, "pq-", 20).append_column("error", pa.array([1] * 20, pa.int8()))
     pq.write_table(table, source / "with_error.parquet")
     read = kept = 0
@@ -220,8 +246,9 @@ def test_quote_in_a_csv_header_next_to_parquet(settings, synth_copy):
     source, manifest = synth_copy
     table = _renamed(pq.read_table(_part(source)), "q-")
     columns = table.column_names
-    _write_csv(_part(source).with_name("quoted.csv"), columns + ['say "hi"'],
-               [r + ["x"] for r in _csv_rows(table, columns)])
+    _write_csv(
+        _part(source).with_name("quoted.csv"), columns + ['say "hi"'], [r + ["x"] for r in _csv_rows(table, columns)]
+    )
     report = ingest_hour(settings, START, [source])
     assert not report.failed_files, [f.error for f in report.failed_files]
     assert _hour_calls(settings, START) == manifest["rows_per_hour"]["2026-01-01T00:00"] + 40
@@ -232,8 +259,14 @@ def test_overflowing_timestamp_is_quarantined(settings, tmp_path, bad):
     base = int(START.timestamp() * 1000)
     source = tmp_path / "flat"
     source.mkdir()
-    _write_csv(source / "a.csv", V2022, [[base + 1, "A", "S", "0.1", "http", "USER", "U", "/a", "s", "P", 2.0],
-                                         [bad, "B", "S", "0.1", "http", "USER", "U", "/a", "s", "P", 2.0]])
+    _write_csv(
+        source / "a.csv",
+        V2022,
+        [
+            [base + 1, "A", "S", "0.1", "http", "USER", "U", "/a", "s", "P", 2.0],
+            [bad, "B", "S", "0.1", "http", "USER", "U", "/a", "s", "P", 2.0],
+        ],
+    )
     assert hours_in_sources(settings, [source]) == [START]
     report = ingest_hour(settings, START, [source])
     assert (report.rows_read, report.rows_kept, report.rows_quarantined) == (2, 1, 1)
@@ -243,11 +276,25 @@ def test_overflowing_timestamp_is_quarantined(settings, tmp_path, bad):
 def test_overflowing_span_start_is_quarantined(settings, tmp_path):
     source = tmp_path / "flat"
     source.mkdir()
-    header = ["TraceID", "SpanID", "ParentID", "PodName", "OperationName", "StartTimeUnixNano", "EndTimeUnixNano",
-              "Duration"]
+    header = [
+        "TraceID",
+        "SpanID",
+        "ParentID",
+        "PodName",
+        "OperationName",
+        "StartTimeUnixNano",
+        "EndTimeUnixNano",
+        "Duration",
+    ]
     ns = int(START.timestamp()) * 10**9
-    _write_csv(source / "spans.csv", header, [["t", "a", "root", "svc-a-1-2", "/", ns + 5, ns + 9, 4],
-                                               ["t", "b", "a", "svc-b-1-2", "/", "9" * 30, ns + 9, 4]])
+    _write_csv(
+        source / "spans.csv",
+        header,
+        [
+            ["t", "a", "root", "svc-a-1-2", "/", ns + 5, ns + 9, 4],
+            ["t", "b", "a", "svc-b-1-2", "/", "9" * 30, ns + 9, 4],
+        ],
+    )
     settings = settings.with_(format="spans", span_mapping="nezha-trainticket")
     report = ingest_hour(settings, START, [source])
     assert (report.rows_kept, report.rows_quarantined) == (1, 1)
@@ -266,6 +313,7 @@ def test_file_that_breaks_normalisation_is_recorded_while_good_files_land(settin
 
 
 # --- item 13: zero-row files -----------------------------------------------------------------------
+
 
 def test_zero_row_parquet_is_recorded_and_the_rest_lands(settings, synth_copy):
     source, manifest = synth_copy
@@ -298,8 +346,12 @@ def test_null_rpctype_in_parquet_lands_as_unknown(settings, synth_copy):
     source, manifest = synth_copy
     table = _renamed(pq.read_table(_part(source)), "nulltype-")
     column = table.schema.get_field_index("rpctype")
-    pq.write_table(table.set_column(column, "rpctype", pa.nulls(len(table), pa.string())),
-                   _part(source).with_name("nulltype.parquet"))
+    pq.write_table(
+        table.set_column(column, "rpctype", pa.nulls(len(table), pa.string())),
+        _part(source).with_name("nulltype.parquet"),
+    )
     report = ingest_hour(settings, START, [source])
     assert not report.failed_files, [f.error for f in report.failed_files]
-    assert _q(settings, "SELECT count(*) FROM calls WHERE trace_id LIKE 'nulltype-%' AND rpc_type = 'UNKNOWN'")[0][0] == 40
+    assert (
+        _q(settings, "SELECT count(*) FROM calls WHERE trace_id LIKE 'nulltype-%' AND rpc_type = 'UNKNOWN'")[0][0] == 40
+    )

@@ -11,11 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import START
-from tasks.aggregate import aggregate_hour
-from tasks.ingest import ingest_hour
+from helpers import START
+from tasks.ingest.aggregate import aggregate_hour
+from tasks.ingest.stage import ingest_hour
 from tasks.keys import edge_key, node_key, node_key_sql, split_edge_key, split_node_key
-from tasks.patterns import patterns_hour
+from tasks.patterns.stage import patterns_hour
 
 AWKWARD = [
     ("a", "b", "c", "rpc"),
@@ -32,8 +32,10 @@ def test_a_key_splits_back_into_its_fields_and_sql_builds_the_same_key(fields):
     key = node_key(*fields)
     assert split_node_key(key) == fields
     with duckdb.connect() as con:
-        sql_key = con.execute(f"SELECT {node_key_sql()} FROM (SELECT ? AS caller, ? AS callee, ? AS interface, "
-                              "? AS rpc_type)", list(fields)).fetchone()[0]
+        sql_key = con.execute(
+            f"SELECT {node_key_sql()} FROM (SELECT ? AS caller, ? AS callee, ? AS interface, ? AS rpc_type)",
+            list(fields),
+        ).fetchone()[0]
     assert sql_key == key
 
 
@@ -59,10 +61,26 @@ def _ambiguous_traces(folder: Path) -> Path:
         ts = 1_000 * (i + 1)
         caller, callee = ("a|b", "c") if i % 2 else ("a", "b|c")
         rows += [
-            {"timestamp": ts, "traceid": f"t{i}", "rpc_id": "0", "rpctype": "http", "um": "USER", "dm": "front",
-             "interface": "GET /x", "rt": 5.0},
-            {"timestamp": ts + 1, "traceid": f"t{i}", "rpc_id": "0.1", "rpctype": "rpc", "um": caller, "dm": callee,
-             "interface": "op>1", "rt": 2.0},
+            {
+                "timestamp": ts,
+                "traceid": f"t{i}",
+                "rpc_id": "0",
+                "rpctype": "http",
+                "um": "USER",
+                "dm": "front",
+                "interface": "GET /x",
+                "rt": 5.0,
+            },
+            {
+                "timestamp": ts + 1,
+                "traceid": f"t{i}",
+                "rpc_id": "0.1",
+                "rpctype": "rpc",
+                "um": caller,
+                "dm": callee,
+                "interface": "op>1",
+                "rt": 2.0,
+            },
         ]
     table = pa.Table.from_pylist(rows)
     table = table.set_column(0, "timestamp", table["timestamp"].cast(pa.string()))
@@ -80,8 +98,9 @@ def test_rpcs_with_separator_in_their_names_stay_apart_through_the_pipeline(sett
     aggregate_hour(settings, START)
     patterns_hour(settings, START)
     with duckdb.connect(str(settings.warehouse), read_only=True) as con:
-        nodes = con.execute("SELECT DISTINCT node, caller, callee, interface FROM pattern_nodes "
-                            "WHERE caller <> 'USER'").fetchall()
+        nodes = con.execute(
+            "SELECT DISTINCT node, caller, callee, interface FROM pattern_nodes WHERE caller <> 'USER'"
+        ).fetchall()
         calls = con.execute("SELECT min(ts) FROM calls").fetchone()[0]
     assert calls >= epoch and calls < epoch + timedelta(hours=1)
     assert {(c, d, i) for _, c, d, i in nodes} == {("a|b", "c", "op>1"), ("a", "b|c", "op>1")}

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from tasks.nn import STGCN, STConvBlock, TemporalGatedConv, graph_edge_index, pad_nodes
+from tasks.models.nn import STGCN, STConvBlock, TemporalGatedConv, graph_edge_index, pad_nodes
 
 B, W, N, F_IN = 2, 12, 3, 4
 
@@ -63,8 +63,8 @@ def test_temporal_gated_conv_is_causal() -> None:
     x2[:, t] += 5.0  # only output steps t-k+1 .. t can see input step t
     out2 = conv(x2)
     assert torch.allclose(out[:, : t - k + 1], out2[:, : t - k + 1])
-    assert torch.allclose(out[:, t + 1:], out2[:, t + 1:])
-    assert not torch.allclose(out[:, t - k + 1: t + 1], out2[:, t - k + 1: t + 1])
+    assert torch.allclose(out[:, t + 1 :], out2[:, t + 1 :])
+    assert not torch.allclose(out[:, t - k + 1 : t + 1], out2[:, t - k + 1 : t + 1])
 
 
 @pytest.mark.parametrize("use_graph", [True, False])

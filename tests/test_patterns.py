@@ -13,12 +13,12 @@ import pyarrow.parquet as pq
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from conftest import START, shared_file
-from tasks.aggregate import aggregate_hour
-from tasks.ingest import hours_in_sources, ingest_hour
-from tasks.patterns import pattern_table, patterns_hour
+from helpers import START, shared_file
+from tasks.ingest.aggregate import aggregate_hour
+from tasks.ingest.stage import hours_in_sources, ingest_hour
+from tasks.patterns.stage import pattern_table, patterns_hour
 from tasks.settings import parse_utc
-from tasks.synth import generate
+from tasks.synth.generate import generate
 
 H1 = START + timedelta(hours=1)
 
@@ -84,7 +84,9 @@ def _add_downstream_call(source: Path, request_type: str, hour: str = "01") -> i
         extra = roots.set_column(roots.schema.get_field_index("rpc_id"), "rpc_id", pa.array(["0.1.99"] * len(roots)))
         extra = extra.set_column(extra.schema.get_field_index("um"), "um", roots["dm"])
         extra = extra.set_column(extra.schema.get_field_index("dm"), "dm", pa.array(["svc-newfeature"] * len(roots)))
-        extra = extra.set_column(extra.schema.get_field_index("interface"), "interface", pa.array(["newCall"] * len(roots)))
+        extra = extra.set_column(
+            extra.schema.get_field_index("interface"), "interface", pa.array(["newCall"] * len(roots))
+        )
         extra = extra.set_column(extra.schema.get_field_index("rpctype"), "rpctype", pa.array(["rpc"] * len(roots)))
         pq.write_table(pa.concat_tables([table, extra]), part)
         added += len(roots)
@@ -98,8 +100,11 @@ def test_a_new_downstream_call_changes_only_that_patterns_graph(settings, traffi
     before = _patterns(settings)
     truth = pq.read_table(source / "truth" / "trace_templates.parquet").to_pandas()
     with duckdb.connect(str(settings.warehouse), read_only=True) as con:
-        owner = con.execute("SELECT trace_id, pattern_id FROM trace_patterns").df().merge(
-            truth, left_on="trace_id", right_on="traceid")
+        owner = (
+            con.execute("SELECT trace_id, pattern_id FROM trace_patterns")
+            .df()
+            .merge(truth, left_on="trace_id", right_on="traceid")
+        )
     busiest = owner.groupby("request_type").size().idxmax()
     target = int(owner[owner.request_type == busiest].pattern_id.mode()[0])
     assert _add_downstream_call(source, busiest) > 100
@@ -123,7 +128,9 @@ def test_without_reclustering_new_traffic_is_novel_and_can_trigger_a_reclusterin
     novel = _q(settings, "SELECT DISTINCT caller, callee, interface, first_seen FROM novel_rpcs")
     assert [(r[1], r[2]) for r in novel] == [("svc-newfeature", "newCall")]
     assert novel[0][3] >= H1.replace(tzinfo=None)
-    methods = dict(_q(settings, "SELECT method, count(*) FROM trace_patterns WHERE hour = ? GROUP BY 1", [H1.replace(tzinfo=None)]))
+    methods = dict(
+        _q(settings, "SELECT method, count(*) FROM trace_patterns WHERE hour = ? GROUP BY 1", [H1.replace(tzinfo=None)])
+    )
     assert set(methods) <= {"exact", "nearest", "unassigned", "noise"} and methods.get("exact", 0) > 0
     strict = settings.with_(recluster_unclustered_share=0.0)
     if report.unassigned_share > 0:
@@ -149,16 +156,22 @@ def test_rerunning_an_hour_gives_identical_tables(settings, traffic):
     assert {t: _q(settings, f"SELECT {sql} FROM {t}") for t, sql in tables.items()} == snap
 
 
-@pytest.mark.parametrize("name, fmt, extra, expected, min_patterns", [
-    # the Alibaba samples are random traces spread over hours: too few alike for any pattern (all noise),
-    # but they must reconstruct and run through clustering cleanly
-    ("v2022", "alibaba-v2022", {}, (196, 164, 24, 8), 0),
-    ("v2021", "alibaba-v2021", {"trace_epoch": parse_utc("2021-06-01T00:00")}, (19, 4, 10, 5), 0),
-    ("trainticket", "spans", {"span_mapping": "nezha-trainticket"}, (53, 53, 0, 0), 1),
-])
+@pytest.mark.parametrize(
+    "name, fmt, extra, expected, min_patterns",
+    [
+        # the Alibaba samples are random traces spread over hours: too few alike for any pattern (all noise),
+        # but they must reconstruct and run through clustering cleanly
+        ("v2022", "alibaba-v2022", {}, (196, 164, 24, 8), 0),
+        ("v2021", "alibaba-v2021", {"trace_epoch": parse_utc("2021-06-01T00:00")}, (19, 4, 10, 5), 0),
+        ("trainticket", "spans", {"span_mapping": "nezha-trainticket"}, (53, 53, 0, 0), 1),
+    ],
+)
 def test_real_samples_reconstruct_and_cluster(settings, name, fmt, extra, expected, min_patterns):
-    files = {"v2022": ("alibaba", "v2022-callgraph-sample.csv.gz"), "v2021": ("alibaba", "v2021-callgraph-sample.csv.gz"),
-             "trainticket": ("nezha-trainticket", "2023-01-29", "trace", "08_43_trace.csv.gz")}
+    files = {
+        "v2022": ("alibaba", "v2022-callgraph-sample.csv.gz"),
+        "v2021": ("alibaba", "v2021-callgraph-sample.csv.gz"),
+        "trainticket": ("nezha-trainticket", "2023-01-29", "trace", "08_43_trace.csv.gz"),
+    }
     source = shared_file(*files[name])
     settings = settings.with_(format=fmt, **extra)
     hours = hours_in_sources(settings, [source])
@@ -167,6 +180,12 @@ def test_real_samples_reconstruct_and_cluster(settings, name, fmt, extra, expect
         aggregate_hour(settings, hour)
         patterns_hour(settings, hour)
     # traces, rebuilt fully, partially, not at all (a v2021 trace spanning 6 h counts in each hour it has calls)
-    assert _q(settings, "SELECT sum(traces), sum(full_traces), sum(partial_traces), sum(failed_traces) FROM reconstruction")[0] == expected
+    assert (
+        _q(
+            settings,
+            "SELECT sum(traces), sum(full_traces), sum(partial_traces), sum(failed_traces) FROM reconstruction",
+        )[0]
+        == expected
+    )
     assert _q(settings, "SELECT count(*) FROM clustering_runs")[0][0] == len(hours)
     assert _q(settings, "SELECT count(*) FROM patterns WHERE status = 'active'")[0][0] >= min_patterns

@@ -9,7 +9,7 @@ import sys
 
 import duckdb
 
-from conftest import REPO, START
+from helpers import REPO, START
 from tasks.publish import analytics_path
 
 STAGES = ["ingest", "validate", "aggregate", "patterns", "stale", "train", "record", "score", "publish"]
@@ -40,7 +40,7 @@ def test_the_dag_tasks_are_the_pipeline_stages_in_order(tmp_path):
     """Parse the DAG file (no Airflow metadata db needed) and walk its tasks from the root."""
     probe = f"""
 import importlib.util, json
-spec = importlib.util.spec_from_file_location("d", r"{REPO / 'dags' / 'rpcwatch_hourly.py'}")
+spec = importlib.util.spec_from_file_location("d", r"{REPO / "dags" / "rpcwatch_hourly.py"}")
 module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)
 d = module.hourly
 print(json.dumps({{t.task_id: sorted(t.downstream_task_ids) for t in d.tasks}}))

@@ -7,10 +7,10 @@ import json
 import os
 import re
 
-from conftest import REPO, START, copy_home
-from tasks.airflow_env import airflow_cli, airflow_env
+from helpers import REPO, START, copy_home
+from tasks.app.airflow_env import airflow_cli, airflow_env
 from tasks.publish import publish
-from tasks.scoring import score_hour
+from tasks.scoring.score import score_hour
 
 
 def _module():
@@ -24,7 +24,7 @@ def test_airflow_loads_the_plugin(settings):
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("RPCWATCH_", "AIRFLOW"))}
     env = airflow_env(settings, base=clean)
     out = airflow_cli(env, "plugins", "--output", "json").stdout
-    plugins = json.loads(out[out.index("["):])
+    plugins = json.loads(out[out.index("[") :])
     [ours] = [p for p in plugins if p["name"] == "rpcwatch"]
     assert "rpcwatch anomalies" in json.dumps(ours)
 
@@ -68,13 +68,15 @@ def test_every_route_requires_a_login():
 def test_access_is_checked_on_the_pipeline_dag():
     """Read access to the anomalies is read access to the DAG that produces them."""
     module = _module()
-    dag_ids = set(re.findall(r"""dag_id\s*=\s*["']([^"']+)["']""", (REPO / "dags").joinpath("rpcwatch_hourly.py").read_text()))
+    dag_ids = set(
+        re.findall(r"""dag_id\s*=\s*["']([^"']+)["']""", (REPO / "dags").joinpath("rpcwatch_hourly.py").read_text())
+    )
     assert module.DAG_ID in dag_ids
 
 
 def test_airflow_home_outside_the_rpcwatch_home(settings, tmp_path):
     """An explicitly set AIRFLOW_HOME elsewhere is used for everything Airflow keeps (db, passwords)."""
-    from tasks.airflow_env import prepare_airflow
+    from tasks.app.airflow_env import prepare_airflow
 
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("RPCWATCH_", "AIRFLOW"))}
     elsewhere = tmp_path / "elsewhere" / "airflow"
@@ -106,7 +108,7 @@ def test_local_airflow_is_bound_to_localhost_with_a_login(settings):
 
 def test_make_airflow_says_how_to_log_in(settings, tmp_path, capsys):
     """prepare_airflow (run by `rpcwatch airflow ...`) prints the user name and the password file."""
-    from tasks.airflow_env import prepare_airflow
+    from tasks.app.airflow_env import prepare_airflow
 
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("RPCWATCH_", "AIRFLOW"))}
     env = airflow_env(settings, base=clean)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.airflow_env import airflow_env
+from tasks.app.airflow_env import airflow_env
 from tasks.settings import load_settings
 
 httpx = pytest.importorskip("httpx")

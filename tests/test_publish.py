@@ -8,7 +8,7 @@ import time
 
 import duckdb
 
-from conftest import copy_home
+from helpers import copy_home
 from tasks.publish import analytics_path, publish
 
 READER = """
@@ -25,8 +25,9 @@ print("still", again, flush=True)
 def test_an_open_reader_neither_blocks_nor_breaks_when_the_pipeline_publishes(trained, tmp_path):
     settings = copy_home(trained[0], tmp_path)
     path = publish(settings)
-    reader = subprocess.Popen([sys.executable, "-c", READER, str(path)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
+    reader = subprocess.Popen(
+        [sys.executable, "-c", READER, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     first = reader.stdout.readline().split()
     assert first[0] == "open" and int(first[1]) > 0
     with duckdb.connect(str(settings.warehouse)) as con:  # the run changes what people will see
@@ -88,5 +89,7 @@ def test_recent_anomalies_is_the_same_view_in_warehouse_and_snapshot(settings):
     views = []
     for path in (settings.warehouse, publish(settings)):
         with duckdb.connect(str(path), read_only=True) as con:
-            views.append(con.execute("SELECT sql FROM duckdb_views() WHERE view_name = 'recent_anomalies'").fetchone()[0])
+            views.append(
+                con.execute("SELECT sql FROM duckdb_views() WHERE view_name = 'recent_anomalies'").fetchone()[0]
+            )
     assert views[0] == views[1] and "recent_anomalies" in views[0]  # as DuckDB normalised them

@@ -9,10 +9,10 @@ from datetime import timedelta
 
 import duckdb
 
-from conftest import START, copy_home
-from tasks.retrain import plan_training, train_stale
-from tasks.scoring import score_hour
-from tasks.training import model_name, setup_mlflow
+from helpers import START, copy_home
+from tasks.models.retrain import plan_training, train_stale
+from tasks.models.training import model_name, setup_mlflow
+from tasks.scoring.score import score_hour
 
 H3 = START + timedelta(hours=3)
 ANOMALIES = "SELECT bucket_ts, pattern_id, node, feature, observed, expected FROM anomalies ORDER BY ALL"
@@ -28,8 +28,11 @@ def _flood(settings, pid: int) -> None:
     node = _q(settings, "SELECT node FROM pattern_nodes WHERE pattern_id = ? AND caller = 'USER' LIMIT 1", [pid])[0][0]
     start, end = (H3 + timedelta(minutes=20)).replace(tzinfo=None), (H3 + timedelta(minutes=30)).replace(tzinfo=None)
     with duckdb.connect(str(settings.warehouse)) as con:
-        con.execute("UPDATE pattern_series SET calls = calls * 6 WHERE pattern_id = ? AND node = ? AND bucket_ts >= ? "
-                    "AND bucket_ts < ?", [pid, node, start, end])
+        con.execute(
+            "UPDATE pattern_series SET calls = calls * 6 WHERE pattern_id = ? AND node = ? AND bucket_ts >= ? "
+            "AND bucket_ts < ?",
+            [pid, node, start, end],
+        )
 
 
 def _tamper_thresholds(settings) -> dict:
@@ -66,7 +69,9 @@ def test_a_tampered_cached_thresholds_file_is_detected_and_restored(trained, tmp
     _scored_twice_with_tampering(settings, caplog)
     client = setup_mlflow(settings).MlflowClient()
     for o in trained[2]:
-        digests = json.loads(client.get_model_version(model_name(o["pattern_id"]), o["model_version"]).tags["artifacts_sha256"])
+        digests = json.loads(
+            client.get_model_version(model_name(o["pattern_id"]), o["model_version"]).tags["artifacts_sha256"]
+        )
         assert {"state_dict.pt", "thresholds.json", "config.json", "graph.json", "normalisation.json"} <= set(digests)
 
 
@@ -80,8 +85,10 @@ def test_a_version_without_the_digest_tag_is_checked_against_a_fresh_download(tr
 
 def _versions(settings) -> dict[str, list[int]]:
     client = setup_mlflow(settings).MlflowClient()
-    return {m.name: sorted(int(v.version) for v in client.search_model_versions(f"name = '{m.name}'"))
-            for m in client.search_registered_models()}
+    return {
+        m.name: sorted(int(v.version) for v in client.search_model_versions(f"name = '{m.name}'"))
+        for m in client.search_registered_models()
+    }
 
 
 def test_a_crash_before_record_is_repaired_from_the_registry(trained, tmp_path):
@@ -97,7 +104,9 @@ def test_a_crash_before_record_is_repaired_from_the_registry(trained, tmp_path):
     mirrored = _q(settings, f"SELECT {columns} FROM models ORDER BY pattern_id")
     assert [r[:7] for r in mirrored] == [r[:7] for r in rows]
     assert all(abs(a[7] - b[7]) < 1e-4 for a, b in zip(mirrored, rows))
-    assert _q(settings, "SELECT count(*) FROM models WHERE trained_for IS NULL OR calibrated_mape_calls IS NULL") == [(0,)]
+    assert _q(settings, "SELECT count(*) FROM models WHERE trained_for IS NULL OR calibrated_mape_calls IS NULL") == [
+        (0,)
+    ]
     report = score_hour(settings, H3)
     assert report.scored and not report.skipped, "scoring finds the champions"
 
@@ -131,10 +140,10 @@ def test_a_challenger_that_ties_after_a_crash_does_not_leave_the_pattern_stale(t
     could not beat v1 (the registry's champion) and was recorded as challenger."""
     from pathlib import Path
 
-    from tasks.forecast import TrainConfig
-    from tasks.retrain import record_outcomes
-    from tasks.staleness import stale_patterns
-    from tasks.training import train_pattern
+    from tasks.models.forecast import TrainConfig
+    from tasks.models.retrain import record_outcomes
+    from tasks.models.staleness import stale_patterns
+    from tasks.models.training import train_pattern
     from tasks.warehouse import opened
 
     settings = copy_home(trained[0], tmp_path)
@@ -142,10 +151,14 @@ def test_a_challenger_that_ties_after_a_crash_does_not_leave_the_pattern_stale(t
     [job] = plan_training(settings, H3, force=True, patterns=[pid])
     with duckdb.connect(str(settings.warehouse)) as con:
         con.execute("DELETE FROM models WHERE pattern_id = ?", [pid])
-    worse = train_pattern(settings, Path(job["meta_path"]), H3, TrainConfig(max_epochs=1, hidden=4), reason="no_champion")
+    worse = train_pattern(
+        settings, Path(job["meta_path"]), H3, TrainConfig(max_epochs=1, hidden=4), reason="no_champion"
+    )
     assert worse.decision == "challenger"
     record_outcomes(settings, [{**worse.__dict__}])
     assert _q(settings, "SELECT model_version, decision FROM models WHERE pattern_id = ? ORDER BY 1", [pid]) == [
-        (1, "champion"), (worse.model_version, "challenger")]
+        (1, "champion"),
+        (worse.model_version, "challenger"),
+    ]
     with opened(settings.warehouse, read_only=True) as con:
         assert stale_patterns(con, settings, H3) == [], "the registry's champion is seen: no retraining loop"

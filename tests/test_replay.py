@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import shared_file
-from tasks.replay import replay_days, replay_hours
+from helpers import shared_file
+from tasks.evaluation.replay import replay_days, replay_hours
 
 
 @pytest.fixture
@@ -28,29 +28,36 @@ def day(tmp_path):
 
 def test_runs_are_placed_back_to_back_and_faults_follow_their_run(day, tmp_path):
     out = tmp_path / "replay"
-    start = datetime(2023, 1, 29, 8, tzinfo=timezone.utc)
+    start = datetime(2023, 1, 29, 8, tzinfo=UTC)
     counts = replay_days([day], out, start, progress=lambda _: None)
     runs = pq.read_table(out / "runs.parquet").to_pandas()
     assert counts == {"runs": 2, "rows": counts["rows"], "faults": 2} and list(runs.files) == [2, 1]
     assert runs.replay_start[0] == start and runs.replay_start[1] >= runs.replay_end[0]
     assert (runs.replay_start[1] - runs.replay_end[0]).total_seconds() < 1e-3
     rows_in = sum(pq.read_metadata(p).num_rows for p in out.rglob("*.parquet") if p.name.startswith("part-"))
-    assert rows_in == counts["rows"] == 4445 + sum(1 for _ in open_csv(day / "trace" / "08_44_trace.csv.gz")) \
+    assert (
+        rows_in
+        == counts["rows"]
+        == 4445
+        + sum(1 for _ in open_csv(day / "trace" / "08_44_trace.csv.gz"))
         + sum(1 for _ in open_csv(day / "trace" / "08_52_trace.csv.gz"))
+    )
     faults = json.loads((out / "fault_list.json").read_text())["faults"]
     offsets = list(runs.offset_s)
     for fault, run, offset in zip(faults, (0, 1), offsets):
-        real = datetime.fromisoformat(fault["real_inject_time"]).replace(tzinfo=timezone.utc)
-        replay = datetime.fromisoformat(fault["inject_time"]).replace(tzinfo=timezone.utc)
+        real = datetime.fromisoformat(fault["real_inject_time"]).replace(tzinfo=UTC)
+        replay = datetime.fromisoformat(fault["inject_time"]).replace(tzinfo=UTC)
         assert fault["run"] == run and fault["service"] == "ts-contacts-service"
         assert abs((replay - real).total_seconds() - offset) < 1
     assert replay_hours(out) == [start]
 
 
 def test_a_fault_outside_every_capture_is_a_clear_error(day, tmp_path):
-    (day / "fault_list.json").write_text(json.dumps({"10": [{"inject_time": "2023-01-29 10:00:00", "inject_pod": "p-a-b"}]}))
+    (day / "fault_list.json").write_text(
+        json.dumps({"10": [{"inject_time": "2023-01-29 10:00:00", "inject_pod": "p-a-b"}]})
+    )
     with pytest.raises(ValueError, match="10:00:00 lies in no captured run"):
-        replay_days([day], tmp_path / "replay", datetime(2023, 1, 29, 8, tzinfo=timezone.utc), progress=lambda _: None)
+        replay_days([day], tmp_path / "replay", datetime(2023, 1, 29, 8, tzinfo=UTC), progress=lambda _: None)
 
 
 def open_csv(path):
@@ -59,5 +66,3 @@ def open_csv(path):
     with gzip.open(path, "rt") as f:
         next(f)  # header
         yield from f
-
-

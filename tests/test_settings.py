@@ -6,45 +6,52 @@ from tasks.settings import load_settings, parse_utc
 
 
 def test_env_prefix_and_derived_paths():
-    s = load_settings(env={"RPCWATCH_HOME": "/tmp/x", "RPCWATCH_BUCKET_SECONDS": "5",
-                           "RPCWATCH_TRACE_EPOCH": "2021-06-01T00:00"})
+    s = load_settings(
+        env={"RPCWATCH_HOME": "/tmp/x", "RPCWATCH_BUCKET_SECONDS": "5", "RPCWATCH_TRACE_EPOCH": "2021-06-01T00:00"}
+    )
     assert s.home == Path("/tmp/x") and s.bucket_seconds == 5
     assert s.warehouse == Path("/tmp/x/warehouse.duckdb") and s.airflow_home == Path("/tmp/x/airflow")
     assert s.mlflow_tracking_uri == "sqlite:////tmp/x/mlflow.db"
     assert s.trace_epoch == parse_utc("2021-06-01T00:00Z")
 
 
-@pytest.mark.parametrize("env, message", [
-    ({"RPCWATCH_BUCKET_SECONDS": "7"}, "must divide 3600"),
-    ({"RPCWATCH_BUCKET_SECONDS": "ten"}, "RPCWATCH_BUCKET_SECONDS"),
-    ({"RPCWATCH_FORMAT": "zipkin"}, "unknown trace format"),
-    ({"RPCWATCH_TRACE_EPOCH": "yesterday"}, "not an ISO time"),
-])
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"RPCWATCH_BUCKET_SECONDS": "7"}, "must divide 3600"),
+        ({"RPCWATCH_BUCKET_SECONDS": "ten"}, "RPCWATCH_BUCKET_SECONDS"),
+        ({"RPCWATCH_FORMAT": "zipkin"}, "unknown trace format"),
+        ({"RPCWATCH_TRACE_EPOCH": "yesterday"}, "not an ISO time"),
+    ],
+)
 def test_bad_settings_are_named(env, message):
     with pytest.raises(ValueError, match=message):
         load_settings(env=env)
 
 
-@pytest.mark.parametrize("name, value, message", [
-    ("RT_MAX_MS", "-1", "must be > 0"),
-    ("RT_MAX_MS", "inf", "finite"),
-    ("ALARM_P", "2", r"must be in \(0, 1\)"),
-    ("ALARM_P", "0", r"must be in \(0, 1\)"),
-    ("MAX_DUPLICATE_RATIO", "nan", "finite"),
-    ("MAX_DUPLICATE_RATIO", "1.5", r"must be in \[0, 1\]"),
-    ("CRITICAL_COVERAGE", "0", r"must be in \(0, 1\]"),
-    ("DEVICE", "tpu", "auto, cpu, cuda, cuda:N or mps"),
-    ("DEVICE", "cuda:x", "auto, cpu, cuda, cuda:N or mps"),
-    ("THRESHOLD_METHOD", "bogus", "quantile or pot"),
-    ("INCIDENT_MIN_BUCKETS", "-5", "must be >= 1"),
-    ("INCIDENT_GAP_BUCKETS", "0", "must be >= 1"),
-    ("HDBSCAN_MIN_CLUSTER_SIZE", "1", "must be >= 2"),
-    ("TRAIN_HISTORY_HOURS", "0", "must be >= 1"),
-    ("MIN_TRAIN_HOURS", "-1", "must be >= 0"),
-    ("DRIFT_FACTOR", "0", "must be > 0"),
-    ("FORMAT", "zipkin", "unknown trace format"),
-    ("AIRFLOW_POOL", " ", "must not be empty"),
-])
+@pytest.mark.parametrize(
+    "name, value, message",
+    [
+        ("RT_MAX_MS", "-1", "must be > 0"),
+        ("RT_MAX_MS", "inf", "finite"),
+        ("ALARM_P", "2", r"must be in \(0, 1\)"),
+        ("ALARM_P", "0", r"must be in \(0, 1\)"),
+        ("MAX_DUPLICATE_RATIO", "nan", "finite"),
+        ("MAX_DUPLICATE_RATIO", "1.5", r"must be in \[0, 1\]"),
+        ("CRITICAL_COVERAGE", "0", r"must be in \(0, 1\]"),
+        ("DEVICE", "tpu", "auto, cpu, cuda, cuda:N or mps"),
+        ("DEVICE", "cuda:x", "auto, cpu, cuda, cuda:N or mps"),
+        ("THRESHOLD_METHOD", "bogus", "quantile or pot"),
+        ("INCIDENT_MIN_BUCKETS", "-5", "must be >= 1"),
+        ("INCIDENT_GAP_BUCKETS", "0", "must be >= 1"),
+        ("HDBSCAN_MIN_CLUSTER_SIZE", "1", "must be >= 2"),
+        ("TRAIN_HISTORY_HOURS", "0", "must be >= 1"),
+        ("MIN_TRAIN_HOURS", "-1", "must be >= 0"),
+        ("DRIFT_FACTOR", "0", "must be > 0"),
+        ("FORMAT", "zipkin", "unknown trace format"),
+        ("AIRFLOW_POOL", " ", "must not be empty"),
+    ],
+)
 def test_every_bad_setting_is_refused_naming_its_variable(name, value, message):
     with pytest.raises(ValueError, match=message) as err:
         load_settings(env={f"RPCWATCH_{name}": value})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from itertools import combinations
 from pathlib import Path
 
@@ -14,10 +14,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from tasks import synth
-from tasks.synth import COLUMNS, EVENT_KINDS, LABEL_SCHEMA, SPAN_SCHEMA, day_factor, generate
+from tasks.synth import generate as synth
+from tasks.synth.generate import COLUMNS, EVENT_KINDS, LABEL_SCHEMA, SPAN_SCHEMA, day_factor, generate
 
-START = datetime(2026, 1, 1, tzinfo=timezone.utc)
+START = datetime(2026, 1, 1, tzinfo=UTC)
 HOUR_MS = 3_600_000
 
 
@@ -44,11 +44,7 @@ def _key(df: pd.DataFrame) -> pd.Series:
 
 
 def _template_keys(manifest: dict) -> set[str]:
-    return {
-        f"{n['caller']}:{n['callee']}:{n['interface']}"
-        for t in manifest["templates"]
-        for n in t["nodes"]
-    }
+    return {f"{n['caller']}:{n['callee']}:{n['interface']}" for t in manifest["templates"] for n in t["nodes"]}
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +73,8 @@ def anomalous(tmp_path_factory):
     "start",
     [
         datetime(2026, 1, 1),  # naive
-        datetime(2026, 1, 1, 3, 30, tzinfo=timezone.utc),  # not on the hour
-        datetime(2026, 1, 1, 3, 0, 1, tzinfo=timezone.utc),
+        datetime(2026, 1, 1, 3, 30, tzinfo=UTC),  # not on the hour
+        datetime(2026, 1, 1, 3, 0, 1, tzinfo=UTC),
         datetime(2026, 1, 1, 3, tzinfo=timezone(timedelta(hours=2))),  # not UTC
     ],
 )
@@ -139,7 +135,7 @@ def test_every_span_lies_in_its_partition_hour(normal):
         lo = int(datetime.fromisoformat(f"{dt[3:]}T{hour[5:]}:00+00:00").timestamp()) * 1000
         assert part["timestamp"].min() >= lo
         assert part["timestamp"].max() < lo + HOUR_MS
-        gen = datetime.strptime(name, "part-%Y%m%d%H.parquet").replace(tzinfo=timezone.utc)
+        gen = datetime.strptime(name, "part-%Y%m%d%H.parquet").replace(tzinfo=UTC)
         gen_ms = int(gen.timestamp()) * 1000
         assert gen_ms <= lo  # spans of an hour's traces land in that hour or later ones
         # every trace in a file started in the generated hour its name gives
@@ -174,10 +170,7 @@ def test_spans_after_the_hour_spill_into_the_next_partition(tmp_path, monkeypatc
         roots = own.filter(pc.equal(own["rpc_id"], "0.1"))
         assert ids <= set(roots["traceid"].to_pylist())
         assert "0.1" not in set(spill["rpc_id"].to_pylist())
-    assert (
-        summary.rows_per_hour["2026-01-01T02:00"]
-        == pq.read_table(tmp_path / manifest["files"][3]).num_rows
-    )
+    assert summary.rows_per_hour["2026-01-01T02:00"] == pq.read_table(tmp_path / manifest["files"][3]).num_rows
 
 
 def pc_min(column) -> int:
@@ -243,10 +236,7 @@ def test_templates_are_distinguishable(normal):
     *_, manifest, _, _ = normal
     templates = manifest["templates"]
     assert 10 <= len(templates) <= 30
-    keys = {
-        t["request_type"]: {f"{n['caller']}:{n['callee']}:{n['interface']}" for n in t["nodes"]}
-        for t in templates
-    }
+    keys = {t["request_type"]: {f"{n['caller']}:{n['callee']}:{n['interface']}" for n in t["nodes"]} for t in templates}
     for t in templates:
         mandatory = set()
         for n in t["nodes"]:
@@ -270,9 +260,7 @@ def test_progress_once_per_hour(normal):
     _, summary, _, lines, _ = normal
     assert len(lines) == 3
     assert lines[0].startswith("hour 2026-01-01T00:00: ")
-    assert lines[0].endswith(f"{summary.rows_per_hour['2026-01-01T00:00']:,} spans") or (
-        "spans" in lines[0]
-    )
+    assert lines[0].endswith(f"{summary.rows_per_hour['2026-01-01T00:00']:,} spans") or ("spans" in lines[0])
     assert summary.spans_per_second() > 0 and summary.events == 0
 
 
@@ -289,9 +277,7 @@ def test_volume_follows_spans_per_hour_and_day_curve(tmp_path):
     counts = list(summary.rows_per_hour.values())[:24]
     assert abs(np.mean(counts) / spans_per_hour - 1) < 0.1
     for h, n in enumerate(counts):
-        expected = spans_per_hour * float(
-            np.mean(day_factor(START.timestamp() + h * 3600 + np.arange(3600)))
-        )
+        expected = spans_per_hour * float(np.mean(day_factor(START.timestamp() + h * 3600 + np.arange(3600))))
         assert abs(n / expected - 1) < 0.15, (h, n, expected)
     assert min(counts) < 0.75 * max(counts)  # quiet at night, busy in the afternoon
 

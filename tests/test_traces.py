@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import duckdb
 
-from tasks.patterns import patterns_hour
-from tasks.traces import rebuild_hour
+from tasks.patterns.stage import patterns_hour
+from tasks.patterns.traces import rebuild_hour
 from tasks.warehouse import connect
 
-H = datetime(2026, 1, 1, tzinfo=timezone.utc)
+H = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 def _calls(settings, rows: list[tuple]) -> duckdb.DuckDBPyConnection:
@@ -18,18 +18,29 @@ def _calls(settings, rows: list[tuple]) -> duckdb.DuckDBPyConnection:
     con = connect(settings.warehouse)
     for trace, call, parent, caller, callee, at in rows:
         ts = (H + timedelta(seconds=at)).replace(tzinfo=None)
-        con.execute("INSERT INTO calls VALUES (?, ?, ?, ?, ?, ?, 'op', 'rpc', 1.0, false, 'f', 'b')",
-                    [ts, trace, call, parent, caller, callee])
+        con.execute(
+            "INSERT INTO calls VALUES (?, ?, ?, ?, ?, ?, 'op', 'rpc', 1.0, false, 'f', 'b')",
+            [ts, trace, call, parent, caller, callee],
+        )
     return con
 
 
 def _rebuilt(con) -> dict[str, tuple]:
-    return {t: (shape, status, n) for t, shape, status, n in
-            con.execute("SELECT trace_id, shape_id, status, n_calls FROM scope_rebuilt").fetchall()}
+    return {
+        t: (shape, status, n)
+        for t, shape, status, n in con.execute(
+            "SELECT trace_id, shape_id, status, n_calls FROM scope_rebuilt"
+        ).fetchall()
+    }
 
 
 def test_shape_ignores_sibling_order_and_timing_but_not_structure(settings):
-    tree = [("0.1", None, "USER", "A"), ("0.1.1", "0.1", "A", "B"), ("0.1.2", "0.1", "A", "C"), ("0.1.2.1", "0.1.2", "C", "D")]
+    tree = [
+        ("0.1", None, "USER", "A"),
+        ("0.1.1", "0.1", "A", "B"),
+        ("0.1.2", "0.1", "A", "C"),
+        ("0.1.2.1", "0.1.2", "C", "D"),
+    ]
     rows = [("t1", c, p, u, d, i) for i, (c, p, u, d) in enumerate(tree)]
     swapped = {"0.1.1": "0.1.2", "0.1.2": "0.1.1", "0.1.2.1": "0.1.1.1"}
     rows += [("t2", swapped.get(c, c), swapped.get(p, p), u, d, 10 - i / 2) for i, (c, p, u, d) in enumerate(tree)]
@@ -44,8 +55,12 @@ def test_shape_ignores_sibling_order_and_timing_but_not_structure(settings):
 
 
 def test_missing_parent_attaches_to_nearest_ancestor_and_missing_root_fails(settings):
-    rows = [("t1", "0.1", None, "USER", "A", 1), ("t1", "0.1.1.1", "0.1.1", "B", "C", 2),  # 0.1.1 lost
-            ("t2", "0.1.1", "0.1", "A", "B", 3), ("t2", "0.1.2", "0.1", "A", "C", 4)]  # root lost
+    rows = [
+        ("t1", "0.1", None, "USER", "A", 1),
+        ("t1", "0.1.1.1", "0.1.1", "B", "C", 2),  # 0.1.1 lost
+        ("t2", "0.1.1", "0.1", "A", "B", 3),
+        ("t2", "0.1.2", "0.1", "A", "C", 4),
+    ]  # root lost
     con = _calls(settings, rows)
     report = rebuild_hour(con, H)
     got = _rebuilt(con)
@@ -56,8 +71,12 @@ def test_missing_parent_attaches_to_nearest_ancestor_and_missing_root_fails(sett
 
 
 def test_duplicate_call_ids_attach_children_to_the_matching_instance(settings):
-    rows = [("t", "0.1", None, "USER", "A", 1), ("t", "0.1.1", "0.1", "A", "B", 2),
-            ("t", "0.1.1", "0.1", "A", "C", 3), ("t", "0.1.1.1", "0.1.1", "C", "D", 4)]
+    rows = [
+        ("t", "0.1", None, "USER", "A", 1),
+        ("t", "0.1.1", "0.1", "A", "B", 2),
+        ("t", "0.1.1", "0.1", "A", "C", 3),
+        ("t", "0.1.1.1", "0.1.1", "C", "D", 4),
+    ]
     con = _calls(settings, rows)
     rebuild_hour(con, H)
     [edges] = con.execute("SELECT edges FROM shapes").fetchone()
@@ -73,8 +92,11 @@ def test_span_ids_without_dots_and_a_lost_parent(settings):
 
 
 def test_late_tail_is_merged_next_hour_without_double_counting(settings):
-    rows = [("t", "0.1", None, "USER", "A", 3599.9), ("t", "0.1.1", "0.1", "A", "B", 3600.2),
-            ("u", "0.1", None, "USER", "A", 3700)]
+    rows = [
+        ("t", "0.1", None, "USER", "A", 3599.9),
+        ("t", "0.1.1", "0.1", "A", "B", 3600.2),
+        ("u", "0.1", None, "USER", "A", 3700),
+    ]
     con = _calls(settings, rows)
     con.close()
     settings = settings.with_(critical_min_calls_per_hour=1, pattern_min_traces=1)

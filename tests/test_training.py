@@ -8,14 +8,15 @@ from pathlib import Path
 
 import duckdb
 import pyarrow.parquet as pq
-from conftest import START, copy_home
-from tasks.aggregate import aggregate_hour
-from tasks.forecast import TrainConfig
-from tasks.ingest import ingest_hour
-from tasks.patterns import patterns_hour
-from tasks.retrain import plan_training, record_outcomes, train_stale
-from tasks.staleness import stale_patterns
-from tasks.training import load_model, model_name, setup_mlflow, train_pattern
+
+from helpers import START, copy_home
+from tasks.ingest.aggregate import aggregate_hour
+from tasks.ingest.stage import ingest_hour
+from tasks.models.forecast import TrainConfig
+from tasks.models.retrain import plan_training, record_outcomes, train_stale
+from tasks.models.staleness import stale_patterns
+from tasks.models.training import load_model, model_name, setup_mlflow, train_pattern
+from tasks.patterns.stage import patterns_hour
 from tasks.warehouse import opened
 from test_patterns import _add_downstream_call
 
@@ -32,8 +33,14 @@ def test_stale_patterns_train_log_to_mlflow_and_become_champions(trained):
         champion = client.get_model_version_by_alias(name, "champion")
         assert int(champion.version) == 1 and champion.tags["graph_hash"] == o["graph_hash"]
         run = client.get_run(o["run_id"])
-        for key in ("model_mape_calls", "no_graph_mape_calls", "seasonal_naive_mape_calls",
-                    "moving_average_mape_calls", "poisson_floor_calls", "model_mape_rt_p95"):
+        for key in (
+            "model_mape_calls",
+            "no_graph_mape_calls",
+            "seasonal_naive_mape_calls",
+            "moving_average_mape_calls",
+            "poisson_floor_calls",
+            "model_mape_rt_p95",
+        ):
             assert key in run.data.metrics, key
         assert run.data.params["graph_hash"] == o["graph_hash"]
         plots = [a.path for a in client.list_artifacts(o["run_id"], "plots")]

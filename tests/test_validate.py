@@ -8,9 +8,9 @@ import duckdb
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import START
-from tasks.ingest import IngestError, ingest_hour
-from tasks.validate import BatchValidationError, validate_hour
+from helpers import START
+from tasks.ingest.stage import IngestError, ingest_hour
+from tasks.ingest.validate import BatchValidationError, validate_hour
 
 
 def _runs(settings):

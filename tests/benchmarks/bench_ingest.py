@@ -13,18 +13,18 @@ import argparse
 import shutil
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
 
-from tasks.aggregate import aggregate_hour
-from tasks.ingest import discover_files, ingest_hour
+from tasks.ingest.aggregate import aggregate_hour
+from tasks.ingest.stage import discover_files, ingest_hour
+from tasks.ingest.validate import validate_hour
 from tasks.settings import load_settings
-from tasks.synth import day_factor, generate
-from tasks.validate import validate_hour
+from tasks.synth.generate import day_factor, generate
 
-HOUR = datetime(2026, 1, 1, 10, tzinfo=timezone.utc)
+HOUR = datetime(2026, 1, 1, 10, tzinfo=UTC)
 TARGET = 2.0
 
 
@@ -76,8 +76,10 @@ def main() -> int:
     total = t_ingest + t_validate + t_aggregate
     ratio = total / ref
     assert report.rows_kept == rows, f"landed {report.rows_kept:,} of {rows:,} rows"
-    print(f"\ningest+validate+aggregate {total:.2f} s for {rows:,} spans ({rows / total:,.0f} spans/s); "
-          f"bare CTAS {ref:.2f} s; ratio {ratio:.2f} (target <= {TARGET}): {'MET' if ratio <= TARGET else 'MISSED'}")
+    print(
+        f"\ningest+validate+aggregate {total:.2f} s for {rows:,} spans ({rows / total:,.0f} spans/s); "
+        f"bare CTAS {ref:.2f} s; ratio {ratio:.2f} (target <= {TARGET}): {'MET' if ratio <= TARGET else 'MISSED'}"
+    )
     if args.keep is None:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -26,34 +26,50 @@ import shutil
 import sys
 import tempfile
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from tasks.forecast import TrainConfig, calibrate, predict, prepare, train
-from tasks.ingest import naive_utc
-from tasks.nn import graph_edge_index
-from tasks.scoring import (_cleaned_lead_in, _forecast_sequentially, _one_thread, _series,
-                           champion_folder, score_hour)
-from tasks.series import PatternData
+from tasks.clock import naive_utc
+from tasks.models.forecast import TrainConfig, predict, prepare, train
+from tasks.models.nn import graph_edge_index
+from tasks.models.series import PatternData
+from tasks.models.thresholds import calibrate
+from tasks.models.training import _artifacts, load_model
+from tasks.scoring.score import (
+    _cleaned_lead_in,
+    _forecast_sequentially,
+    _one_thread,
+    _series,
+    champion_folder,
+    score_hour,
+)
 from tasks.settings import load_settings
-from tasks.training import _artifacts, load_model
 from tasks.warehouse import opened
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the reference loop
 from per_bucket_scoring import per_bucket_forecast  # noqa: E402
 
-HOUR = datetime(2026, 1, 2, 10, tzinfo=timezone.utc)
+HOUR = datetime(2026, 1, 2, 10, tzinfo=UTC)
 TARGET_SECONDS = 10.0
 LEAD_MINUTES = 30
 GRAPH_HASH = "bench-graph"
-NODES = [f"{caller}|{callee}|{iface}|rpc" for caller, callee, iface in [
-    ("USER", "svc-gw", "/api"), ("svc-gw", "svc-cart", "get"), ("svc-gw", "svc-user", "auth"),
-    ("svc-cart", "svc-db", "query"), ("svc-cart", "svc-price", "quote"), ("svc-user", "svc-db", "query"),
-    ("svc-price", "svc-cache", "get"), ("svc-price", "svc-db", "query")]]
+NODES = [
+    f"{caller}|{callee}|{iface}|rpc"
+    for caller, callee, iface in [
+        ("USER", "svc-gw", "/api"),
+        ("svc-gw", "svc-cart", "get"),
+        ("svc-gw", "svc-user", "auth"),
+        ("svc-cart", "svc-db", "query"),
+        ("svc-cart", "svc-price", "quote"),
+        ("svc-user", "svc-db", "query"),
+        ("svc-price", "svc-cache", "get"),
+        ("svc-price", "svc-db", "query"),
+    ]
+]
 EDGES = [(0, 1), (0, 2), (1, 3), (1, 4), (2, 5), (4, 6), (4, 7)]
 RATES = np.array([60.0, 40.0, 55.0, 40.0, 35.0, 55.0, 30.0, 8.0])  # calls per minute per node
 RT_MS = np.array([40.0, 25.0, 8.0, 3.0, 12.0, 3.0, 1.0, 4.0])
@@ -75,8 +91,9 @@ def train_once(folder: Path) -> float:
     """Train the one real model on 6 hours of synthetic traffic; write its artifacts to `folder`."""
     rng = np.random.default_rng(0)
     steps = 360
-    buckets = np.arange(np.datetime64(naive_utc(HOUR - timedelta(hours=8)), "s"), steps * 60, 60,
-                        dtype="datetime64[s]")[:steps]
+    buckets = np.arange(
+        np.datetime64(naive_utc(HOUR - timedelta(hours=8)), "s"), steps * 60, 60, dtype="datetime64[s]"
+    )[:steps]
     data = PatternData(1, 1, GRAPH_HASH, NODES, EDGES, buckets, traffic(rng, steps), 60)
     cfg = TrainConfig(max_epochs=60, patience=10)
     started = time.perf_counter()
@@ -98,14 +115,52 @@ def build_warehouse(settings, patterns: int, flood_every: int) -> int:
     ids = np.arange(1, patterns + 1)
     parts = [n.split("|") for n in NODES]
     frames = {
-        "patterns": pd.DataFrame({"pattern_id": ids, "version": 1, "graph_hash": GRAPH_HASH, "status": "active",
-                                  "critical": True, "first_seen": now, "last_changed": now, "traffic_share": 1 / patterns,
-                                  "calls": 0, "traces": 0, "n_nodes": len(NODES), "n_edges": len(EDGES),
-                                  "n_shapes": 1, "updated_hour": now}),
+        "patterns": pd.DataFrame(
+            {
+                "pattern_id": ids,
+                "version": 1,
+                "graph_hash": GRAPH_HASH,
+                "status": "active",
+                "critical": True,
+                "first_seen": now,
+                "last_changed": now,
+                "traffic_share": 1 / patterns,
+                "calls": 0,
+                "traces": 0,
+                "n_nodes": len(NODES),
+                "n_edges": len(EDGES),
+                "n_shapes": 1,
+                "updated_hour": now,
+            }
+        ),
         "pattern_nodes": pd.DataFrame([(pid, 1, node, *p, 1.0, 0) for pid in ids for node, p in zip(NODES, parts)]),
         "pattern_edges": pd.DataFrame([(pid, 1, NODES[a], NODES[b], 1) for pid in ids for a, b in EDGES]),
-        "models": pd.DataFrame([(pid, f"rpcwatch-pattern-{pid}", 1, "bench-run", GRAPH_HASH, 1, now, "champion",
-                                 "bench", "", None, None, None, None, None, 0.1, 0.0, "cpu", now) for pid in ids]),
+        "models": pd.DataFrame(
+            [
+                (
+                    pid,
+                    f"rpcwatch-pattern-{pid}",
+                    1,
+                    "bench-run",
+                    GRAPH_HASH,
+                    1,
+                    now,
+                    "champion",
+                    "bench",
+                    "",
+                    None,
+                    None,
+                    None,
+                    None,
+                    None,
+                    0.1,
+                    0.0,
+                    "cpu",
+                    now,
+                )
+                for pid in ids
+            ]
+        ),
         "pattern_series": series_frame(ids, flood_every),
     }
     with opened(settings.warehouse) as con:
@@ -128,15 +183,28 @@ def series_frame(ids: np.ndarray, flood_every: int) -> pd.DataFrame:
         v = traffic(rng, steps)
         if pid % flood_every == 0:
             start, node = LEAD_MINUTES + int(rng.integers(5, 50)), int(rng.integers(0, len(NODES)))
-            v[start:start + 6, node, 0] *= 8
+            v[start : start + 6, node, 0] *= 8
         if pid % 10 == 3:
             v[LEAD_MINUTES + int(rng.integers(0, 60)), int(rng.integers(0, len(NODES))), 1:3] *= 20
         t, n = np.nonzero(v[:, :, 0] > 0)
-        frames.append(pd.DataFrame({
-            "pattern_id": pid, "bucket_ts": buckets[t], "node": np.array(NODES)[n],
-            "caller": [parts[i][0] for i in n], "callee": [parts[i][1] for i in n], "interface": [parts[i][2] for i in n],
-            "rpc_type": "rpc", "calls": v[t, n, 0].astype(np.int64), "errors": v[t, n, 3].astype(np.int64),
-            "rt_mean": v[t, n, 1], "rt_p95": v[t, n, 2], "bucket_seconds": 60}))
+        frames.append(
+            pd.DataFrame(
+                {
+                    "pattern_id": pid,
+                    "bucket_ts": buckets[t],
+                    "node": np.array(NODES)[n],
+                    "caller": [parts[i][0] for i in n],
+                    "callee": [parts[i][1] for i in n],
+                    "interface": [parts[i][2] for i in n],
+                    "rpc_type": "rpc",
+                    "calls": v[t, n, 0].astype(np.int64),
+                    "errors": v[t, n, 3].astype(np.int64),
+                    "rt_mean": v[t, n, 1],
+                    "rt_p95": v[t, n, 2],
+                    "bucket_seconds": 60,
+                }
+            )
+        )
     return pd.concat(frames, ignore_index=True)
 
 
@@ -157,7 +225,9 @@ def compare_loops(settings, patterns: int) -> tuple[float, float, bool]:
         for pid in range(1, patterns + 1):
             model, cfg, graph, norm, thresholds = load_model(champion_folder(settings, pid, 1))
             lead = cfg.window + cfg.horizon - 1
-            buckets, values = _series(con, pid, graph["nodes"], HOUR - timedelta(minutes=lead), HOUR + timedelta(hours=1), 60)
+            buckets, values = _series(
+                con, pid, graph["nodes"], HOUR - timedelta(minutes=lead), HOUR + timedelta(hours=1), 60
+            )
             targets = np.arange(lead, len(buckets))
             edge_index = graph_edge_index(len(graph["nodes"]), [tuple(e) for e in graph["edges"]])
             results = {}
@@ -167,8 +237,9 @@ def compare_loops(settings, patterns: int) -> tuple[float, float, bool]:
                 results[name] = loop(model, cfg, norm, values, targets, edge_index, graph["nodes"], thresholds, clean)
                 seconds[name] += time.perf_counter() - started
             (e1, _, f1), (e2, _, f2) = results["per-bucket"], results["batched"]
-            same &= (np.allclose(e1, e2, rtol=1e-4, atol=1e-6, equal_nan=True)
-                     and [f[:3] + f[5:] for f in f1] == [f[:3] + f[5:] for f in f2])
+            same &= np.allclose(e1, e2, rtol=1e-4, atol=1e-6, equal_nan=True) and [f[:3] + f[5:] for f in f1] == [
+                f[:3] + f[5:] for f in f2
+            ]
     return seconds["per-bucket"], seconds["batched"], same
 
 
@@ -191,24 +262,35 @@ def main() -> int:
 
     fixed_s, _, _ = timed_score(settings, 0)  # opening the warehouse, novel RPCs, incidents
     ref_s, ref_cpu, ref = timed_score(settings, args.reference)
-    print(f"  reference: {len(ref.scored)} patterns in {ref_s:.2f} s (CPU {ref_cpu:.2f} s, "
-          f"{len(ref.scored) / ref_s:.0f} patterns/s), {ref.anomalies} anomalies; no pattern: {fixed_s:.2f} s")
+    print(
+        f"  reference: {len(ref.scored)} patterns in {ref_s:.2f} s (CPU {ref_cpu:.2f} s, "
+        f"{len(ref.scored) / ref_s:.0f} patterns/s), {ref.anomalies} anomalies; no pattern: {fixed_s:.2f} s"
+    )
     runs = [timed_score(settings, args.patterns) for _ in range(args.repeat)]  # rescoring replaces: same work
     total_s, total_cpu, report = min(runs, key=lambda run: run[0])
     rate = len(report.scored) / total_s
-    print(f"  full: {len(report.scored)} patterns x 60 buckets in {total_s:.2f} s (CPU {total_cpu:.2f} s, {rate:.0f} "
-          f"patterns/s), {report.anomalies} anomalies written, {report.incidents} incidents, {len(report.skipped)} skipped")
-    print(f"  all {args.repeat} runs: " + ", ".join(f"{w:.2f} s (CPU {c:.2f} s)" for w, c, _ in runs) +
-          f"; median {np.median([w for w, _, _ in runs]):.2f} s")
+    print(
+        f"  full: {len(report.scored)} patterns x 60 buckets in {total_s:.2f} s (CPU {total_cpu:.2f} s, {rate:.0f} "
+        f"patterns/s), {report.anomalies} anomalies written, {report.incidents} incidents, {len(report.skipped)} skipped"
+    )
+    print(
+        f"  all {args.repeat} runs: "
+        + ", ".join(f"{w:.2f} s (CPU {c:.2f} s)" for w, c, _ in runs)
+        + f"; median {np.median([w for w, _, _ in runs]):.2f} s"
+    )
     ratio = ((total_s - fixed_s) / len(report.scored)) / ((ref_s - fixed_s) / len(ref.scored))
     print(f"  seconds per pattern beyond the fixed cost, full / reference: {ratio:.2f} (1.00 = linear scaling)")
 
     old_s, new_s, same = compare_loops(settings, args.reference)
-    print(f"  forecast loop on {args.reference} patterns: per-bucket {old_s:.2f} s, batched {new_s:.2f} s "
-          f"({old_s / new_s:.1f}x faster), same expected values and flags: {same}")
-    print(f"\nscore_hour: {len(report.scored)} patterns in {total_s:.2f} s, best of {args.repeat} "
-          f"(target <= {TARGET_SECONDS:.0f} s): "
-          f"{'PASS' if total_s <= TARGET_SECONDS else 'MISS'}")
+    print(
+        f"  forecast loop on {args.reference} patterns: per-bucket {old_s:.2f} s, batched {new_s:.2f} s "
+        f"({old_s / new_s:.1f}x faster), same expected values and flags: {same}"
+    )
+    print(
+        f"\nscore_hour: {len(report.scored)} patterns in {total_s:.2f} s, best of {args.repeat} "
+        f"(target <= {TARGET_SECONDS:.0f} s): "
+        f"{'PASS' if total_s <= TARGET_SECONDS else 'MISS'}"
+    )
     if args.keep:
         print(f"kept {work}")
     else:

@@ -16,8 +16,8 @@ import time
 import numpy as np
 import torch
 
-from tasks.forecast import TrainConfig, device, prepare, train
-from tasks.series import PatternData
+from tasks.models.forecast import TrainConfig, device, prepare, train
+from tasks.models.series import PatternData
 
 
 def synthetic_pattern(pid: int, rng: np.random.Generator, steps: int = 360) -> PatternData:
@@ -41,7 +41,9 @@ def main() -> int:
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     dev = device(args.device)
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
+    name = (
+        torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
+    )
     rng = np.random.default_rng(0)
     cfg = TrainConfig()
     patterns = [synthetic_pattern(i, rng) for i in range(args.patterns)]
@@ -56,8 +58,10 @@ def main() -> int:
         seconds.append(time.perf_counter() - t)
         epochs.append(result.epochs)
     total = time.perf_counter() - started
-    print(f"  per pattern: median {np.median(seconds):.2f} s, p90 {np.quantile(seconds, 0.9):.2f} s, "
-          f"{np.mean(epochs):.0f} epochs on average ({1000 * sum(seconds) / sum(epochs):.1f} ms per epoch)")
+    print(
+        f"  per pattern: median {np.median(seconds):.2f} s, p90 {np.quantile(seconds, 0.9):.2f} s, "
+        f"{np.mean(epochs):.0f} epochs on average ({1000 * sum(seconds) / sum(epochs):.1f} ms per epoch)"
+    )
     print(f"\n{len(patterns)} patterns in {total:.1f} s on {name} ({total / len(patterns):.2f} s per pattern)")
     return 0
 

@@ -1,0 +1,2 @@
+"""What people run and read: the `rpcwatch` command line, its tables, plots, the demo, and the
+local Airflow environment."""

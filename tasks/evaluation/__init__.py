@@ -1,0 +1,6 @@
+"""Evaluation: how well rpcwatch finds what was injected (never used in training or calibration).
+
+- `labels`: synthetic injected events vs incidents (rpcwatch and the naive median/MAD rule).
+- `faults`: real fault-injection lists (TrainTicket) vs incidents and points.
+- `replay`: captures with gaps laid back to back as hour partitions.
+"""

@@ -1,0 +1,304 @@
+"""Trace formats: which raw columns each needs, and the SQL that normalises raw rows into calls.
+
+Every `normalise_sql` reads a relation named `raw` (the format's columns as text or native types,
+plus `source_file`, `file_row` and `raw_hash`, a hash of all the row's raw values) and yields the
+columns of `NORMALISED`. Nothing is filtered here: rows that cannot be normalised keep NULLs and
+are quarantined by the row checks.
+
+No text from outside (column names, mapping values) becomes SQL text: column names go through
+`quote_identifier`, the one quoting helper; mapping values are DuckDB variables bound as
+parameters (`set_format_variables`, read back with `getvariable`), because the SQL ends up in
+views, which cannot hold prepared parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+NORMALISED = (
+    "ts",
+    "trace_id",
+    "call_id",
+    "parent_call_id",
+    "caller",
+    "callee",
+    "interface",
+    "rpc_type",
+    "rt_ms",
+    "is_error",
+    "source_file",
+    "file_row",
+    "raw_hash",
+)
+MISSING_MARKERS = "('', 'UNKNOWN', 'UNAVAILABLE', 'NAN', 'nan', 'None', 'NULL', '(?)')"
+MAPPINGS = Path(__file__).with_name("mappings")
+UNITS_TO_MS = {"ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3}
+# ms since the Unix epoch that make a valid timestamp (years 1..9999): outside it a value is
+# unparseable, and (value + epoch) * 1000 cannot overflow INT64
+MIN_MS, MAX_MS = -62_135_596_800_000, 253_402_300_799_999
+
+
+class Executes(Protocol):
+    def execute(self, query: str, parameters: object = ...) -> Any: ...
+
+
+def quote_identifier(name: str) -> str:
+    """The one quoting helper for identifiers from outside (file headers, mapping columns)."""
+    return '"' + str(name).replace('"', '""') + '"'
+
+
+def _int(value: object, what: str) -> int:
+    """A validated int, safe to format into SQL text (rejects text and floats)."""
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise ValueError(f"{what} must be an integer, got {value!r}") from None
+
+
+def set_format_variables(con: Executes, fmt: TraceFormat) -> None:
+    """Bind the format's outside values as the DuckDB variables its `normalise_sql` reads."""
+    for name, value in fmt.variables().items():
+        con.execute(f"SET VARIABLE {name} = ?", [value])  # name: a constant of this module
+
+
+def _service(column: str) -> str:
+    """A service name with Alibaba's missing markers made one canonical `UNKNOWN`."""
+    return f"CASE WHEN {column} IS NULL OR {column} IN {MISSING_MARKERS} THEN 'UNKNOWN' ELSE {column} END"
+
+
+def _text_or_null(column: str) -> str:
+    return f"CASE WHEN {column} IN {MISSING_MARKERS} THEN NULL ELSE {column} END"
+
+
+def _parent_rpc_id(column: str) -> str:
+    """Alibaba rpc ids: the parent of `0.1.2` is `0.1`; `0` and `0.1`-style roots keep `0`."""
+    return f"CASE WHEN contains({column}, '.') THEN regexp_replace({column}, '\\.[^.]*$', '') END"
+
+
+def _epoch_ts(ms_column: str, epoch_ms: int) -> str:
+    """Epoch + ms as a timestamp; NULL (unparseable) outside years 1..9999 instead of an overflow."""
+    epoch = _int(epoch_ms, "epoch_ms")
+    ms = f"TRY_CAST({ms_column} AS BIGINT)"
+    return (
+        f"CASE WHEN {ms} BETWEEN {MIN_MS - epoch} AND {MAX_MS - epoch} THEN make_timestamp(({ms} + {epoch}) * 1000) END"
+    )
+
+
+@dataclass(frozen=True)
+class AlibabaV2022:
+    """Alibaba cluster-trace v2022 CallGraph (plus rpcwatch's optional `error` column)."""
+
+    epoch_ms: int = 0
+    name: str = "alibaba-v2022"
+    required: tuple[str, ...] = ("timestamp", "traceid", "rpc_id", "rpctype", "um", "dm", "interface", "rt")
+    optional: tuple[str, ...] = ("error",)
+
+    def variables(self) -> dict[str, object]:
+        return {}
+
+    def normalise_sql(self, columns: set[str]) -> str:
+        error = "coalesce(TRY_CAST(error AS INTEGER), 0) <> 0" if "error" in columns else "false"
+        return f"""
+        SELECT {_epoch_ts('"timestamp"', self.epoch_ms)} AS ts,
+               nullif(traceid, '') AS trace_id,
+               nullif(rpc_id, '') AS call_id,
+               {_parent_rpc_id("rpc_id")} AS parent_call_id,
+               {_service("um")} AS caller, {_service("dm")} AS callee,
+               {_text_or_null("interface")} AS interface,
+               CASE WHEN rpctype IS NULL OR rpctype IN {MISSING_MARKERS} THEN 'UNKNOWN' ELSE rpctype END AS rpc_type,
+               TRY_CAST(rt AS DOUBLE) AS rt_ms, {error} AS is_error, source_file, file_row, raw_hash
+        FROM raw"""
+
+
+@dataclass(frozen=True)
+class AlibabaV2021:
+    """Alibaba cluster-trace v2021 MSCallGraph: relative timestamps, caller+callee double rows.
+
+    An RPC appears as the caller's row (rt >= 0) and the callee's row (rt < 0) under one rpcid;
+    the k-th caller row of a (trace, rpcid, um, dm, interface, type) group is merged with its k-th
+    callee row. A callee row without a caller row still counts as one call (rt = |rt|).
+    """
+
+    epoch_ms: int = 0
+    name: str = "alibaba-v2021"
+    required: tuple[str, ...] = ("traceid", "timestamp", "rpcid", "um", "rpctype", "dm", "interface", "rt")
+    optional: tuple[str, ...] = ()
+
+    def variables(self) -> dict[str, object]:
+        return {}
+
+    def normalise_sql(self, columns: set[str]) -> str:
+        keys = "traceid, rpcid, rpctype, um, dm, interface"
+        return f"""
+        WITH typed AS (
+            SELECT {keys}, TRY_CAST("timestamp" AS BIGINT) AS t_ms, TRY_CAST(rt AS DOUBLE) AS rt_v,
+                   source_file, file_row, raw_hash FROM raw),
+        paired AS (
+            SELECT *, row_number() OVER (
+                PARTITION BY {keys}, rt_v < 0 ORDER BY t_ms, source_file, file_row) AS k
+            FROM typed),
+        merged AS (
+            SELECT {keys}, min(t_ms) AS t_ms,
+                   coalesce(max(rt_v) FILTER (WHERE rt_v >= 0), -min(rt_v)) AS rt_v,
+                   min(source_file) AS source_file, min(file_row) AS file_row,
+                   hash(list_sort(list(raw_hash))) AS raw_hash
+            FROM paired GROUP BY {keys}, k)
+        SELECT {_epoch_ts("t_ms", self.epoch_ms)} AS ts,
+               nullif(traceid, '') AS trace_id, nullif(rpcid, '') AS call_id,
+               {_parent_rpc_id("rpcid")} AS parent_call_id,
+               {_service("um")} AS caller, {_service("dm")} AS callee,
+               {_text_or_null("interface")} AS interface,
+               CASE WHEN rpctype IS NULL OR rpctype IN {MISSING_MARKERS} THEN 'UNKNOWN' ELSE rpctype END AS rpc_type,
+               rt_v AS rt_ms, false AS is_error, source_file, file_row, raw_hash
+        FROM merged"""
+
+
+@dataclass(frozen=True)
+class SpanMapping:
+    """Which columns of a span export hold what (OpenTelemetry/Jaeger/Zipkin-style exports)."""
+
+    trace_id: str
+    span_id: str
+    parent_id: str
+    service: str
+    operation: str
+    start: str
+    start_unit: str = "ns"
+    end: str | None = None
+    end_unit: str = "ns"
+    duration: str | None = None
+    duration_unit: str = "us"
+    status: str | None = None
+    error_values: tuple[str, ...] = ("ERROR", "STATUS_CODE_ERROR", "2")
+    root_parent_values: tuple[str, ...] = ("", "root", "0", "0000000000000000")
+    service_regex: str | None = None  # first group = service (e.g. strip a pod-name suffix)
+    rpc_type: str = "span"
+
+    @classmethod
+    def load(cls, name_or_path: str) -> SpanMapping:
+        path = Path(name_or_path)
+        if path.suffix == ".json" and path.exists():
+            text = path.read_text()
+        else:
+            bundled = MAPPINGS / f"{name_or_path}.json"
+            if not bundled.is_file():
+                raise ValueError(
+                    f"span mapping {name_or_path!r} is neither a JSON file nor a bundled mapping "
+                    f"({', '.join(bundled_mappings())})"
+                )
+            text = bundled.read_text()
+        data = json.loads(text)
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"span mapping {name_or_path!r}: unknown keys {sorted(unknown)}")
+        for key in ("error_values", "root_parent_values"):
+            if key in data:
+                data[key] = tuple(data[key])
+        mapping = cls(**data)
+        if mapping.end is None and mapping.duration is None:
+            raise ValueError(f"span mapping {name_or_path!r} needs `end` or `duration`")
+        return mapping
+
+
+def bundled_mappings() -> list[str]:
+    return sorted(p.stem for p in MAPPINGS.glob("*.json"))
+
+
+@dataclass(frozen=True)
+class Spans:
+    """Generic spans: one call per span; the caller is the parent span's service (`USER` at roots)."""
+
+    mapping: SpanMapping
+    name: str = "spans"
+    optional: tuple[str, ...] = field(default=())
+
+    @property
+    def required(self) -> tuple[str, ...]:
+        m = self.mapping
+        wanted = [m.trace_id, m.span_id, m.parent_id, m.service, m.operation, m.start, m.end, m.duration]
+        return tuple(c for c in wanted if c is not None)
+
+    def variables(self) -> dict[str, object]:
+        """Mapping values (from a JSON file: outside text), bound as DuckDB variables."""
+        m = self.mapping
+        return {
+            "rpcwatch_span_regex": m.service_regex,
+            "rpcwatch_span_roots": [str(v) for v in m.root_parent_values],
+            "rpcwatch_span_errors": [str(v) for v in m.error_values],
+            "rpcwatch_span_rpc_type": str(m.rpc_type),
+        }
+
+    def _timestamp(self) -> str:
+        """Start as a timestamp; NULL (unparseable) when it does not fit, instead of an overflow."""
+        per_us = _to_ms(self.mapping.start_unit) * 1000
+        us = f"TRY_CAST(TRY_CAST({quote_identifier(self.mapping.start)} AS HUGEINT) * {per_us!r} AS BIGINT)"
+        return f"CASE WHEN {us} BETWEEN {MIN_MS * 1000} AND {MAX_MS * 1000} THEN make_timestamp({us}) END"
+
+    def _rt_ms(self) -> str:
+        m = self.mapping
+        if m.duration is not None:
+            return f"TRY_CAST({quote_identifier(m.duration)} AS DOUBLE) * {_to_ms(m.duration_unit)!r}"
+        start_ms = f"TRY_CAST({quote_identifier(m.start)} AS HUGEINT) * {_to_ms(m.start_unit)!r}"
+        end_ms = f"TRY_CAST({quote_identifier(m.end)} AS HUGEINT) * {_to_ms(m.end_unit)!r}"
+        return f"CAST({end_ms} - {start_ms} AS DOUBLE)"
+
+    def normalise_sql(self, columns: set[str]) -> str:
+        """Needs `set_format_variables` on the connection first (the mapping's values)."""
+        m = self.mapping
+        service = quote_identifier(m.service)
+        if m.service_regex:
+            service = (
+                f"coalesce(nullif(regexp_extract({service}, getvariable('rpcwatch_span_regex'), 1), ''), {service})"
+            )
+        parent = quote_identifier(m.parent_id)
+        error = "false"
+        if m.status:
+            error = (
+                f"coalesce(list_contains(getvariable('rpcwatch_span_errors')::VARCHAR[], "
+                f"CAST({quote_identifier(m.status)} AS VARCHAR)), false)"
+            )
+        return f"""
+        WITH s AS (
+            SELECT {self._timestamp()} AS ts, nullif(trim(CAST({quote_identifier(m.trace_id)} AS VARCHAR)), '') AS trace_id,
+                   nullif(trim(CAST({quote_identifier(m.span_id)} AS VARCHAR)), '') AS call_id,
+                   CASE WHEN {parent} IS NULL OR list_contains(getvariable('rpcwatch_span_roots')::VARCHAR[],
+                                                               trim(CAST({parent} AS VARCHAR))) THEN NULL
+                        ELSE CAST({parent} AS VARCHAR) END AS parent_call_id,
+                   {service} AS service, nullif(CAST({quote_identifier(m.operation)} AS VARCHAR), '') AS interface,
+                   {self._rt_ms()} AS rt_ms, {error} AS is_error, source_file, file_row, raw_hash
+            FROM raw),
+        parents AS (SELECT trace_id, call_id, any_value(service) AS service FROM s GROUP BY ALL)
+        SELECT s.ts, s.trace_id, s.call_id, s.parent_call_id,
+               CASE WHEN s.parent_call_id IS NULL THEN 'USER' ELSE coalesce(p.service, 'UNKNOWN') END AS caller,
+               coalesce(s.service, 'UNKNOWN') AS callee, s.interface,
+               CAST(getvariable('rpcwatch_span_rpc_type') AS VARCHAR) AS rpc_type,
+               s.rt_ms, s.is_error, s.source_file, s.file_row, s.raw_hash
+        FROM s LEFT JOIN parents p ON p.trace_id = s.trace_id AND p.call_id = s.parent_call_id"""
+
+
+def _to_ms(unit: str) -> float:
+    if unit not in UNITS_TO_MS:
+        raise ValueError(f"unknown time unit {unit!r} in span mapping; use one of {', '.join(UNITS_TO_MS)}")
+    return UNITS_TO_MS[unit]
+
+
+TraceFormat = AlibabaV2022 | AlibabaV2021 | Spans
+
+
+def make_format(name: str, epoch_ms: int | None = None, span_mapping: str = "otel") -> TraceFormat:
+    if name == "alibaba-v2022":
+        return AlibabaV2022(epoch_ms=epoch_ms or 0)
+    if name == "alibaba-v2021":
+        if epoch_ms is None:
+            raise ValueError(
+                "alibaba-v2021 timestamps are milliseconds since the capture started: set "
+                "RPCWATCH_TRACE_EPOCH (or --epoch) to the capture's start, e.g. 2021-06-01T00:00"
+            )
+        return AlibabaV2021(epoch_ms=epoch_ms)
+    if name == "spans":
+        return Spans(SpanMapping.load(span_mapping))
+    raise ValueError(f"unknown trace format {name!r}")

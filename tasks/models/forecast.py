@@ -1,0 +1,239 @@
+"""Train one pattern's forecaster (metrics and baselines: `baselines`; thresholds: `thresholds`).
+
+Inputs per node and bucket: log1p(calls), log(rt_mean), log(rt_p95), log1p(errors), standardised
+per node with statistics of the training split (stored with the model). Outputs per node: the
+log-rate of calls and errors (Poisson likelihood: counts are counts, thin nodes stay calm) and
+the standardised log latency (squared error weighted by the bucket's call count: a p95 of three
+calls says little). Windows of W buckets predict the bucket `horizon` steps after the window.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from tasks.models.features import COUNTS, FEATURES, LATENCIES
+from tasks.models.series import PatternData
+
+
+@dataclass
+class TrainConfig:
+    window: int = 12
+    horizon: int = 1
+    hidden: int = 32
+    kernel_size: int = 3
+    blocks: int = 2
+    lr: float = 1e-2
+    weight_decay: float = 1e-4
+    max_epochs: int = 200
+    patience: int = 20
+    batch_size: int = 256
+    val_fraction: float = 0.25
+    seed: int = 0
+    season_seconds: int = 86_400  # seasonal naive looks a day back; an hour when history is shorter
+    rt_weight_calls: float = 5.0  # latency loss weight = calls / (calls + this)
+
+
+@dataclass
+class Normaliser:
+    """Per-node mean/std of the log features, and per-node mean counts of the training split."""
+
+    mean: list[list[float]]
+    std: list[list[float]]
+    calls_mean: list[float]
+    errors_mean: list[float]
+
+    @classmethod
+    def fit(cls, values: np.ndarray) -> Normaliser:
+        logs = _log_features(values)
+        mean = np.nan_to_num(np.nanmean(logs, axis=0))
+        std = np.nan_to_num(np.nanstd(logs, axis=0), nan=1.0)
+        std = np.where(std < 1e-3, 1.0, std)
+        return cls(
+            mean.tolist(),
+            std.tolist(),
+            np.maximum(values[:, :, 0].mean(axis=0), 1e-3).tolist(),
+            np.maximum(values[:, :, 3].mean(axis=0), 1e-3).tolist(),
+        )
+
+    def inputs(self, values: np.ndarray) -> np.ndarray:
+        """[T, N, F]: standardised log features (missing latency at the node's mean)."""
+        z = (_log_features(values) - np.array(self.mean)) / np.array(self.std)
+        return np.nan_to_num(z, nan=0.0).astype(np.float32)
+
+
+def _log_features(values: np.ndarray) -> np.ndarray:
+    out = np.empty_like(values, dtype=np.float64)
+    out[..., 0] = np.log1p(values[..., 0])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out[..., 1] = np.log(np.maximum(values[..., 1], 1e-3))
+        out[..., 2] = np.log(np.maximum(values[..., 2], 1e-3))
+    out[..., 3] = np.log1p(values[..., 3])
+    return out
+
+
+def device(setting: str = "auto") -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
+def windows(n_steps: int, window: int, horizon: int) -> np.ndarray:
+    """Indices of the target bucket for every full window (vectorised later with unfold)."""
+    return np.arange(window + horizon - 1, n_steps)
+
+
+def make_model(cfg: TrainConfig, use_graph: bool = True):
+    from tasks.models.nn import STGCN
+
+    return STGCN(
+        num_features=len(FEATURES),
+        num_outputs=len(FEATURES),
+        hidden_channels=cfg.hidden,
+        window=cfg.window,
+        kernel_size=cfg.kernel_size,
+        num_blocks=cfg.blocks,
+        use_graph=use_graph,
+    )
+
+
+class NotEnoughHistory(ValueError):
+    """Too few buckets to train on; the pattern is tried again in a later hour."""
+
+
+@dataclass
+class Prepared:
+    x: torch.Tensor  # [S, W, N, F] inputs
+    y: torch.Tensor  # [S, N, F] raw targets (counts, rt in ms)
+    targets: np.ndarray  # bucket index of each sample
+    split: int  # samples before `split` train, the rest validate
+    edge_index: torch.Tensor
+    offsets: torch.Tensor  # [S, N, 2] log of each window's mean calls and errors
+    norm: Normaliser
+    values: np.ndarray | None = None  # raw [T, N, F], to re-window with another normaliser
+    starts: np.ndarray | None = None  # first bucket of each sample's window
+
+    def with_normaliser(self, norm: Normaliser, window: int) -> Prepared:
+        """The same samples, inputs scaled by another model's normaliser (champion comparison)."""
+        x, offsets = _windows(norm, self.values, self.starts, window)
+        return Prepared(x, self.y, self.targets, self.split, self.edge_index, offsets, norm, self.values, self.starts)
+
+
+def _windows(
+    norm: Normaliser, values: np.ndarray, starts: np.ndarray, window: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input windows [S, W, N, F] and log-level offsets [S, N, 2].
+
+    Counts are forecast relative to the level of their own window (reversible instance
+    normalisation): traffic follows a daily curve, so the validation hours often run above any
+    level seen in training, and a model anchored to training means cannot extrapolate there."""
+    idx = torch.from_numpy(starts)
+    z = torch.from_numpy(norm.inputs(values)).unfold(0, window, 1)[idx].permute(0, 3, 1, 2).contiguous()
+    raw = torch.from_numpy(values[:, :, list(COUNTS)].astype(np.float32)).unfold(0, window, 1)[idx]
+    offsets = torch.log(raw.median(dim=-1).values + 0.05)  # the median: a burst does not echo afterwards
+    z[..., list(COUNTS)] -= z[..., list(COUNTS)].mean(dim=1, keepdim=True)
+    return z, offsets
+
+
+def prepare(data: PatternData, cfg: TrainConfig) -> Prepared:
+    from tasks.models.nn import graph_edge_index
+
+    t_idx = windows(len(data.buckets), cfg.window, cfg.horizon)
+    if len(t_idx) < 20:
+        raise NotEnoughHistory(
+            f"pattern {data.pattern_id}: {len(data.buckets)} buckets give {len(t_idx)} windows "
+            f"of {cfg.window}; need at least 20"
+        )
+    split = int(len(t_idx) * (1 - cfg.val_fraction))
+    train_end = t_idx[split] - cfg.horizon + 1  # no validation bucket leaks into the statistics
+    norm = Normaliser.fit(data.values[:train_end])
+    starts = t_idx - cfg.horizon - cfg.window + 1
+    x, offsets = _windows(norm, data.values, starts, cfg.window)
+    y = torch.from_numpy(data.values[t_idx].astype(np.float32))
+    return Prepared(
+        x, y, t_idx, split, graph_edge_index(len(data.nodes), data.edges), offsets, norm, data.values, starts
+    )
+
+
+def _rt_target(norm: Normaliser, y: torch.Tensor) -> torch.Tensor:
+    mean, std = torch.tensor(norm.mean, dtype=torch.float32), torch.tensor(norm.std, dtype=torch.float32)
+    logs = torch.log(torch.clamp(y[..., list(LATENCIES)], min=1e-3))
+    return (logs - mean[:, list(LATENCIES)].to(y.device)) / std[:, list(LATENCIES)].to(y.device)
+
+
+def loss_fn(
+    out: torch.Tensor, y: torch.Tensor, offsets: torch.Tensor, norm: Normaliser, cfg: TrainConfig
+) -> torch.Tensor:
+    """Poisson NLL on calls and errors, call-weighted squared error on standardised log latency."""
+    log_rate = out[..., list(COUNTS)] + offsets
+    counts = y[..., list(COUNTS)]
+    poisson = (torch.exp(log_rate) - counts * log_rate).mean()
+    calls = y[..., 0:1]
+    weight = calls / (calls + cfg.rt_weight_calls)
+    rt_obs = torch.nan_to_num(_rt_target(norm, y), nan=0.0)
+    rt = (weight * (out[..., list(LATENCIES)] - rt_obs) ** 2).sum() / weight.sum().clamp(min=1.0) / len(LATENCIES)
+    return poisson + rt
+
+
+def predict(model, prep: Prepared, idx: slice | np.ndarray, dev: torch.device) -> np.ndarray:
+    """Forecasts in original units [S, N, F]: expected calls/errors, rt_mean/rt_p95 in ms."""
+    model.eval()
+    with torch.no_grad():
+        out = model(prep.x[idx].to(dev), prep.edge_index.to(dev)).cpu()
+    pred = torch.empty_like(out)
+    pred[..., list(COUNTS)] = torch.exp(out[..., list(COUNTS)] + prep.offsets[idx])
+    mean, std = torch.tensor(prep.norm.mean, dtype=torch.float32), torch.tensor(prep.norm.std, dtype=torch.float32)
+    pred[..., list(LATENCIES)] = torch.exp(
+        out[..., list(LATENCIES)] * std[:, list(LATENCIES)] + mean[:, list(LATENCIES)]
+    )
+    return pred.numpy().astype(np.float64)
+
+
+@dataclass
+class TrainResult:
+    model: object
+    epochs: int
+    best_val_loss: float
+    seconds: float
+    parameters: int
+    history: list[float] = field(default_factory=list)
+
+
+def train(prep: Prepared, cfg: TrainConfig, dev: torch.device, use_graph: bool = True) -> TrainResult:
+    """Adam on chronological training windows, early stopping on the validation loss, fixed seed."""
+    if dev.type == "cpu":
+        torch.set_num_threads(1)  # tensors this small run slower across threads (10x on a busy host)
+    torch.manual_seed(cfg.seed)
+    model = make_model(cfg, use_graph).to(dev)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    x, y, e, off = prep.x.to(dev), prep.y.to(dev), prep.edge_index.to(dev), prep.offsets.to(dev)
+    xt, yt, xv, yv = x[: prep.split], y[: prep.split], x[prep.split :], y[prep.split :]
+    gen = torch.Generator().manual_seed(cfg.seed)
+    best, best_state, waited, history = math.inf, None, 0, []
+    started = time.perf_counter()
+    epoch = 0
+    ot, ov = off[: prep.split], off[prep.split :]
+    for epoch in range(1, cfg.max_epochs + 1):
+        model.train()
+        for batch in torch.randperm(len(xt), generator=gen).split(cfg.batch_size):
+            opt.zero_grad()
+            loss_fn(model(xt[batch], e), yt[batch], ot[batch], prep.norm, cfg).backward()
+            opt.step()
+        model.eval()
+        with torch.no_grad():
+            val = float(loss_fn(model(xv, e), yv, ov, prep.norm, cfg))
+        history.append(val)
+        if val < best - 1e-5:
+            best, waited = val, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            waited += 1
+            if waited >= cfg.patience:
+                break
+    model.load_state_dict(best_state)
+    params = sum(p.numel() for p in model.parameters())
+    return TrainResult(model, epoch, best, time.perf_counter() - started, params, history)

@@ -1,0 +1,205 @@
+"""Retrain only what is stale: plan (DuckDB, in the writer pool) -> train (no DuckDB, parallel,
+GPU queue) -> record (DuckDB, in the pool). The CLI runs the three in a row; the DAG maps `train`.
+
+DuckDB's `models` table mirrors the MLflow registry, which is the source of truth: plan reconciles
+the mirror before deciding staleness and record after writing, so a training killed between
+registering and recording neither leaves its pattern without champion nor retrains it every hour."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+
+import duckdb
+
+from tasks.clock import HOUR, hour_floor, naive_utc
+from tasks.models.series import export_pattern, training_range
+from tasks.models.staleness import stale_patterns
+from tasks.settings import Settings
+from tasks.warehouse import opened
+
+log = logging.getLogger(__name__)
+
+
+def plan_training(
+    settings: Settings, hour: datetime, force: bool = False, patterns: list[int] | None = None
+) -> list[dict]:
+    """Stale patterns with their reasons, each exported to Parquet for a lock-free training task."""
+    hour = hour_floor(hour)
+    start, end = training_range(hour + HOUR, settings.train_history_hours)
+    folder = settings.home / "exports" / f"{hour:%Y%m%dT%H}"
+    with opened(settings.warehouse) as con:
+        reconcile_models(settings, con)  # staleness must see the registry's champions
+        stale = [
+            s
+            for s in stale_patterns(con, settings, hour, force, patterns)
+            if _enough_history(con, s.pattern_id, end, settings.min_train_hours)
+        ]
+        jobs = [
+            {
+                "pattern_id": s.pattern_id,
+                "reasons": s.reasons,
+                "hour": hour.isoformat(),
+                "meta_path": str(export_pattern(con, s.pattern_id, start, end, folder)),
+            }
+            for s in stale
+        ]
+    for job in jobs:
+        log.info("pattern %s is stale: %s", job["pattern_id"], ", ".join(job["reasons"]))
+    if not jobs:
+        log.info("nothing is stale at %s: no model to train", hour)
+    return jobs
+
+
+def _enough_history(con, pattern_id: int, end: datetime, min_hours: float) -> bool:
+    first = con.execute("SELECT min(bucket_ts) FROM pattern_series WHERE pattern_id = ?", [pattern_id]).fetchone()[0]
+    hours = (naive_utc(end) - first).total_seconds() / 3600 if first else 0.0
+    if hours < min_hours:
+        log.info("pattern %s: %.1f h of history < %.1f h, not trained yet", pattern_id, hours, min_hours)
+    return hours >= min_hours
+
+
+def train_job(settings: Settings, job: dict) -> dict:
+    """Train one stale pattern (reads only its exported files); a pattern with too little history
+    is reported as skipped, not failed."""
+    from tasks.models.forecast import NotEnoughHistory
+    from tasks.models.training import train_pattern
+
+    hour = datetime.fromisoformat(job["hour"])
+    try:
+        outcome = train_pattern(settings, Path(job["meta_path"]), hour, reason=",".join(job["reasons"]))
+    except NotEnoughHistory as err:
+        log.warning("pattern %s skipped: %s", job["pattern_id"], err)
+        return {"pattern_id": job["pattern_id"], "skipped": str(err)}
+    return asdict(outcome)
+
+
+MODEL_COLUMNS = (
+    "pattern_id",
+    "model_name",
+    "model_version",
+    "run_id",
+    "graph_hash",
+    "pattern_version",
+    "trained_for",
+    "decision",
+    "reason",
+    "stale_reason",
+    "val_mape_calls",
+    "poisson_floor_calls",
+    "seasonal_naive_mape_calls",
+    "moving_average_mape_calls",
+    "no_graph_mape_calls",
+    "calibrated_mape_calls",
+    "seconds",
+    "device",
+    "recorded_at",
+)
+
+
+def _insert_model(con: duckdb.DuckDBPyConnection, row: dict[str, object]) -> None:
+    """One `models` row with its columns named (no reliance on the table's column order)."""
+    cols = [c for c in MODEL_COLUMNS if c in row]
+    con.execute(
+        f"INSERT INTO models ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})", [row[c] for c in cols]
+    )
+
+
+def record_outcomes(settings: Settings, outcomes: list[dict]) -> int:
+    """Mirror the trainings into DuckDB's `models` table (staleness and scoring read it there),
+    then reconcile it with the registry (a retried training may have registered more)."""
+    rows = [o for o in outcomes if "skipped" not in o]
+    now = naive_utc(datetime.now(UTC))
+    with opened(settings.warehouse) as con:
+        for o in rows:
+            m = o["metrics"]
+            con.execute(
+                "DELETE FROM models WHERE pattern_id = ? AND model_version = ?", [o["pattern_id"], o["model_version"]]
+            )
+            _insert_model(
+                con,
+                {
+                    "pattern_id": o["pattern_id"],
+                    "model_name": f"rpcwatch-pattern-{o['pattern_id']}",
+                    "model_version": o["model_version"],
+                    "run_id": o["run_id"],
+                    "graph_hash": o["graph_hash"],
+                    "pattern_version": o["pattern_version"],
+                    "trained_for": naive_utc(datetime.fromisoformat(o["trained_for"])),
+                    "decision": o["decision"],
+                    "reason": o["reason"],
+                    "stale_reason": o.get("stale_reason", ""),
+                    "val_mape_calls": m.get("model_mape_calls"),
+                    "poisson_floor_calls": m.get("poisson_floor_calls"),
+                    "seasonal_naive_mape_calls": m.get("seasonal_naive_mape_calls"),
+                    "moving_average_mape_calls": m.get("moving_average_mape_calls"),
+                    "no_graph_mape_calls": m.get("no_graph_mape_calls"),
+                    "calibrated_mape_calls": m.get("model_mape_calls"),
+                    "seconds": o["seconds"],
+                    "device": o["device"],
+                    "recorded_at": now,
+                },
+            )
+        if rows:
+            reconcile_models(settings, con)
+    return len(rows)
+
+
+def reconcile_models(settings: Settings, con: duckdb.DuckDBPyConnection) -> int:
+    """Repair DuckDB's `models` mirror from the registry: every registered version without a row
+    gets one (from its tags and run), and each pattern's current champion is the version the
+    registry's `champion` alias points to. Without it a training killed after registering but
+    before `record` reads as "no champion": every later hour retrains, the retrained model ties
+    the real champion, stays a challenger, and the pattern is stale forever. Returns rows changed."""
+    from tasks.models.training import registry_mirror
+
+    known = {(p, v) for p, v in con.execute("SELECT pattern_id, model_version FROM models").fetchall()}
+    try:
+        mirror = registry_mirror(settings, known)
+    except Exception as err:  # noqa: BLE001  registry unreachable: decide on the mirror as it is
+        log.warning("model registry unreachable, staleness decided on DuckDB's copy: %s", err)
+        return 0
+    if mirror is None:
+        return 0
+    champions, rows = mirror
+    for row in rows:
+        log.warning(
+            "pattern %s: v%s is registered but was never recorded (a killed run): mirrored as %s",
+            row["pattern_id"],
+            row["model_version"],
+            row["decision"],
+        )
+        _insert_model(con, row)
+    return len(rows) + sum(_follow_alias(con, pid, version) for pid, version in champions.items())
+
+
+def _follow_alias(con: duckdb.DuckDBPyConnection, pattern_id: int, champion: int | None) -> int:
+    """Make the aliased version (None: no alias) the pattern's current champion row. Champion rows
+    after it (alias removed or rolled back) are demoted; those before it stay: they are history."""
+    changed = 0
+    if champion is not None:
+        changed += con.execute(
+            """UPDATE models SET decision = 'champion', reason = concat_ws('; ', reason, ?)
+                                  WHERE pattern_id = ? AND model_version = ? AND decision <> 'champion'""",
+            ["the registry's champion alias is on it", pattern_id, champion],
+        ).fetchone()[0]
+    changed += con.execute(
+        """UPDATE models SET decision = 'demoted', reason = concat_ws('; ', reason, ?)
+                              WHERE pattern_id = ? AND decision = 'champion' AND model_version > ?""",
+        [
+            f"the registry's champion alias is on v{champion}" if champion else "the registry has no champion alias",
+            pattern_id,
+            champion or 0,
+        ],
+    ).fetchone()[0]
+    return changed
+
+
+def train_stale(
+    settings: Settings, hour: datetime, force: bool = False, patterns: list[int] | None = None
+) -> list[dict]:
+    outcomes = [train_job(settings, job) for job in plan_training(settings, hour, force, patterns)]
+    record_outcomes(settings, outcomes)
+    return outcomes

@@ -1,0 +1,127 @@
+"""A pattern's traffic as a dense tensor, exported to Parquet so training never opens DuckDB.
+
+Export (inside the DuckDB writer pool): `pattern_series` rows of one pattern's graph nodes over a
+time range -> `<dir>/pattern-<id>.parquet` plus `<dir>/pattern-<id>.json` (nodes, edges, version,
+graph_hash, range). Training (anywhere, in parallel) reads those files only.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow.parquet as pq
+
+from tasks.models.features import FEATURES
+
+
+@dataclass
+class PatternData:
+    """Traffic of one pattern: values[t, n, f] for buckets t, graph nodes n, FEATURES f.
+
+    calls/errors are counts (0 where a node had no traffic); rt_mean/rt_p95 are NaN there."""
+
+    pattern_id: int
+    version: int
+    graph_hash: str
+    nodes: list[str]
+    edges: list[tuple[int, int]]
+    buckets: np.ndarray  # datetime64[s], evenly spaced
+    values: np.ndarray
+    bucket_seconds: int
+
+    @property
+    def calls(self) -> np.ndarray:
+        return self.values[:, :, 0]
+
+
+def export_pattern(
+    con: duckdb.DuckDBPyConnection, pattern_id: int, start: datetime, end: datetime, folder: Path
+) -> Path:
+    """Write the pattern's graph and its series over [start, end) for training; returns the JSON path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    version, graph_hash = con.execute(
+        "SELECT version, graph_hash FROM patterns WHERE pattern_id = ?", [pattern_id]
+    ).fetchone()
+    nodes = [
+        r[0]
+        for r in con.execute(
+            "SELECT node FROM pattern_nodes WHERE pattern_id = ? AND version = ? ORDER BY node", [pattern_id, version]
+        ).fetchall()
+    ]
+    index = {n: i for i, n in enumerate(nodes)}
+    edges = [
+        (index[p], index[c])
+        for p, c in con.execute(
+            "SELECT parent_node, child_node FROM pattern_edges WHERE pattern_id = ? AND version = ?",
+            [pattern_id, version],
+        ).fetchall()
+        if p in index and c in index
+    ]
+    seconds = con.execute(
+        "SELECT coalesce(max(bucket_seconds), 60) FROM pattern_series WHERE pattern_id = ?", [pattern_id]
+    ).fetchone()[0]
+    parquet = folder / f"pattern-{pattern_id}.parquet"
+    # written by pyarrow: the path (under the home, from settings) never goes into SQL text
+    series = con.execute(
+        """SELECT bucket_ts, node, calls, errors, rt_mean, rt_p95 FROM pattern_series
+                            WHERE pattern_id = ? AND bucket_ts >= ? AND bucket_ts < ? ORDER BY bucket_ts, node""",
+        [pattern_id, start.replace(tzinfo=None), end.replace(tzinfo=None)],
+    ).to_arrow_table()
+    pq.write_table(series, parquet)
+    meta = {
+        "pattern_id": pattern_id,
+        "version": version,
+        "graph_hash": graph_hash,
+        "nodes": nodes,
+        "edges": edges,
+        "bucket_seconds": int(seconds),
+        "start": start.isoformat(),
+        "end": end.isoformat(),
+    }
+    path = folder / f"pattern-{pattern_id}.json"
+    path.write_text(json.dumps(meta, indent=1))
+    return path
+
+
+def load_pattern(meta_path: Path) -> PatternData:
+    """The exported pattern as a dense [T, N, F] array on a complete bucket grid."""
+    meta = json.loads(Path(meta_path).read_text())
+    seconds = meta["bucket_seconds"]
+    start = np.datetime64(datetime.fromisoformat(meta["start"]).replace(tzinfo=None), "s")
+    end = np.datetime64(datetime.fromisoformat(meta["end"]).replace(tzinfo=None), "s")
+    buckets = np.arange(start, end, np.timedelta64(seconds, "s"))
+    nodes = meta["nodes"]
+    values = np.zeros((len(buckets), len(nodes), len(FEATURES)), dtype=np.float64)
+    values[:, :, 1:3] = np.nan
+    table = pq.read_table(Path(meta_path).with_suffix(".parquet")).to_pandas()
+    if len(table):  # the grid starts where the pattern's traffic starts, not at the nominal range
+        start = max(start, table["bucket_ts"].min().to_datetime64().astype("datetime64[s]"))
+        buckets = np.arange(start, end, np.timedelta64(seconds, "s"))
+        values = np.zeros((len(buckets), len(nodes), len(FEATURES)), dtype=np.float64)
+        values[:, :, 1:3] = np.nan
+        t = ((table["bucket_ts"].values.astype("datetime64[s]") - start) // np.timedelta64(seconds, "s")).astype(int)
+        index = {n: i for i, n in enumerate(nodes)}
+        n = table["node"].map(index)
+        keep = n.notna().values & (t >= 0) & (t < len(buckets))
+        t, n = t[keep], n.values[keep].astype(int)
+        for f, column in enumerate(FEATURES):
+            values[t, n, f] = table[column].values[keep]
+    return PatternData(
+        meta["pattern_id"],
+        meta["version"],
+        meta["graph_hash"],
+        nodes,
+        [tuple(e) for e in meta["edges"]],
+        buckets,
+        values,
+        seconds,
+    )
+
+
+def training_range(hour_end: datetime, history_hours: int) -> tuple[datetime, datetime]:
+    return hour_end - timedelta(hours=history_hours), hour_end

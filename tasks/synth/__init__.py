@@ -1,0 +1,1 @@
+"""Synthetic microservice traffic with labelled injected events (the demo's and the tests' data)."""
