@@ -1,5 +1,5 @@
 """Incidents across hour boundaries: a run of flagged points that spans hours is one incident row,
-whatever order the hours are scored or rescored in (scoring.py `_incidents`)."""
+whatever order the hours are scored or rescored in (`tasks.scoring.incidents`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from tasks.scoring.score import ANOMALY_COLUMNS, _incidents
+from tasks.scoring.incidents import rebuild_incidents
+from tasks.scoring.score import ANOMALY_COLUMNS
 from tasks.warehouse import opened
 
 H = datetime(2026, 1, 1, 10)  # naive UTC, as stored
@@ -54,7 +55,7 @@ def _score(con, hour: datetime, points: list[tuple]) -> None:
             f"INSERT INTO anomalies ({', '.join(ANOMALY_COLUMNS)}) VALUES ({', '.join('?' * len(ANOMALY_COLUMNS))})",
             rows,
         )
-    _incidents(con, hour, GAP, SECONDS, MIN_BUCKETS)
+    rebuild_incidents(con, hour, GAP, SECONDS, MIN_BUCKETS)
 
 
 def _table(con) -> list[tuple]:
