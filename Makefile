@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: setup demo test bench trainticket airflow lock clean
+.PHONY: setup demo lint test bench trainticket airflow lock clean
 
 setup: $(STAMP)
 
@@ -21,7 +21,14 @@ $(STAMP): requirements.lock pyproject.toml
 demo: setup
 	$(BIN)/rpcwatch demo
 
-test: setup
+# Lint, format and types first (seconds), then every test.
+CODE := tasks dags plugins tests
+lint: setup
+	$(BIN)/ruff check $(CODE)
+	$(BIN)/ruff format --check $(CODE)
+	$(BIN)/mypy
+
+test: lint
 	$(BIN)/python -m pytest
 
 bench: setup

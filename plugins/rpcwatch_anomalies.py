@@ -1,6 +1,7 @@
 """Airflow UI view of rpcwatch's anomalies: a nav entry "rpcwatch anomalies" served by a small
-FastAPI app inside the Airflow API server. It reads the published snapshot `analytics.duckdb`
-read-only, so it never blocks the pipeline (see tasks.publish).
+FastAPI app inside the Airflow API server. It reads `incidents` and the view `recent_anomalies` of
+the published snapshot `analytics.duckdb`, read-only, so it never blocks the pipeline (see
+tasks.publish); it writes nothing.
 
 Access: the API server does not put plugin apps behind its login, so this app does it itself with
 Airflow's own security dependency, on the app (every route, the docs and the OpenAPI schema too).
@@ -60,6 +61,11 @@ ANOMALIES_SQL = """SELECT strftime(bucket_ts, '%Y-%m-%d %H:%M') AS bucket, patte
     interface, feature, round(observed, 1) AS observed, round(expected, 1) AS expected, round(score, 2) AS score
     FROM recent_anomalies LIMIT ?"""
 
+PAGE_STYLE = (
+    "body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse}"
+    "td,th{padding:3px 8px;border-bottom:1px solid #ddd;font-size:13px}"
+)
+
 
 def _query(sql: str, limit: int) -> tuple[list[str], list[tuple]]:
     from tasks.publish import analytics_path
@@ -87,8 +93,10 @@ def _table(title: str, headers: list[str], rows: list[tuple]) -> str:
 def page(limit: int = Query(100, ge=1, le=1000)) -> str:
     incidents = _table("Incidents", *_query(INCIDENTS_SQL, limit))
     anomalies = _table("Irregular points, last 6 hours", *_query(ANOMALIES_SQL, limit))
-    style = "body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse}td,th{padding:3px 8px;border-bottom:1px solid #ddd;font-size:13px}"
-    return f"<html><head><title>rpcwatch anomalies</title><style>{style}</style></head><body>{incidents}{anomalies}</body></html>"
+    return (
+        f"<html><head><title>rpcwatch anomalies</title><style>{PAGE_STYLE}</style></head>"
+        f"<body>{incidents}{anomalies}</body></html>"
+    )
 
 
 @app.get("/api/anomalies")

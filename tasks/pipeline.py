@@ -6,12 +6,16 @@ A stage takes the run (`Run`: settings, hour, where the trace files are, where i
 previous stage's result, and returns a JSON-able result (the DAG hands it on as XCom). `train` is
 mapped: it runs once per job that `stale` planned (the DAG maps its task over them). This module
 imports nothing heavy at import time: the DAG file reads `STAGES` when Airflow parses it.
+
+Each stage's docstring says which tables it writes (`calls`, `rpc_series`, the pattern tables,
+`models`, `anomalies`, `incidents`, the `analytics.duckdb` snapshot); this module itself reads and
+writes none.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -89,37 +93,41 @@ def patterns(run: Run, _: Any = None) -> dict:
     }
 
 
-def stale(run: Run, _: Any = None) -> list[dict]:
+def stale(run: Run, _: Any = None) -> list[dict[str, Any]]:
     """Which critical patterns' models are stale (no champion, graph changed, drift, age), each
-    exported to Parquet so that training never opens DuckDB."""
+    exported to Parquet so that training never opens DuckDB. One `TrainJob.to_dict()` per pattern."""
     from tasks.models.retrain import plan_training
 
     jobs = plan_training(run.settings, run.hour)
     for job in jobs:
-        run.say(f"pattern {job['pattern_id']} is stale: {', '.join(job['reasons'])}")
+        run.say(f"pattern {job.pattern_id} is stale: {', '.join(job.reasons)}")
     if not jobs:
         run.say("nothing is stale this hour: no model will be trained")
-    return jobs
+    return [job.to_dict() for job in jobs]
 
 
-def train(run: Run, job: dict) -> dict:
-    """Train one stale pattern's model (GPU when there is one), tracked in MLflow."""
+def train(run: Run, job: dict[str, Any]) -> dict[str, Any]:
+    """Train one stale pattern's model (GPU when there is one), tracked in MLflow. Takes a
+    `TrainJob.to_dict()`, returns the `to_dict()` of its `TrainOutcome` or `Skipped`."""
+    from tasks.models.jobs import Skipped, TrainJob
     from tasks.models.retrain import train_job
 
-    outcome = train_job(run.settings, job)
-    run.say(
-        outcome.get("skipped")
-        or f"pattern {outcome['pattern_id']}: version {outcome['model_version']} "
-        f"-> {outcome['decision']} ({outcome['reason']})"
-    )
-    return outcome
+    outcome = train_job(run.settings, TrainJob.from_dict(job))
+    if isinstance(outcome, Skipped):
+        run.say(outcome.reason)
+    else:
+        run.say(
+            f"pattern {outcome.pattern_id}: version {outcome.model_version} -> {outcome.decision} ({outcome.reason})"
+        )
+    return outcome.to_dict()
 
 
-def record(run: Run, outcomes: list[dict] | None) -> int:
+def record(run: Run, outcomes: Iterable[dict[str, Any]] | None) -> int:
     """Mirror the trainings into DuckDB's `models` table (what staleness and scoring read)."""
+    from tasks.models.jobs import outcome_from_dict
     from tasks.models.retrain import record_outcomes
 
-    n = record_outcomes(run.settings, list(outcomes or []))
+    n = record_outcomes(run.settings, [outcome_from_dict(o) for o in outcomes or []])
     run.say(f"{n} model(s) recorded" if n else "no model trained this hour")
     return n
 
@@ -184,7 +192,9 @@ def run_hour(
     batch-level validation (or any stage's error) stops the hour."""
     from tasks.failpoints import crash_point
 
-    run, results, previous = Run(settings, hour, sources, fmt_name), {}, None
+    run = Run(settings, hour, sources, fmt_name)
+    results: dict[str, Any] = {}
+    previous: Any = None  # the previous stage's result (a list of jobs before the mapped `train`)
     for s in STAGES:
         previous = [s.run(run, item) for item in previous] if s.mapped else s.run(run, previous)
         results[s.name] = previous

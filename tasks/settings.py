@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 PREFIX = "RPCWATCH_"
 KNOWN_RPC_TYPES = ("rpc", "http", "mq", "mc", "db", "userDefined", "span", "UNKNOWN")
@@ -83,7 +84,7 @@ class Settings:
     def mlflow_artifacts(self) -> Path:
         return self.home / "mlartifacts"
 
-    def with_(self, **changes: object) -> Settings:
+    def with_(self, **changes: Any) -> Settings:
         if (
             "home" in changes
             and "mlflow_tracking_uri" not in changes
@@ -195,12 +196,12 @@ def _problems(s: Settings) -> dict[str, str]:
     return out
 
 
-def load_settings(env: dict[str, str] | None = None, **overrides: object) -> Settings:
+def load_settings(env: dict[str, str] | None = None, **overrides: Any) -> Settings:
     """Settings from `env` (default: the environment, `RPCWATCH_*`), then explicit overrides; every
     value is checked, and a bad one raises ValueError naming its variable, e.g.
     `RPCWATCH_ALARM_P=2: must be in (0, 1)`."""
     env = dict(os.environ if env is None else env)
-    values: dict[str, object] = {}
+    values: dict[str, Any] = {}  # parsed here, checked by _problems once built
     shown: dict[str, str] = {}  # the text each value came as, for messages
     for spec in fields(Settings):
         raw = env.get(PREFIX + spec.name.upper())

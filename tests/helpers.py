@@ -29,3 +29,68 @@ def copy_home(settings: Settings, tmp_path: Path) -> Settings:
     home = tmp_path / "home"
     shutil.copytree(settings.home, home)
     return settings.with_(home=home)
+
+
+# the Alibaba cluster-trace v2022 CallGraph CSV header (tests writing v2022 files by hand)
+V2022_HEADER = "timestamp,traceid,service,rpc_id,rpctype,um,uminstanceid,interface,dm,dminstanceid,rt"
+
+
+def add_downstream_call(source: Path, request_type: str, hour: str = "01") -> int:
+    """Every trace of `request_type` in that synthetic hour gains one call from its entry service to
+    a new RPC (svc-newfeature, newCall); rewrites the hour's parquet files; returns the calls added."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    truth = pq.read_table(source / "truth" / "trace_templates.parquet")
+    traces = pc.filter(truth, pc.equal(truth["request_type"], request_type))["traceid"]
+    added = 0
+    for part in (source / "dt=2026-01-01" / f"hour={hour}").glob("*.parquet"):
+        table = pq.read_table(part)
+        roots = table.filter(pc.and_(pc.is_in(table["traceid"], traces), pc.equal(table["rpc_id"], "0.1")))
+        new_values = {
+            "rpc_id": pa.array(["0.1.99"] * len(roots)),
+            "um": roots["dm"],
+            "dm": pa.array(["svc-newfeature"] * len(roots)),
+            "interface": pa.array(["newCall"] * len(roots)),
+            "rpctype": pa.array(["rpc"] * len(roots)),
+        }
+        extra = roots
+        for name, values in new_values.items():
+            extra = extra.set_column(extra.schema.get_field_index(name), name, values)
+        pq.write_table(pa.concat_tables([table, extra]), part)
+        added += len(roots)
+    return added
+
+
+def add_anomaly(settings: Settings, bucket_ts: datetime, caller: str = "svc-a") -> None:
+    """One irregular point (calls of `caller` -> svc-b, a traffic spike in pattern 1) written straight
+    into the warehouse's `anomalies` (naive UTC `bucket_ts`), for tests of what readers see."""
+    from tasks.warehouse import opened
+
+    with opened(settings.warehouse) as con:
+        con.execute(
+            "INSERT INTO anomalies (bucket_ts, pattern_id, node, caller, callee, interface, feature, observed, "
+            "expected, threshold, score, direction, kind) VALUES (?, 1, 'n', ?, 'svc-b', 'get', 'calls', 9, 1, "
+            "2, 5, 'up', 'traffic_spike')",
+            [bucket_ts, caller],
+        )
+
+
+def flood_user_rpc(settings: Settings, pattern_id: int, start: datetime, minutes: int = 10, factor: int = 6) -> str:
+    """Multiply the calls of one of the pattern's user-facing RPCs in `pattern_series` by `factor` for
+    `minutes` from `start` (aware UTC): an hour with anomalies to find. Returns the flooded node."""
+    from datetime import timedelta
+
+    import duckdb
+
+    end = start + timedelta(minutes=minutes)
+    with duckdb.connect(str(settings.warehouse)) as con:
+        sql = "SELECT node FROM pattern_nodes WHERE pattern_id = ? AND caller = 'USER' LIMIT 1"
+        node = con.execute(sql, [pattern_id]).fetchall()[0][0]
+        con.execute(
+            "UPDATE pattern_series SET calls = calls * ? WHERE pattern_id = ? AND node = ? "
+            "AND bucket_ts >= ? AND bucket_ts < ?",
+            [factor, pattern_id, node, start.replace(tzinfo=None), end.replace(tzinfo=None)],
+        )
+    return node

@@ -5,11 +5,14 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from datetime import datetime, timedelta
 
 import duckdb
 
-from helpers import copy_home
+from helpers import add_anomaly, copy_home
 from tasks.publish import analytics_path, publish
+
+LATEST = datetime(2026, 1, 2, 12, 0)  # naive UTC: after every bucket the trained home holds
 
 READER = """
 import duckdb, sys, time
@@ -32,6 +35,8 @@ def test_an_open_reader_neither_blocks_nor_breaks_when_the_pipeline_publishes(tr
     assert first[0] == "open" and int(first[1]) > 0
     with duckdb.connect(str(settings.warehouse)) as con:  # the run changes what people will see
         con.execute("DELETE FROM patterns WHERE pattern_id = (SELECT max(pattern_id) FROM patterns)")
+    for bucket in (LATEST - timedelta(hours=7), LATEST - timedelta(hours=6), LATEST):  # the first is not recent
+        add_anomaly(settings, bucket)
     started = time.perf_counter()
     publish(settings)  # with the reader still open on the old snapshot
     assert time.perf_counter() - started < 30
@@ -39,7 +44,14 @@ def test_an_open_reader_neither_blocks_nor_breaks_when_the_pipeline_publishes(tr
     assert reader.returncode == 0 and out.split() == ["still", first[1]], "the reader keeps its consistent snapshot"
     with duckdb.connect(str(analytics_path(settings)), read_only=True) as con:
         assert con.execute("SELECT count(*) FROM patterns").fetchone()[0] == int(first[1]) - 1
-        assert con.execute("SELECT count(*) FROM recent_anomalies").fetchone()[0] >= 0
+        recent = con.execute("SELECT * FROM recent_anomalies").fetchall()
+        direct = con.execute(
+            "SELECT * FROM anomalies WHERE bucket_ts >= ? ORDER BY bucket_ts DESC, score DESC",
+            [LATEST - timedelta(hours=6)],
+        ).fetchall()
+        buckets = [r[0] for r in con.execute("SELECT bucket_ts FROM recent_anomalies").fetchall()]
+    assert recent == direct, "the view: every anomaly of the last 6 hours before the newest one"
+    assert buckets == [LATEST, LATEST - timedelta(hours=6)], "newest first; 7 hours before is not recent"
 
 
 def _staging(home):

@@ -1,2 +1,2 @@
-"""What people run and read: the `rpcwatch` command line, its tables, plots, the demo, and the
-local Airflow environment."""
+"""What people run and read: the `rpcwatch` command line (`cli`, its subcommands in `commands/`),
+its tables (`report`), plots, the demo, and the local Airflow environment."""

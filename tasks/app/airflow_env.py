@@ -1,4 +1,7 @@
-"""Environment for Airflow processes that run rpcwatch's DAGs on embedded defaults (no Airflow import)."""
+"""Environment for Airflow processes that run rpcwatch's DAGs on embedded defaults (no Airflow import).
+
+No rpcwatch table: `prepare_airflow` creates or upgrades Airflow's own metadata db (by default
+SQLite under the rpcwatch home) and its DuckDB writer pool, through the `airflow` command."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ from pathlib import Path
 
 from tasks.settings import Settings
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # tasks/app/airflow_env.py -> the repository
 
 
 SIMPLE_AUTH_MANAGER = "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager"

@@ -1,5 +1,9 @@
 """`make demo`: synthetic hours with injected anomalies through the real Airflow DAG on embedded
-defaults, then what the warehouse holds, the incidents found, and the evaluation against the labels."""
+defaults, then what the warehouse holds, the incidents found, and the evaluation against the labels.
+
+Writes the synthetic hours (and labels.parquet) into the incoming folder; the DAG runs write every
+pipeline table. Reads `incidents`, `anomalies` and `rpc_series` from the published snapshot, and the
+hour summary, `patterns` and `models` through tasks.app.report."""
 
 from __future__ import annotations
 
@@ -122,8 +126,8 @@ def incident_table(db: Path, limit: int = TOP_INCIDENTS) -> tuple[list[str], lis
     with duckdb.connect(str(db), read_only=True) as con:
         cursor = con.execute(INCIDENTS_SQL, [limit])
         headers, rows = [d[0] for d in cursor.description], cursor.fetchall()
-        total = con.execute("SELECT count(*) FROM incidents").fetchone()[0]
-    return headers, rows, total
+        count = con.execute("SELECT count(*) FROM incidents").fetchone()
+    return headers, rows, count[0] if count else 0
 
 
 def incidents_text(db: Path, limit: int = TOP_INCIDENTS) -> str:
@@ -216,7 +220,7 @@ Next:
   one hour without Airflow:          {rpcwatch} run{home} --hour 2026-01-01T01:00 --source {settings.incoming}""")
 
 
-def _verdict(failed: list[str], landed: bool, f1: float | None) -> str:
+def verdict(failed: list[str], landed: bool, f1: float | None) -> str:
     """OK only when every DAG run succeeded and every row landed; the event F1 either way."""
     score = "event F1 n/a" if f1 is None else f"event F1 {f1:.2f}"
     if failed:
@@ -239,6 +243,6 @@ def run_demo(settings: Settings, hours: int = 10, spans_per_hour: int = 200_000,
     else:
         print(f"\nno analytics snapshot at {snapshot}: no hour was scored (see {settings.home / 'logs'})")
     _next_steps(settings, snapshot, example)
-    verdict = _verdict(failed, landed, f1)
-    print(f"\ndemo finished in {time.perf_counter() - started:.0f} s: {verdict}")
-    return 0 if verdict.startswith("OK") else 1
+    outcome = verdict(failed, landed, f1)
+    print(f"\ndemo finished in {time.perf_counter() - started:.0f} s: {outcome}")
+    return 0 if outcome.startswith("OK") else 1

@@ -1,12 +1,24 @@
-"""Pictures people look at: forecast vs actual with the threshold band (like the method's figure)."""
+"""Pictures people look at: forecast vs actual with the threshold band (like the method's figure).
+
+`forecast_plot` draws (training logs its PNGs with it); `plot_node` reads a pattern's series and
+earlier flags (`models`, `pattern_series`, `anomalies`; read-only) and writes no table.
+"""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 
 from tasks.keys import split_node_key
+from tasks.models.detector import Detector
+from tasks.models.features import CALLS
+from tasks.models.registry import champions
+from tasks.models.thresholds import count_band
+from tasks.scoring.sequential import forecast_span
+from tasks.settings import Settings
+from tasks.warehouse import opened
 
 
 def _display(key: str) -> str:
@@ -32,8 +44,6 @@ def forecast_plot(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from tasks.models.thresholds import count_band
-
     lo, hi = count_band(expected, alpha, alarm_p, phi)
     fig, ax = plt.subplots(figsize=(10, 3.2), dpi=110)
     ax.fill_between(times, lo, hi, color="tab:orange", alpha=0.18, label=f"threshold band (p={alarm_p:g})")
@@ -54,54 +64,42 @@ def forecast_plot(
     return path
 
 
-def plot_node(settings, pattern_id: int, node: str, hours: int, out: Path) -> Path:
+def _node_index(nodes: list[str], node: str, pattern_id: int) -> int:
+    """The index of a node named as on the command line (caller:callee:interface)."""
+    matches = [i for i, n in enumerate(nodes) if _display(n) == node]
+    if not matches:
+        raise ValueError(f"node {node!r} is not in pattern {pattern_id}'s graph; nodes look like {_display(nodes[0])}")
+    return matches[0]
+
+
+def plot_node(settings: Settings, pattern_id: int, node: str, hours: int, out: Path) -> Path:
     """Observed vs predicted calls of one pattern node over the last `hours`, band and irregular
     points marked, from the pattern's champion (read-only: safe while the pipeline runs)."""
-    from datetime import timedelta
-
-    from tasks.models.nn import graph_edge_index
-    from tasks.models.training import load_model
-    from tasks.scoring.score import _cleaned_lead_in, _forecast_sequentially, _series, champion_folder
-    from tasks.warehouse import opened
-
     with opened(settings.warehouse, read_only=True) as con:
-        champion = con.execute(
-            "SELECT max(model_version) FROM models WHERE pattern_id = ? AND decision = 'champion'", [pattern_id]
-        ).fetchone()[0]
+        champion = champions(con).get(pattern_id)
         if champion is None:
             raise ValueError(f"pattern {pattern_id} has no champion model yet (see `rpcwatch stale`)")
-        model, cfg, graph, norm, thresholds = load_model(champion_folder(settings, pattern_id, champion))
-        matches = [i for i, n in enumerate(graph["nodes"]) if _display(n) == node]
-        if not matches:
-            raise ValueError(
-                f"node {node!r} is not in pattern {pattern_id}'s graph; nodes look like {_display(graph['nodes'][0])}"
-            )
-        seconds = graph["bucket_seconds"]
-        end = con.execute("SELECT max(bucket_ts) FROM pattern_series WHERE pattern_id = ?", [pattern_id]).fetchone()[0]
-        end = end + timedelta(seconds=seconds)
-        lead = cfg.window + cfg.horizon - 1
-        start = end - timedelta(hours=hours) - timedelta(seconds=lead * seconds)
-        buckets, values = _series(con, pattern_id, graph["nodes"], start, end, seconds)
-        clean = _cleaned_lead_in(con, pattern_id, graph["nodes"], buckets, values, end - timedelta(hours=hours))
-    targets = np.arange(lead, len(buckets))
-    edge_index = graph_edge_index(len(graph["nodes"]), [tuple(e) for e in graph["edges"]])
-    expected, observed, flags = _forecast_sequentially(
-        model, cfg, norm, values, targets, edge_index, graph["nodes"], thresholds, clean
-    )
-    n = matches[0]
-    flagged = np.zeros(len(targets), dtype=bool)
-    for s, fn, f, *_ in flags:
-        if fn == n and f == 0:
-            flagged[s] = True
-    band = thresholds["nodes"][graph["nodes"][n]]["calls"]
+        detector = Detector.load(settings, pattern_id, champion.model_version)
+        n = _node_index(detector.nodes, node, pattern_id)
+        row = con.execute("SELECT max(bucket_ts) FROM pattern_series WHERE pattern_id = ?", [pattern_id]).fetchone()
+        if row is None or row[0] is None:
+            raise ValueError(f"pattern {pattern_id} has no series yet")
+        end = row[0] + timedelta(seconds=detector.graph.bucket_seconds)
+        span = forecast_span(con, detector, end - timedelta(hours=hours), end)
+    forecast = span.forecast
+    flagged = np.zeros(len(span.targets), dtype=bool)
+    for flag in forecast.flags:
+        if flag.node == n and flag.feature == CALLS:
+            flagged[flag.sample] = True
+    band = detector.bands[n].calls
     return forecast_plot(
-        buckets[targets],
-        observed[:, n, 0],
-        expected[:, n, 0],
-        band["alpha"],
-        thresholds["alarm_p"],
-        f"pattern {pattern_id} v{champion} · {graph['nodes'][n]}",
+        span.buckets[span.targets],
+        forecast.observed[:, n, CALLS],
+        forecast.expected[:, n, CALLS],
+        band.alpha,
+        detector.thresholds.alarm_p,
+        f"pattern {pattern_id} v{champion.model_version} · {detector.nodes[n]}",
         out,
         flagged,
-        band.get("phi", 1.0),
+        band.phi,
     )

@@ -1,4 +1,8 @@
-"""Readable tables for people: what each command did, and per-hour summaries from the warehouse."""
+"""Readable tables for people: what each command did, and per-hour summaries from the warehouse.
+
+Reads (read-only, from the published snapshot when there is one, else the warehouse) `ingest_log`,
+`validation_runs`, `rpc_series`, `reconstruction`, `clustering_runs` (the hour summary), `models`
+and `anomalies`; writes nothing."""
 
 from __future__ import annotations
 

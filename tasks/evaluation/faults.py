@@ -9,6 +9,10 @@ Chance: in fault-free buckets (outside every window, after the first model was t
 detector touches service s in a share p_s of buckets, so a window of L buckets catches the fault
 by chance with probability 1 - (1 - p_s)^L. The expected number of chance catches is the sum
 over faults; detections above it are what the detector really adds.
+
+The naive rule is `tasks.evaluation.naive`; its incidents come from the product's rule
+(`tasks.scoring.incidents.incidents_of`). Reads the fault list and the warehouse's `models`,
+`score_runs`, `rpc_series`, `anomalies` and `incidents`. Writes nothing.
 """
 
 from __future__ import annotations
@@ -19,10 +23,14 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import pandas as pd
 
+from tasks.evaluation.naive import naive_points
 from tasks.keys import split_node_key
+from tasks.models.registry import first_champion_at
+from tasks.scoring.incidents import INCIDENT_COLUMNS, Incident, incidents_of
 from tasks.settings import Settings
 from tasks.warehouse import opened
 
@@ -109,61 +117,48 @@ def score_faults(
     )
 
 
-def _evaluated_range(con) -> tuple[pd.Timestamp, pd.Timestamp]:
+def _evaluated_range(con: duckdb.DuckDBPyConnection) -> tuple[pd.Timestamp, pd.Timestamp]:
     """From the end of the first training range to the end of the scored data."""
-    first_trained, scored_end = con.execute("""
-        SELECT (SELECT min(trained_for) + INTERVAL 1 HOUR FROM models WHERE decision = 'champion'),
-               (SELECT max(hour) + INTERVAL 1 HOUR FROM score_runs WHERE status = 'scored')""").fetchone()
-    if first_trained is None or scored_end is None:
+    first_champion = first_champion_at(con)
+    [(scored_end,)] = con.execute(
+        "SELECT max(hour) + INTERVAL 1 HOUR FROM score_runs WHERE status = 'scored'"
+    ).fetchall()
+    if first_champion is None or scored_end is None:
         raise ValueError("no champion has scored anything yet: run the pipeline (`rpcwatch run`) over the traces first")
-    data_end = con.execute("SELECT max(bucket_ts) FROM rpc_series").fetchone()[0]
-    return pd.Timestamp(first_trained), min(pd.Timestamp(scored_end), pd.Timestamp(data_end))
+    [(data_end,)] = con.execute("SELECT max(bucket_ts) FROM rpc_series").fetchall()
+    return pd.Timestamp(first_champion) + pd.Timedelta(hours=1), min(pd.Timestamp(scored_end), pd.Timestamp(data_end))
 
 
-def _starts(incidents: list[tuple]) -> pd.DataFrame:
-    """Incidents (start, [(caller, callee)]) as the alert they raise: a row per RPC at their first bucket."""
-    rows = {(start, caller, callee) for start, rpcs in incidents for caller, callee in rpcs}
+def _starts(incidents: list[Incident]) -> pd.DataFrame:
+    """Incidents as the alert they raise: a row (bucket_ts, caller, callee) per RPC at their first bucket."""
+    rows = {(i.start_ts, *split_node_key(n)[:2]) for i in incidents for n in i.nodes}
     return pd.DataFrame(sorted(rows), columns=["bucket_ts", "caller", "callee"])
 
 
-def _our_incidents(con, start, end) -> pd.DataFrame:
+def _our_incidents(con: duckdb.DuckDBPyConnection, start: pd.Timestamp, end: pd.Timestamp) -> pd.DataFrame:
+    """The stored incidents starting in [start, end], as alerts."""
     rows = con.execute(
-        "SELECT start_ts, end_ts, nodes FROM incidents WHERE start_ts >= ? AND start_ts <= ?", [start, end]
+        f"SELECT {INCIDENT_COLUMNS} FROM incidents WHERE start_ts >= ? AND start_ts <= ?",
+        [start, end],
     ).fetchall()
-    return _starts([(s, [split_node_key(n)[:2] for n in nodes]) for s, _, nodes in rows])
-
-
-def _naive_incidents(points: pd.DataFrame, settings: Settings, seconds: int) -> pd.DataFrame:
-    from tasks.evaluation.labels import _incidents
-
-    runs = (
-        _incidents(
-            points.assign(grp=points.key),
-            "grp",
-            timedelta(seconds=settings.incident_gap_buckets * seconds),
-            settings.incident_min_buckets,
-        )
-        if len(points)
-        else pd.DataFrame()
-    )
-    return _starts([(r.start, [tuple(k.split(":")[:2]) for k in r.keys]) for r in runs.itertuples()])
+    return _starts([Incident.from_row(row) for row in rows])
 
 
 def evaluate_faults(settings: Settings, faults_path: Path) -> tuple[list[FaultScores], pd.DataFrame]:
     """rpcwatch and the naive rule on the faults injected after the first model was trained, judged
     on irregular points and on incident starts (the alerts the persistence rule of `incidents` raises)."""
-    from tasks.evaluation.labels import _naive_points
-
     faults = load_faults(faults_path)
     with opened(settings.warehouse, read_only=True) as con:
         start, end = _evaluated_range(con)
-        seconds = con.execute("SELECT max(bucket_seconds) FROM rpc_series").fetchone()[0]  # as the run bucketed
+        [(seconds,)] = con.execute("SELECT max(bucket_seconds) FROM rpc_series").fetchall()  # as the run bucketed
         ours = con.execute(
             "SELECT bucket_ts, caller, callee FROM anomalies WHERE bucket_ts >= ? AND bucket_ts <= ?", [start, end]
         ).df()
         our_incidents = _our_incidents(con, start, end)
-        naive = _naive_points(con, seconds, start, end + pd.Timedelta(seconds=seconds))
-    naive = naive.assign(caller=naive.key.str.split(":").str[0], callee=naive.key.str.split(":").str[1])
+        naive = naive_points(con, seconds, start, end + pd.Timedelta(seconds=seconds))
+        naive_incidents = _starts(
+            incidents_of(con, naive, settings.incident_gap_buckets, settings.incident_min_buckets, seconds)
+        )
     faults = faults[(faults.inject_time >= start) & (faults.inject_time < end)].reset_index(drop=True)
     if faults.empty:
         raise ValueError(
@@ -174,7 +169,7 @@ def evaluate_faults(settings: Settings, faults_path: Path) -> tuple[list[FaultSc
         ("rpcwatch points", ours),
         ("naive points", naive),
         ("rpcwatch incident starts", our_incidents),
-        ("naive incident starts", _naive_incidents(naive, settings, seconds)),
+        ("naive incident starts", naive_incidents),
     )
     return [score_faults(name, pts, faults, buckets, seconds) for name, pts in detectors], faults
 
@@ -219,6 +214,7 @@ def fault_report(scores: list[FaultScores], faults: pd.DataFrame) -> str:
             table(["injected at", "service", "type", *(s.name for s in scores)], per),
             "",
             "by chance: what the detector's alarm rate on the injected service in fault-free buckets would catch "
-            "in each fault's window (buckets taken as independent); alarms: irregular points, or incident starts x RPCs",
+            "in each fault's window (buckets taken as independent); "
+            "alarms: irregular points, or incident starts x RPCs",
         ]
     )

@@ -1,27 +1,33 @@
-"""Evaluate detection against injected-event labels, next to a naive per-RPC median/MAD rule.
+"""Evaluate detection against injected-event labels, next to the naive per-RPC median/MAD rule.
 
 An event counts as detected when an anomaly overlaps its window (one bucket of slack before, two
-after) on one of its RPCs or on a pattern its request type's traces belong to. Incidents that
-overlap no event are false alarms; precision is event-wise (detected / (detected + false)). The
-naive reference is what a team writes in an afternoon: per RPC, flag calls or p95 latency more
-than 5 MADs from the median of the previous hour (once 15 minutes of it exist), grouped into
-incidents the same way (same persistence rule).
+after) on one of its RPCs or on a pattern its request type's traces belong to. Incidents come from
+the product's own rule (`tasks.scoring.incidents.incidents_of`, with the settings' gap and minimum
+length) for both detectors: rpcwatch's anomalies and the naive rule's points
+(`tasks.evaluation.naive`). Incidents that overlap no event are false alarms; precision is
+event-wise (detected / (detected + false)).
+
+Reads the warehouse's `anomalies`, `rpc_series` (naive rule), `trace_patterns`, `score_runs` and
+`forecast_errors`, the labels Parquet and the synthetic truth next to it
+(`truth/trace_templates.parquet`). Writes nothing.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
+from tasks.evaluation.naive import naive_points
+from tasks.keys import split_node_key
+from tasks.scoring.incidents import anomaly_points, incidents_of
 from tasks.settings import Settings
 from tasks.warehouse import opened
-
-MIN_PEAK = 3.0  # an incident: flagged in `incident_min_buckets` buckets, or fewer but far out (as `incidents`)
 
 
 @dataclass
@@ -52,14 +58,42 @@ class Scores:
         return 2 * p * r / (p + r) if p + r else 0.0
 
 
-def _key(caller, callee, interface) -> str:
+def label_rpc_key(caller: str, callee: str, interface: str | None) -> str:
+    """An RPC as the labels file names it in `rpcs` (`caller:callee:interface`, as `tasks.synth` writes)."""
     return f"{caller}:{callee}:{interface or ''}"
 
 
-def _event_patterns(con, truth: Path) -> dict[str, set[int]]:
+def node_label_key(node: str) -> str:
+    """The labels file's name of the RPC of a node key."""
+    caller, callee, interface, _ = split_node_key(node)
+    return label_rpc_key(caller, callee, interface)
+
+
+@dataclass(frozen=True)
+class Alarm:
+    """An incident as it is matched against the labels."""
+
+    start: pd.Timestamp  # first bucket
+    last: pd.Timestamp  # last bucket
+    keys: frozenset[str]  # its RPCs, as the labels name them
+    patterns: frozenset[int]
+
+
+@dataclass(frozen=True)
+class Detector:
+    """One detector's flagged points over the scored range and the incidents the rule makes of them."""
+
+    name: str
+    points: pd.DataFrame  # bucket_ts, key (label RPC key), pattern_id
+    alarms: list[Alarm]
+
+
+def _event_patterns(con: duckdb.DuckDBPyConnection, truth: Path) -> dict[str, set[int]]:
+    """Per request type, the patterns holding at least a fifth of its traces."""
     con.register("truth_table", pq.read_table(truth))
     rows = con.execute("""SELECT t.request_type, tp.pattern_id, count(*) AS n FROM trace_patterns tp
-                          JOIN truth_table t ON t.traceid = tp.trace_id WHERE tp.pattern_id IS NOT NULL GROUP BY ALL""").fetchall()
+                          JOIN truth_table t ON t.traceid = tp.trace_id WHERE tp.pattern_id IS NOT NULL
+                          GROUP BY ALL""").fetchall()
     totals: dict[str, int] = {}
     for rt, _, n in rows:
         totals[rt] = totals.get(rt, 0) + n
@@ -70,45 +104,50 @@ def _event_patterns(con, truth: Path) -> dict[str, set[int]]:
     return out
 
 
+def _window(event, seconds: int) -> tuple[pd.Timestamp, pd.Timestamp]:
+    """An event's window, naive UTC: one bucket of slack before, two after."""
+    return (
+        event.start.tz_convert(None) - timedelta(seconds=seconds),
+        event.end.tz_convert(None) + timedelta(seconds=2 * seconds),
+    )
+
+
 def _match(points: pd.DataFrame, event, patterns: set[int], seconds: int) -> pd.DataFrame:
-    lo = event.start.tz_convert(None) - timedelta(seconds=seconds)
-    hi = event.end.tz_convert(None) + timedelta(seconds=2 * seconds)
-    rpcs = set(event.rpcs)
+    lo, hi = _window(event, seconds)
     inside = (points.bucket_ts >= lo) & (points.bucket_ts <= hi)
-    related = points.key.isin(rpcs) | points.pattern_id.isin(patterns)
+    related = points.key.isin(set(event.rpcs)) | points.pattern_id.isin(patterns)
     return points[inside & related]
 
 
-def _incidents(points: pd.DataFrame, group: str, gap: timedelta, min_buckets: int) -> pd.DataFrame:
-    points = points.sort_values([group, "bucket_ts"])
-    new = points.groupby(group).bucket_ts.diff().fillna(gap * 10) > gap
-    points = points.assign(run=new.groupby(points[group]).cumsum())
-    runs = (
-        points.groupby([group, "run"])
-        .agg(
-            start=("bucket_ts", "min"),
-            end=("bucket_ts", "max"),
-            keys=("key", set),
-            patterns=("pattern_id", set),
-            buckets=("bucket_ts", "nunique"),
-            peak=("score", "max"),
+def _explains(event, alarm: Alarm, patterns: set[int], seconds: int) -> bool:
+    """The alarm overlaps the event's window on one of its RPCs or patterns."""
+    lo, hi = _window(event, seconds)
+    return bool(alarm.start <= hi and alarm.last >= lo and (alarm.keys & set(event.rpcs) or alarm.patterns & patterns))
+
+
+def _alarms(con: duckdb.DuckDBPyConnection, points: pd.DataFrame, settings: Settings, seconds: int) -> list[Alarm]:
+    """The incident rule of the product, with its settings, over a detector's points."""
+    incidents = incidents_of(con, points, settings.incident_gap_buckets, settings.incident_min_buckets, seconds)
+    return [
+        Alarm(
+            pd.Timestamp(i.start_ts),
+            pd.Timestamp(i.end_ts) - pd.Timedelta(seconds=seconds),
+            frozenset(node_label_key(n) for n in i.nodes),
+            frozenset(i.patterns),
         )
-        .reset_index()
-    )
-    return runs[(runs.buckets >= min_buckets) | (runs.peak >= MIN_PEAK)]
+        for i in incidents
+    ]
 
 
 def _score(
-    name: str,
-    points: pd.DataFrame,
+    detector: Detector,
     labels: pd.DataFrame,
     event_patterns: dict[str, set[int]],
     seconds: int,
-    group: str,
     pattern_hours: int,
-    min_buckets: int,
 ) -> Scores:
-    events = labels[labels.kind != "drift"]
+    """Recall and delay over the non-drift events; true incidents: those explained by any event."""
+    points, events = detector.points, labels[labels.kind != "drift"]
     per_event, delays = {}, []
     for event in events.itertuples():
         hit = _match(points, event, event_patterns.get(event.request_type, set()), seconds)
@@ -117,25 +156,16 @@ def _score(
             per_event[event.event_id] = f"detected after {max(0, delays[-1]):.0f} s"
         else:
             per_event[event.event_id] = "missed"
-    incidents = (
-        _incidents(points, group, timedelta(seconds=3 * seconds), min_buckets) if len(points) else pd.DataFrame()
+    true = sum(
+        any(_explains(e, a, event_patterns.get(e.request_type, set()), seconds) for e in labels.itertuples())
+        for a in detector.alarms
     )
-    true = 0
-    for inc in incidents.itertuples():
-        for event in labels.itertuples():
-            patterns = event_patterns.get(event.request_type, set())
-            lo = event.start.tz_convert(None) - timedelta(seconds=seconds)
-            hi = event.end.tz_convert(None) + timedelta(seconds=2 * seconds)
-            if inc.start <= hi and inc.end >= lo and (inc.keys & set(event.rpcs) or inc.patterns & patterns):
-                true += 1
-                break
-    detected = sum(v != "missed" for v in per_event.values())
-    false = len(incidents) - true
+    false = len(detector.alarms) - true
     return Scores(
-        name,
+        detector.name,
         len(events),
-        detected,
-        len(incidents),
+        sum(v != "missed" for v in per_event.values()),
+        len(detector.alarms),
         true,
         false / max(pattern_hours, 1),
         float(np.median(delays)) if delays else float("nan"),
@@ -143,28 +173,33 @@ def _score(
     )
 
 
-def _naive_points(con, seconds: int, start, end) -> pd.DataFrame:
-    """Per-RPC median/MAD rule on calls and p95 latency over the previous hour of buckets."""
-    frame = con.execute(
-        """SELECT bucket_ts, caller, callee, interface, calls, rt_p95 FROM rpc_series
-                           WHERE bucket_ts < ? ORDER BY bucket_ts""",
-        [end],
-    ).df()
-    frame["key"] = [_key(*r) for r in frame[["caller", "callee", "interface"]].itertuples(index=False)]
-    wide = {f: frame.pivot_table(index="bucket_ts", columns="key", values=f) for f in ("calls", "rt_p95")}
-    wide["calls"] = wide["calls"].asfreq(f"{seconds}s").fillna(0)
-    window = 3600 // seconds
-    flagged = []
-    for feature, table in wide.items():
-        table = table.asfreq(f"{seconds}s")
-        med = table.rolling(window, min_periods=window // 4).median().shift(1)
-        mad = (table - med).abs().rolling(window, min_periods=window // 4).median().shift(1)
-        out = ((table - med).abs() > 5 * (1.4826 * mad + 1e-9)) & (mad.notna())
-        stacked = out.stack()
-        flagged.append(stacked[stacked].reset_index()[["bucket_ts", "key"]])
-    points = pd.concat(flagged).drop_duplicates()
-    points = points[points.bucket_ts >= start]
-    return points.assign(pattern_id=-1, score=0.0)  # no score: the same persistence rule applies
+def _scored_range(con: duckdb.DuckDBPyConnection) -> tuple[datetime, datetime, int]:
+    """[first, last + 1 h) of the scored hours and the number of scored pattern-hours."""
+    [(start, end, pattern_hours)] = con.execute(
+        "SELECT min(hour), max(hour) + INTERVAL 1 HOUR, count(*) FROM score_runs WHERE status = 'scored'"
+    ).fetchall()
+    if start is None:
+        raise ValueError("nothing scored yet: run `rpcwatch score` (or the DAG) over the labelled hours")
+    return start, end, int(pattern_hours)
+
+
+def _detectors(
+    con: duckdb.DuckDBPyConnection, settings: Settings, start: datetime, end: datetime
+) -> tuple[Detector, Detector]:
+    """rpcwatch's anomalies and the naive rule's points over [start, end), with their incidents."""
+    seconds = settings.bucket_seconds
+    ours = anomaly_points(con, start, end)
+    naive = naive_points(con, seconds, start, end)
+    return (
+        Detector("rpcwatch", _label_points(ours), _alarms(con, ours, settings, seconds)),
+        Detector("naive median/MAD", _label_points(naive), _alarms(con, naive, settings, seconds)),
+    )
+
+
+def _label_points(points: pd.DataFrame) -> pd.DataFrame:
+    """bucket_ts, key (the labels' RPC name), pattern_id of a detector's points."""
+    keys = pd.Series([node_label_key(n) for n in points.node], index=points.index, dtype=object)
+    return pd.DataFrame({"bucket_ts": points.bucket_ts, "key": keys, "pattern_id": points.pattern_id})
 
 
 def evaluate_labels(settings: Settings, labels_path: Path) -> tuple[Scores, Scores, dict[str, float]]:
@@ -174,56 +209,40 @@ def evaluate_labels(settings: Settings, labels_path: Path) -> tuple[Scores, Scor
     seconds = settings.bucket_seconds
     with opened(settings.warehouse, read_only=True) as con:
         event_patterns = _event_patterns(con, truth)
-        start, end, pattern_hours = con.execute(
-            "SELECT min(hour), max(hour) + INTERVAL 1 HOUR, count(*) FROM score_runs WHERE status = 'scored'"
-        ).fetchone()
-        if start is None:
-            raise ValueError("nothing scored yet: run `rpcwatch score` (or the DAG) over the labelled hours")
-        points = con.execute(
-            """SELECT bucket_ts, coalesce(pattern_id, -1) AS pattern_id, caller, callee, interface, score,
-                                       coalesce(CAST(pattern_id AS VARCHAR), 'novel:' || caller) AS grp
-                                FROM anomalies WHERE bucket_ts >= ? AND bucket_ts < ?""",
-            [start, end],
-        ).df()
-        points["key"] = [_key(*r) for r in points[["caller", "callee", "interface"]].itertuples(index=False)]
-        naive = _naive_points(con, seconds, start, end)
-        mape = con.execute("SELECT avg(mape_calls) FROM forecast_errors WHERE hour >= ?", [start]).fetchone()[0]
+        start, end, pattern_hours = _scored_range(con)
+        ours, naive = _detectors(con, settings, start, end)
+        [(mape,)] = con.execute("SELECT avg(mape_calls) FROM forecast_errors WHERE hour >= ?", [start]).fetchall()
     labels = labels[(labels.end.dt.tz_convert(None) >= start) & (labels.start.dt.tz_convert(None) < end)]
-    n = settings.incident_min_buckets
-    ours = _score("rpcwatch", points, labels, event_patterns, seconds, "grp", pattern_hours, n)
-    reference = _score(
-        "naive median/MAD", naive.assign(grp=naive.key), labels, event_patterns, seconds, "grp", pattern_hours, n
-    )
     extra = {
         "forecast_mape_calls": float(mape or float("nan")),
-        **_drift_hours(points, labels, event_patterns, seconds, n),
+        **_drift_hours(ours.alarms, labels, event_patterns, seconds),
     }
-    return ours, reference, extra
+    return (
+        _score(ours, labels, event_patterns, seconds, pattern_hours),
+        _score(naive, labels, event_patterns, seconds, pattern_hours),
+        extra,
+    )
 
 
 def _drift_hours(
-    points: pd.DataFrame, labels: pd.DataFrame, event_patterns: dict[str, set[int]], seconds: int, min_buckets: int
+    alarms: list[Alarm], labels: pd.DataFrame, event_patterns: dict[str, set[int]], seconds: int
 ) -> dict[str, float]:
-    """Hours in which a drift's patterns raised an incident (same rule as `incidents`) from the drift's
-    start on, not explained by another labelled event. Retraining should keep this <= 1."""
+    """Hours in which a drift's patterns raised an incident from the drift's start on, not explained
+    by another labelled event. Retraining should keep this <= 1."""
     out = {}
-    incidents = (
-        _incidents(points, "grp", timedelta(seconds=3 * seconds), min_buckets) if len(points) else pd.DataFrame()
-    )
     others = labels[labels.kind != "drift"]
     for event in labels[labels.kind == "drift"].itertuples():
         patterns = event_patterns.get(event.request_type, set())
-        hours = set()
-        for inc in incidents.itertuples():
-            if not inc.patterns & patterns or inc.end < event.start.tz_convert(None):
+        hours: set[pd.Timestamp] = set()
+        for alarm in alarms:
+            if not alarm.patterns & patterns or alarm.last < event.start.tz_convert(None):
                 continue
             if any(
-                inc.start <= o.end.tz_convert(None) + timedelta(seconds=2 * seconds)
-                and inc.end >= o.start.tz_convert(None) - timedelta(seconds=seconds)
+                alarm.start <= _window(o, seconds)[1] and alarm.last >= _window(o, seconds)[0]
                 for o in others.itertuples()
             ):
                 continue
-            hours |= set(pd.date_range(inc.start.floor("h"), inc.end.floor("h"), freq="h"))
+            hours |= set(pd.date_range(alarm.start.floor("h"), alarm.last.floor("h"), freq="h"))
         out[f"{event.event_id}_alarm_hours"] = float(len(hours))
     return out
 

@@ -8,8 +8,9 @@ previous one ended (time inside a run is untouched), writes the spans hour-parti
 (`dt=/hour=` Parquet, original columns), and rewrites the fault list in replay time with the
 end of each fault's run, so that `rpcwatch evaluate --faults` can judge detections.
 
-Outputs under `out`: the span partitions, `runs.parquet` (day, run, real and replay start/end,
-offset) and `fault_list.json` (the Nezha layout, times in replay time, real time kept).
+Reads each day folder's span CSVs and `fault_list.json`; no warehouse tables. Outputs under
+`out`: the span partitions, `runs.parquet` (day, run, real and replay start/end, offset) and
+`fault_list.json` (the Nezha layout, times in replay time, real time kept).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -61,15 +63,17 @@ def _file_ranges(
     con: duckdb.DuckDBPyConnection, files: list[Path], mapping: SpanMapping
 ) -> list[tuple[Path, int, int]]:
     """(file, first span start, last span end) in ns, ordered by start."""
+    if mapping.duration is None:
+        raise ValueError("replay needs a span mapping with a `duration` column")
     start, duration = quote_identifier(mapping.start), quote_identifier(mapping.duration)
     scale = {"us": 1000, "ms": 1_000_000, "ns": 1}[mapping.duration_unit or "us"]
     out = []
     for f in files:
-        lo, hi = con.execute(
+        [(lo, hi)] = con.execute(
             f"""SELECT min({start}), max({start} + {duration} * {int(scale)})
                                  FROM read_csv(?, header = true)""",
             [str(f)],
-        ).fetchone()
+        ).fetchall()
         if lo is None:
             raise ValueError(f"{f}: no spans")
         out.append((f, int(lo), int(hi)))
@@ -101,12 +105,12 @@ def _write_run(con: duckdb.DuckDBPyConnection, run: Run, mapping: SpanMapping, o
     # paths and the offset are bound; mapping columns pass through the one quoting helper
     start = quote_identifier(mapping.start)
     end_col = f", {quote_identifier(mapping.end)} + $offset AS {quote_identifier(mapping.end)}" if mapping.end else ""
-    table = con.execute(
+    table = con.sql(
         f"""SELECT * REPLACE ({start} + $offset AS {start}{end_col})
                             FROM read_csv($files, header = true, union_by_name = true)
                             ORDER BY {start}""",
-        {"offset": run.offset_ns, "files": [str(f) for f in run.files]},
-    ).to_arrow_table()
+        params={"offset": run.offset_ns, "files": [str(f) for f in run.files]},
+    ).to_arrow_table()  # a relation: Arrow without the extra copy of a DB-API result
     hours = pc.divide(table[mapping.start], pa.scalar(3600 * NS, pa.int64()))
     for hour in sorted(set(hours.to_pylist())):
         ts = datetime.fromtimestamp(hour * 3600, UTC)
@@ -149,7 +153,11 @@ def _replay_faults(day: Path, runs: list[Run], mapping: SpanMapping) -> list[dic
 
 
 def replay_days(
-    days: list[Path], out: Path, start: datetime, mapping_name: str = "nezha-trainticket", progress=print
+    days: list[Path],
+    out: Path,
+    start: datetime,
+    mapping_name: str = "nezha-trainticket",
+    progress: Callable[[str], None] = print,
 ) -> dict[str, int]:
     """Write the days' runs back to back from `start` into `out`; returns counts."""
     mapping = SpanMapping.load(mapping_name)

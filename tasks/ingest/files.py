@@ -4,6 +4,11 @@ Paths and column names come from outside and never become SQL text: a path reach
 bound parameter, or as a DuckDB variable set with a bound parameter (`SET VARIABLE v = ?`, read
 back with `getvariable('v')`) where the SQL ends up in a view, which cannot hold parameters;
 a column name only through `quote_identifier`.
+
+Temporary objects it defines on the caller's connection: the TEMP VIEW `raw` (`define_raw_view`), the
+DuckDB variables holding the batch's paths, and, while DuckDB reads CSV files, the reject tables
+`CSV_REJECTS_TABLE` / `CSV_SCANS_TABLE` (unparseable lines; `tasks.ingest.rows` quarantines them).
+Reads trace files only; writes no warehouse table.
 """
 
 from __future__ import annotations
@@ -15,12 +20,14 @@ from pathlib import Path
 import duckdb
 import xxhash
 
-from tasks.ingest.formats import TraceFormat, quote_identifier
+from tasks.ingest.formats import TraceFormat, quote_identifier, set_format_variables
+from tasks.ingest.sql import scalar
 
 TRACE_SUFFIXES = (".parquet", ".csv", ".csv.gz")
 # store_rejects keeps the sniffer from reading a malformed line as the header
 CSV_OPTIONS = "all_varchar=true, header=true, store_rejects=true"
-REJECTS = ", rejects_table='csv_rejects', rejects_scan='csv_scans'"
+CSV_REJECTS_TABLE, CSV_SCANS_TABLE = "csv_rejects", "csv_scans"  # filled by read_csv(store_rejects)
+REJECTS = f", rejects_table='{CSV_REJECTS_TABLE}', rejects_scan='{CSV_SCANS_TABLE}'"
 PARQUET_FILES = "rpcwatch_parquet_files"  # DuckDB variable: the batch's Parquet paths
 
 
@@ -96,7 +103,7 @@ def _columns_and_rows(con: duckdb.DuckDBPyConnection, path: Path, kind: str) -> 
         rows = con.execute(
             "SELECT name FROM parquet_schema(?) WHERE num_children IS NULL OR num_children = 0", [str(path)]
         ).fetchall()
-        n = con.execute("SELECT sum(num_rows) FROM parquet_file_metadata(?)", [str(path)]).fetchone()[0]
+        n = scalar(con, "SELECT sum(num_rows) FROM parquet_file_metadata(?)", [str(path)])
         return tuple(r[0] for r in rows), int(n or 0)
     rows = con.execute(f"DESCRIBE SELECT * FROM read_csv(?, {CSV_OPTIONS})", [str(path)]).fetchall()
     return tuple(r[0] for r in rows), None
@@ -162,3 +169,11 @@ def raw_select(con: duckdb.DuckDBPyConnection, files: list[FileCheck], fmt: Trac
             f"row_number() OVER () AS file_row FROM read_csv(getvariable('{var}'), {CSV_OPTIONS}{REJECTS})"
         )
     return " UNION ALL BY NAME ".join(parts)
+
+
+def define_raw_view(con: duckdb.DuckDBPyConnection, files: list[FileCheck], fmt: TraceFormat) -> str:
+    """TEMP VIEW `raw` over `files` (see `raw_select`) and the format's variables bound on `con`;
+    returns the format's SQL normalising `raw` (valid on `con` only)."""
+    set_format_variables(con, fmt)
+    con.execute(f"CREATE OR REPLACE TEMP VIEW raw AS {raw_select(con, files, fmt)}")
+    return fmt.normalise_sql({c for f in files for c in f.columns})

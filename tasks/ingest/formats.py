@@ -3,12 +3,14 @@
 Every `normalise_sql` reads a relation named `raw` (the format's columns as text or native types,
 plus `source_file`, `file_row` and `raw_hash`, a hash of all the row's raw values) and yields the
 columns of `NORMALISED`. Nothing is filtered here: rows that cannot be normalised keep NULLs and
-are quarantined by the row checks.
+are quarantined by the row checks (`tasks.ingest.rows`).
 
 No text from outside (column names, mapping values) becomes SQL text: column names go through
 `quote_identifier`, the one quoting helper; mapping values are DuckDB variables bound as
 parameters (`set_format_variables`, read back with `getvariable`), because the SQL ends up in
 views, which cannot hold prepared parameters.
+
+Reads and writes no table: it only builds SQL (and reads the bundled span mappings, `mappings/`).
 """
 
 from __future__ import annotations
@@ -242,6 +244,8 @@ class Spans:
         m = self.mapping
         if m.duration is not None:
             return f"TRY_CAST({quote_identifier(m.duration)} AS DOUBLE) * {_to_ms(m.duration_unit)!r}"
+        if m.end is None:  # `SpanMapping.load` refuses such a mapping; a hand-built one may not
+            raise ValueError("span mapping needs `end` or `duration`")
         start_ms = f"TRY_CAST({quote_identifier(m.start)} AS HUGEINT) * {_to_ms(m.start_unit)!r}"
         end_ms = f"TRY_CAST({quote_identifier(m.end)} AS HUGEINT) * {_to_ms(m.end_unit)!r}"
         return f"CAST({end_ms} - {start_ms} AS DOUBLE)"
@@ -263,7 +267,8 @@ class Spans:
             )
         return f"""
         WITH s AS (
-            SELECT {self._timestamp()} AS ts, nullif(trim(CAST({quote_identifier(m.trace_id)} AS VARCHAR)), '') AS trace_id,
+            SELECT {self._timestamp()} AS ts,
+                   nullif(trim(CAST({quote_identifier(m.trace_id)} AS VARCHAR)), '') AS trace_id,
                    nullif(trim(CAST({quote_identifier(m.span_id)} AS VARCHAR)), '') AS call_id,
                    CASE WHEN {parent} IS NULL OR list_contains(getvariable('rpcwatch_span_roots')::VARCHAR[],
                                                                trim(CAST({parent} AS VARCHAR))) THEN NULL

@@ -1,19 +1,22 @@
-"""Ingest one hour of trace files (Parquet, CSV, CSV.gz) into the warehouse's `calls` table.
+"""Stage 1, ingest: one hour of trace files (Parquet, CSV, CSV.gz) into the warehouse's `calls` table.
 
 Per hour: find the files, fingerprint them, skip the hour if nothing changed since the last
 ingest, else replace exactly that hour: normalised rows that pass the row checks go to `calls`,
-the others to `quarantine` with their reason. Unreadable files and files missing required columns
-are recorded in `ingest_log` with the error; the good files still land. Validation then fails the
-batch for them (see `tasks.ingest.validate`). Empty files are recorded as `empty`; the hour goes on.
+the others to `quarantine` with their reason (`tasks.ingest.rows`). Unreadable files and files
+missing required columns are recorded in `ingest_log` with the error; the good files still land.
+Validation then fails the batch for them (see `tasks.ingest.validate`). Empty files are recorded
+as `empty`; the hour goes on.
 
 A landed hour is only replaced by a batch with rows: no files, no readable file or no row for the
 hour raise `IngestError` and leave the warehouse as it was. No path, column name, setting or batch
 id becomes SQL text (see `tasks.ingest.files`): they are bound, or validated numbers/datetimes.
+
+Reads the trace files and `ingest_log`; writes `calls`, `quarantine` and `ingest_log` (one
+transaction per hour). `hours_in_sources` reads trace files only, on an in-memory DuckDB.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -22,11 +25,25 @@ from pathlib import Path
 import duckdb
 import xxhash
 
-from tasks.clock import HOUR, hour_floor, naive_utc
-from tasks.ingest.files import FileCheck, discover_files, hour_folder, inspect_file, is_trace_file, raw_select
-from tasks.ingest.formats import TraceFormat, make_format, set_format_variables
-from tasks.settings import KNOWN_RPC_TYPES, Settings
+from tasks.clock import hour_floor, naive_utc
+from tasks.ingest.files import (
+    FileCheck,
+    define_raw_view,
+    discover_files,
+    hour_folder,
+    inspect_file,
+    is_trace_file,
+)
+from tasks.ingest.formats import TraceFormat, make_format
+from tasks.ingest.rows import BatchSpec, count_per_file, define_batch, load_batch
+from tasks.ingest.sql import finite_setting
+from tasks.settings import Settings
 from tasks.warehouse import opened
+
+LOG_COLUMNS = (
+    "hour, path, format, size_bytes, content_hash, rows_read, rows_kept, rows_quarantined, status, error, "
+    "batch_id, checked_at"
+)
 
 
 @dataclass
@@ -59,159 +76,6 @@ class IngestReport:
         return [f for f in self.files if f.status == "empty"]
 
 
-def _sql_ts(value: datetime) -> str:
-    """A TIMESTAMP literal from a datetime object (digits and separators only: safe SQL text)."""
-    if not isinstance(value, datetime):
-        raise TypeError(f"expected a datetime, got {value!r}")
-    return f"TIMESTAMP '{naive_utc(value):%Y-%m-%d %H:%M:%S}'"
-
-
-def _finite(value: object, what: str) -> float:
-    """A validated finite number, safe to format into SQL text."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"settings.{what} must be a finite number, got {value!r}")
-    return float(value)
-
-
-def _reason_sql(hour: datetime, rt_max_ms: object) -> str:
-    types = ", ".join(f"'{t}'" for t in KNOWN_RPC_TYPES)  # constants of tasks.settings
-    rt_max = _finite(rt_max_ms, "rt_max_ms")
-    return f"""CASE
-        WHEN trace_id IS NULL THEN 'missing trace_id'
-        WHEN call_id IS NULL THEN 'missing call_id (rpc_id / span id)'
-        WHEN ts IS NULL THEN 'unparseable timestamp'
-        WHEN ts < {_sql_ts(hour)} OR ts >= {_sql_ts(hour + HOUR)}
-            THEN 'timestamp ' || strftime(ts, '%Y-%m-%dT%H:%M:%S') || ' outside hour {naive_utc(hour):%Y-%m-%dT%H:00}'
-        WHEN rt_ms IS NULL THEN 'missing or non-numeric rt'
-        WHEN rt_ms < 0 OR rt_ms > {rt_max!r} THEN 'rt ' || rt_ms || ' ms outside [0, {rt_max:g}]'
-        WHEN rpc_type NOT IN ({types}) THEN 'unknown rpc_type ''' || rpc_type || ''''
-    END"""
-
-
-def _define_batch(
-    con: duckdb.DuckDBPyConnection,
-    files: list[FileCheck],
-    fmt: TraceFormat,
-    hour: datetime,
-    partitioned: bool,
-    settings: Settings,
-) -> None:
-    """TEMP VIEW `batch`: the hour's normalised rows of all good files, each with its `reason`
-    (NULL when the row passes every row check)."""
-    con.execute("DROP TABLE IF EXISTS csv_rejects; DROP TABLE IF EXISTS csv_scans;")
-    columns = {c for f in files for c in f.columns}
-    set_format_variables(con, fmt)
-    con.execute(f"CREATE OR REPLACE TEMP VIEW raw AS {raw_select(con, files, fmt)}")
-    in_hour = "true"
-    if not partitioned:  # flat sources: this hour's rows; unparseable ones go to the first hour
-        start, end = _sql_ts(hour), _sql_ts(hour + HOUR)
-        in_hour = (
-            f"(ts >= {start} AND ts < {end}) OR (ts IS NULL AND date_trunc('hour', (SELECT min(ts) FROM n)) = {start})"
-        )
-    con.execute(f"""CREATE OR REPLACE TEMP VIEW batch AS
-        WITH n AS ({fmt.normalise_sql(columns)})
-        SELECT *, {_reason_sql(hour, settings.rt_max_ms)} AS reason FROM n WHERE {in_hour}""")
-
-
-def _find_duplicates(con: duckdb.DuckDBPyConnection) -> int:
-    """TEMP TABLE `dups`: rows repeating an earlier row (same call, every raw value equal).
-
-    Cheap for clean data: only (trace_id, call_id) pairs seen twice are looked at closely.
-    """
-    key = "trace_id, call_id, raw_hash"
-    con.execute(f"""CREATE OR REPLACE TEMP TABLE dups AS
-        WITH candidates AS (
-            SELECT hash(trace_id, call_id) AS h FROM batch GROUP BY 1 HAVING count(*) > 1),
-        suspects AS (
-            SELECT source_file, file_row, {key} FROM batch
-            WHERE hash(trace_id, call_id) IN (SELECT h FROM candidates))
-        SELECT source_file, file_row, first_value(file_row) OVER w AS first_row,
-               first_value(source_file) OVER w AS first_file, row_number() OVER w AS k
-        FROM suspects WINDOW w AS (PARTITION BY {key} ORDER BY source_file, file_row)
-        QUALIFY k > 1""")
-    return _count(con, "dups")
-
-
-def _count(con: duckdb.DuckDBPyConnection, table: str) -> int:
-    if table not in ("dups", "batch"):  # internal names only: this one is SQL text
-        raise ValueError(f"not an ingest table: {table!r}")
-    return con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
-
-
-def _all_rows_accounted(files: list[FileCheck], partitioned: bool, landed: int) -> bool:
-    """True when every row of the files already landed in calls or as a duplicate (Parquet footers
-    give the row count), so the pass that looks for rows failing a check can be skipped."""
-    known = [f.rows_in_file for f in files]
-    return partitioned and None not in known and landed == sum(known)
-
-
-QUARANTINED = """?, b.source_file, b.file_row, {reason}, ts, trace_id, call_id, parent_call_id, caller,
-    callee, interface, rpc_type, rt_ms, is_error, ?"""
-
-
-def _load(
-    con: duckdb.DuckDBPyConnection,
-    files: list[FileCheck],
-    fmt: TraceFormat,
-    hour: datetime,
-    partitioned: bool,
-    settings: Settings,
-    batch_id: str,
-) -> None:
-    """Replace the hour: passing rows to `calls`, the others to `quarantine` with their reason."""
-    _define_batch(con, files, fmt, hour, partitioned, settings)
-    has_dups = _find_duplicates(con) > 0
-    _clear_hour(con, hour)
-    start = naive_utc(hour)
-    not_dup = "AND (source_file, file_row) NOT IN (SELECT (source_file, file_row) FROM dups)" if has_dups else ""
-    kept = con.execute(
-        f"""INSERT INTO calls SELECT ts, trace_id, call_id, parent_call_id, caller, callee,
-        interface, rpc_type, rt_ms, is_error, source_file, ? FROM batch WHERE reason IS NULL {not_dup}""",
-        [batch_id],
-    ).fetchone()[0]
-    if not _all_rows_accounted(files, partitioned, kept + _count(con, "dups")):
-        con.execute(
-            f"INSERT INTO quarantine SELECT {QUARANTINED.format(reason='reason')} FROM batch b "
-            "WHERE reason IS NOT NULL",
-            [start, batch_id],
-        )
-    if has_dups:
-        reason = "'duplicate of row ' || d.first_row || ' in ' || d.first_file"
-        con.execute(
-            f"""INSERT INTO quarantine SELECT {QUARANTINED.format(reason=reason)}
-            FROM batch b JOIN dups d USING (source_file, file_row) WHERE b.reason IS NULL""",
-            [start, batch_id],
-        )
-    for path, line, why in _csv_reject_rows(con):
-        con.execute(
-            "INSERT INTO quarantine (hour, source_file, file_row, reason, batch_id) VALUES (?, ?, ?, ?, ?)",
-            [start, path, line, why, batch_id],
-        )
-
-
-def _csv_reject_rows(con: duckdb.DuckDBPyConnection) -> list[tuple[str, int, str]]:
-    if not con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'csv_rejects'").fetchone()[0]:
-        return []
-    return con.execute("""SELECT s.file_path, e.line, 'unparseable CSV line: ' || min(e.error_message)
-                          FROM csv_rejects e JOIN csv_scans s USING (scan_id, file_id)
-                          GROUP BY 1, 2 ORDER BY 1, 2""").fetchall()
-
-
-def _count_per_file(con: duckdb.DuckDBPyConnection, files: list[FileCheck], hour: datetime) -> None:
-    start, end = naive_utc(hour), naive_utc(hour + HOUR)
-    kept = dict(
-        con.execute(
-            "SELECT source_file, count(*) FROM calls WHERE ts >= ? AND ts < ? GROUP BY 1", [start, end]
-        ).fetchall()
-    )
-    bad = dict(
-        con.execute("SELECT source_file, count(*) FROM quarantine WHERE hour = ? GROUP BY 1", [start]).fetchall()
-    )
-    for f in files:
-        f.rows_kept, f.rows_quarantined = kept.get(str(f.path), 0), bad.get(str(f.path), 0)
-        f.rows_read = f.rows_kept + f.rows_quarantined
-
-
 def _batch_id(hour: datetime, files: list[FileCheck]) -> str:
     digest = xxhash.xxh3_64("".join(sorted(f"{f.path}:{f.content_hash}" for f in files)).encode()).hexdigest()
     return f"{hour:%Y%m%dT%H}-{digest[:10]}"
@@ -231,12 +95,13 @@ def _unchanged(con: duckdb.DuckDBPyConnection, hour: datetime, files: list[FileC
 
 
 def _write_log(con: duckdb.DuckDBPyConnection, report: IngestReport, fmt: TraceFormat) -> None:
+    """Replace the hour's `ingest_log` rows: one per file, with its counts, status and error."""
     start = naive_utc(report.hour)
     con.execute("DELETE FROM ingest_log WHERE hour = ?", [start])
     now = naive_utc(datetime.now(UTC))
     for f in report.files:
         con.execute(
-            "INSERT INTO ingest_log VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO ingest_log ({LOG_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 start,
                 str(f.path),
@@ -255,6 +120,7 @@ def _write_log(con: duckdb.DuckDBPyConnection, report: IngestReport, fmt: TraceF
 
 
 def _recount_from_log(con: duckdb.DuckDBPyConnection, report: IngestReport) -> None:
+    """An unchanged hour: the counts and batch id of its landed batch, from `ingest_log`."""
     rows = {
         r[0]: r[1:]
         for r in con.execute(
@@ -266,52 +132,35 @@ def _recount_from_log(con: duckdb.DuckDBPyConnection, report: IngestReport) -> N
         f.rows_read, f.rows_kept, f.rows_quarantined, report.batch_id = rows[str(f.path)]
 
 
-def _batch_error(
-    con: duckdb.DuckDBPyConnection,
-    files: list[FileCheck],
-    fmt: TraceFormat,
-    hour: datetime,
-    partitioned: bool,
-    settings: Settings,
-) -> str | None:
+def _batch_error(con: duckdb.DuckDBPyConnection, files: list[FileCheck], spec: BatchSpec) -> str | None:
     """Read and normalise `files` without loading anything: the error that breaks them, if any."""
     try:
-        _define_batch(con, files, fmt, hour, partitioned, settings)
+        define_batch(con, files, spec)
         con.execute("SELECT count(*), sum(hash(COLUMNS(*))) FROM batch").fetchall()
         return None
     except duckdb.Error as err:
         return str(err).splitlines()[0]
 
 
-def _drop_breaking_files(
-    con: duckdb.DuckDBPyConnection,
-    files: list[FileCheck],
-    fmt: TraceFormat,
-    hour: datetime,
-    partitioned: bool,
-    settings: Settings,
-) -> list[FileCheck]:
+def _drop_breaking_files(con: duckdb.DuckDBPyConnection, files: list[FileCheck], spec: BatchSpec) -> list[FileCheck]:
     """After a failed batch: mark the files that break it (alone, or next to the files before them)
     and return the others. Slow (a read per file and per growing set), so only on failure."""
-    args = (fmt, hour, partitioned, settings)
     for f in files:
-        if (err := _batch_error(con, [f], *args)) is not None:
+        if (err := _batch_error(con, [f], spec)) is not None:
             f.mark_unreadable(err)
     usable = [f for f in files if f.ok]
-    if len(usable) < 2 or _batch_error(con, usable, *args) is None:
+    if len(usable) < 2 or _batch_error(con, usable, spec) is None:
         return usable
     together: list[FileCheck] = []
     for f in usable:  # drift between files (e.g. one column typed differently): keep the first
-        if (err := _batch_error(con, together + [f], *args)) is None:
+        if (err := _batch_error(con, together + [f], spec)) is None:
             together.append(f)
         else:
             f.mark_unreadable(err, f"cannot be read together with {len(together)} earlier file(s) as a")
     return together
 
 
-def _load_good_files(
-    con: duckdb.DuckDBPyConnection, report: IngestReport, fmt: TraceFormat, partitioned: bool, settings: Settings
-) -> list[FileCheck]:
+def _load_good_files(con: duckdb.DuckDBPyConnection, report: IngestReport, spec: BatchSpec) -> list[FileCheck]:
     """Load the good files in one open transaction (left open for the caller to commit); if the
     batch breaks, record the files that break it and load the others."""
     good = [f for f in report.files if f.ok]
@@ -319,14 +168,14 @@ def _load_good_files(
         return good
     con.execute("BEGIN")
     try:
-        _load(con, good, fmt, report.hour, partitioned, settings, report.batch_id)
+        load_batch(con, good, spec, report.batch_id)
         return good
     except duckdb.Error:
         con.execute("ROLLBACK")
-    good = _drop_breaking_files(con, good, fmt, report.hour, partitioned, settings)
+    good = _drop_breaking_files(con, good, spec)
     if good:
         con.execute("BEGIN")
-        _load(con, good, fmt, report.hour, partitioned, settings, report.batch_id)
+        load_batch(con, good, spec, report.batch_id)
     return good
 
 
@@ -362,11 +211,12 @@ def ingest_hour(
     """
     hour, sources = hour_floor(hour), list(sources or [settings.incoming])
     fmt = _trace_format(settings, fmt_name)
-    _finite(settings.rt_max_ms, "rt_max_ms")
+    rt_max_ms = finite_setting(settings.rt_max_ms, "rt_max_ms")
     paths, partitioned = discover_files(sources, hour)
     if not paths:
         where = f" (no partition folder {hour_folder(hour)} with trace files)" if partitioned else ""
         raise _refuse(hour, sources, f"no trace files{where}")
+    spec = BatchSpec(fmt=fmt, hour=hour, partitioned=partitioned, rt_max_ms=rt_max_ms)
     with opened(settings.warehouse) as con:
         report = IngestReport(hour=hour, batch_id="", files=[inspect_file(con, p, fmt) for p in paths])
         report.batch_id = _batch_id(hour, report.files)
@@ -374,27 +224,25 @@ def ingest_hour(
             _recount_from_log(con, report)
             report.skipped_unchanged = True
             return report
-        try:
-            good = _load_good_files(con, report, fmt, partitioned, settings)
-        except duckdb.Error as err:  # the files passed one by one but not as a batch
-            raise _refuse(hour, sources, f"the batch cannot be loaded: {str(err).splitlines()[0]}") from err
-        _count_per_file(con, good, hour)
-        if not good or report.rows_read == 0:  # not a good batch: undo the replacement
-            if good:
-                con.execute("ROLLBACK")
-            problems = "; ".join(f.error for f in report.files if f.error)
-            raise _refuse(
-                hour, sources, f"no rows for this hour in {len(paths)} file(s)" + (f" ({problems})" if problems else "")
-            )
-        _write_log(con, report, fmt)
-        con.execute("COMMIT")
+        _replace_hour(con, report, spec, sources)
     return report
 
 
-def _clear_hour(con: duckdb.DuckDBPyConnection, hour: datetime) -> None:
-    start, end = naive_utc(hour), naive_utc(hour + HOUR)
-    con.execute("DELETE FROM calls WHERE ts >= ? AND ts < ?", [start, end])
-    con.execute("DELETE FROM quarantine WHERE hour = ?", [start])
+def _replace_hour(con: duckdb.DuckDBPyConnection, report: IngestReport, spec: BatchSpec, sources: list[Path]) -> None:
+    """Load the good files and log every file, in one transaction; refuse (rolled back) a batch without rows."""
+    try:
+        good = _load_good_files(con, report, spec)
+    except duckdb.Error as err:  # the files passed one by one but not as a batch
+        raise _refuse(spec.hour, sources, f"the batch cannot be loaded: {str(err).splitlines()[0]}") from err
+    count_per_file(con, good, spec.hour)
+    if not good or report.rows_read == 0:  # not a good batch: undo the replacement
+        if good:
+            con.execute("ROLLBACK")
+        problems = "; ".join(f.error for f in report.files if f.error)
+        why = f"no rows for this hour in {len(report.files)} file(s)" + (f" ({problems})" if problems else "")
+        raise _refuse(spec.hour, sources, why)
+    _write_log(con, report, spec.fmt)
+    con.execute("COMMIT")
 
 
 def _distinct_hours(con: duckdb.DuckDBPyConnection, checks: list[FileCheck], fmt: TraceFormat) -> set[datetime]:
@@ -402,11 +250,9 @@ def _distinct_hours(con: duckdb.DuckDBPyConnection, checks: list[FileCheck], fmt
     if not checks:
         return set()
     try:
-        set_format_variables(con, fmt)
-        con.execute(f"CREATE OR REPLACE TEMP VIEW raw AS {raw_select(con, checks, fmt)}")
-        columns = {c for f in checks for c in f.columns}
+        normalised = define_raw_view(con, checks, fmt)
         rows = con.execute(
-            f"SELECT DISTINCT date_trunc('hour', ts) FROM ({fmt.normalise_sql(columns)}) WHERE ts IS NOT NULL"
+            f"SELECT DISTINCT date_trunc('hour', ts) FROM ({normalised}) WHERE ts IS NOT NULL"
         ).fetchall()
         return {r[0].replace(tzinfo=UTC) for r in rows}
     except duckdb.Error:

@@ -6,6 +6,8 @@ types, keys, bounds, value sets on a sample of `calls`) and the batch metrics (r
 ratio, volume against recent hours). GE's SQL datasource does not work on DuckDB, so GE reads
 pandas frames. Every outcome lands in `validation_runs`; a failed batch-level expectation raises
 `BatchValidationError` naming the file or column and the expectation.
+
+Reads `ingest_log`, `quarantine` and `calls`; writes `validation_runs` (the hour's rows replaced).
 """
 
 from __future__ import annotations
@@ -14,12 +16,20 @@ import logging
 import statistics
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 import duckdb
 
 from tasks.clock import HOUR, hour_floor, naive_utc
+from tasks.ingest.sql import scalar
 from tasks.settings import KNOWN_RPC_TYPES, Settings
 from tasks.warehouse import opened
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from great_expectations import ExpectationSuite
+    from great_expectations.core import ExpectationValidationResult
+    from great_expectations.data_context import AbstractDataContext
 
 log = logging.getLogger(__name__)
 
@@ -153,12 +163,8 @@ def _hour_volumes(con: duckdb.DuckDBPyConnection, hour: datetime, lookback: int)
 
 def _batch_metrics(con: duckdb.DuckDBPyConnection, hour: datetime, settings: Settings) -> dict[str, float]:
     start = naive_utc(hour)
-    kept = con.execute(
-        "SELECT count(*) FROM calls WHERE ts >= ? AND ts < ?", [start, naive_utc(hour + HOUR)]
-    ).fetchone()[0]
-    dups = con.execute(
-        "SELECT count(*) FROM quarantine WHERE hour = ? AND reason LIKE 'duplicate of row%'", [start]
-    ).fetchone()[0]
+    kept = scalar(con, "SELECT count(*) FROM calls WHERE ts >= ? AND ts < ?", [start, naive_utc(hour + HOUR)])
+    dups = scalar(con, "SELECT count(*) FROM quarantine WHERE hour = ? AND reason LIKE 'duplicate of row%'", [start])
     read, history = _hour_volumes(con, hour, settings.volume_lookback_hours)
     median = statistics.median(history) if history else None
     return {
@@ -170,14 +176,15 @@ def _batch_metrics(con: duckdb.DuckDBPyConnection, hour: datetime, settings: Set
     }
 
 
-def _sample(con: duckdb.DuckDBPyConnection, hour: datetime, rows: int):
+def _sample(con: duckdb.DuckDBPyConnection, hour: datetime, rows: int) -> pd.DataFrame:
     return con.execute(
-        f"SELECT * FROM (SELECT * FROM calls WHERE ts >= ? AND ts < ?) USING SAMPLE reservoir({int(rows)} ROWS) REPEATABLE (7)",
+        "SELECT * FROM (SELECT * FROM calls WHERE ts >= ? AND ts < ?) "
+        f"USING SAMPLE reservoir({int(rows)} ROWS) REPEATABLE (7)",
         [naive_utc(hour), naive_utc(hour + HOUR)],
     ).df()
 
 
-def _ge_suites(hour: datetime, settings: Settings, history_hours: int):
+def _ge_suites(hour: datetime, settings: Settings, history_hours: int) -> tuple[ExpectationSuite, ExpectationSuite]:
     import great_expectations as gx
 
     E = gx.expectations
@@ -206,43 +213,46 @@ def _ge_suites(hour: datetime, settings: Settings, history_hours: int):
     return contract, metrics
 
 
-def _ge_context():
+def _ge_context() -> AbstractDataContext:
     import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
 
     logging.getLogger("great_expectations").setLevel(logging.WARNING)
     context = gx.get_context(mode="ephemeral")
-    context.variables.progress_bars = {"globally": False}
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
     return context
 
 
-def _run_ge(context, frames: dict[str, object], suites: dict[str, object]) -> list[Finding]:
+def _run_ge(
+    context: AbstractDataContext, frames: dict[str, pd.DataFrame], suites: dict[str, ExpectationSuite]
+) -> list[Finding]:
     asset = context.data_sources.add_pandas("rpcwatch").add_dataframe_asset("batch")
     definition = asset.add_batch_definition_whole_dataframe("whole")
     findings = []
     for name, frame in frames.items():
         result = definition.get_batch(batch_parameters={"dataframe": frame}).validate(suites[name])
-        for r in result.results:
-            cfg = r.expectation_config
-            subject = cfg.kwargs.get("column") or name
-            observed = r.result.get("observed_value")
-            observed = observed if observed is not None else f"{r.result.get('unexpected_count', 0)} unexpected"
-            details = (
-                ""
-                if r.success
-                else f"{cfg.type} {dict((k, v) for k, v in cfg.kwargs.items() if k not in ('column', 'batch_id'))}; observed {observed}; e.g. {r.result.get('partial_unexpected_list', [])[:3]}"
-            )
-            findings.append(
-                Finding(
-                    cfg.type,
-                    subject,
-                    "batch",
-                    bool(r.success),
-                    str(observed)[:500],
-                    details[:1000],
-                    "great_expectations",
-                )
-            )
+        findings += [_ge_finding(name, r) for r in result.results]
     return findings
+
+
+def _ge_finding(frame_name: str, r: ExpectationValidationResult) -> Finding:
+    """One GE result as a batch-level finding, against its column (or the frame when it has none)."""
+    cfg = r.expectation_config
+    if cfg is None:  # a suite's results always carry their expectation
+        raise ValueError(f"Great Expectations result without its expectation on {frame_name}")
+    observed = r.result.get("observed_value")
+    observed = observed if observed is not None else f"{r.result.get('unexpected_count', 0)} unexpected"
+    details = "" if r.success else _failure_details(cfg.type, cfg.kwargs, observed, r.result)
+    subject = cfg.kwargs.get("column") or frame_name
+    return Finding(
+        cfg.type, subject, "batch", bool(r.success), str(observed)[:500], details[:1000], "great_expectations"
+    )
+
+
+def _failure_details(expectation: str, kwargs: dict[str, Any], observed: object, result: dict[str, Any]) -> str:
+    """A failed GE expectation in one line: its arguments, the observed value, a few unexpected values."""
+    arguments = {k: v for k, v in kwargs.items() if k not in ("column", "batch_id")}
+    return f"{expectation} {arguments}; observed {observed}; e.g. {result.get('partial_unexpected_list', [])[:3]}"
 
 
 def _store(con: duckdb.DuckDBPyConnection, report: ValidationReport) -> None:
@@ -251,7 +261,8 @@ def _store(con: duckdb.DuckDBPyConnection, report: ValidationReport) -> None:
     con.execute("BEGIN")
     con.execute("DELETE FROM validation_runs WHERE hour = ?", [start])
     con.executemany(
-        "INSERT INTO validation_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO validation_runs (hour, batch_id, expectation, subject, severity, success, observed, details, "
+        "engine, validated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [
             [
                 start,

@@ -1,11 +1,16 @@
 """Stage 3, models: per-pattern forecasters, trained only when stale, tracked in MLflow.
 
+- `features`: the feature axis of every [T, N, F] array and its indices.
 - `nn/`: the ST-GCN layers (one per file).
 - `series`: a pattern's series exported to Parquet for lock-free training. Reads `pattern_series`,
   `pattern_nodes`, `pattern_edges`, `patterns`.
-- `forecast`: windows, training, baselines, calibrated thresholds.
-- `training`: one pattern trained, evaluated, logged and registered (MLflow), champion policy,
-  verified artifact cache.
+- `forecast`: windows, the model, its loss, training, forecasts. `baselines`: metrics and naive
+  baselines. `thresholds`: calibrated thresholds. No tables.
+- `registry`: model names, the champion lookup (reads `models`), MLflow set-up, the verified
+  artifact cache and the registry as `models` rows.
+- `jobs`: `TrainJob`, `TrainOutcome`, `Skipped`: what plan, train and record hand each other.
+- `training`: one pattern trained, evaluated, logged and registered (MLflow), the champion policy,
+  the artifact files. No tables.
 - `staleness`: which champions are stale. Reads `patterns`, `models`, `forecast_errors`.
 - `retrain`: plan (exports) → train → record, registry reconciliation. Writes `models`.
 - `mlflow_model`: the pyfunc model MLflow serves.

@@ -1,6 +1,6 @@
 """How good a forecast is, and what it is compared with: error metrics on the points where they
 mean something, the Poisson floor (the error of knowing the true rate), and the naive baselines
-(seasonal naive, moving average) every model must beat."""
+(seasonal naive, moving average) every model must beat. Arrays in, numbers out: no tables."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 
-from tasks.models.features import FEATURES
+from tasks.models.features import CALLS, FEATURES
 from tasks.models.forecast import TrainConfig
 
 
@@ -26,16 +26,16 @@ def _errors(pred: np.ndarray, obs: np.ndarray, valid: np.ndarray) -> dict[str, f
 
 def busy_mask(obs: np.ndarray, min_rate: float = 1.0) -> np.ndarray:
     """Points of nodes averaging at least `min_rate` calls per bucket (MAPE is meaningless below)."""
-    return np.broadcast_to(obs[:, :, 0].mean(axis=0) >= min_rate, obs.shape[:2])
+    return np.broadcast_to(obs[:, :, CALLS].mean(axis=0) >= min_rate, obs.shape[:2])
 
 
 def metrics(pred: np.ndarray, obs: np.ndarray) -> dict[str, float]:
     """MAE/RMSE/MAPE per feature; latency only where the bucket had calls; calls on busy nodes."""
     busy = busy_mask(obs)
-    has_calls = obs[:, :, 0] > 0
+    has_calls = obs[:, :, CALLS] > 0
     out = {}
     for f, name in enumerate(FEATURES):
-        valid = (busy if f == 0 else has_calls & busy) & np.isfinite(obs[:, :, f]) & np.isfinite(pred[:, :, f])
+        valid = (busy if f == CALLS else has_calls & busy) & np.isfinite(obs[:, :, f]) & np.isfinite(pred[:, :, f])
         for key, value in _errors(pred[:, :, f], obs[:, :, f], valid).items():
             out[f"{key}_{name}"] = value
     return out
@@ -55,8 +55,8 @@ def poisson_floor(obs: np.ndarray, asymptotic: bool = False) -> float:
     """The calls MAPE a perfect rate forecast still has, over the same points as `metrics`:
     sqrt(2/(pi*lambda)) (asymptotic) or its exact value at each node's traffic level lambda."""
     busy = busy_mask(obs)
-    lam = obs[:, :, 0].mean(axis=0)
-    valid = busy & (obs[:, :, 0] > 0)
+    lam = obs[:, :, CALLS].mean(axis=0)
+    valid = busy & (obs[:, :, CALLS] > 0)
     if not valid.any():
         return float("nan")
     per_node = np.array(

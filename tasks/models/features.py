@@ -1,7 +1,7 @@
 """What a model sees of each RPC per bucket: the feature axis of every [T, N, F] array.
 
 Counts (calls, errors) are modelled as counts (Poisson / negative binomial); latencies (mean and
-p95 response time) on a log scale. Every index into the feature axis comes from here.
+p95 response time) on a log scale. Every index into the feature axis comes from here. No tables.
 """
 
 from __future__ import annotations

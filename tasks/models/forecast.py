@@ -5,6 +5,7 @@ per node with statistics of the training split (stored with the model). Outputs 
 log-rate of calls and errors (Poisson likelihood: counts are counts, thin nodes stay calm) and
 the standardised log latency (squared error weighted by the bucket's call count: a p95 of three
 calls says little). Windows of W buckets predict the bucket `horizon` steps after the window.
+Arrays and tensors in and out: no tables.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from tasks.models.features import COUNTS, FEATURES, LATENCIES
+from tasks.models.features import CALLS, COUNTS, ERRORS, FEATURES, LATENCIES
 from tasks.models.series import PatternData
 
 
@@ -56,8 +57,8 @@ class Normaliser:
         return cls(
             mean.tolist(),
             std.tolist(),
-            np.maximum(values[:, :, 0].mean(axis=0), 1e-3).tolist(),
-            np.maximum(values[:, :, 3].mean(axis=0), 1e-3).tolist(),
+            np.maximum(values[:, :, CALLS].mean(axis=0), 1e-3).tolist(),
+            np.maximum(values[:, :, ERRORS].mean(axis=0), 1e-3).tolist(),
         )
 
     def inputs(self, values: np.ndarray) -> np.ndarray:
@@ -67,12 +68,13 @@ class Normaliser:
 
 
 def _log_features(values: np.ndarray) -> np.ndarray:
+    """log1p of the counts, log of the latencies (NaN where a bucket had no calls)."""
     out = np.empty_like(values, dtype=np.float64)
-    out[..., 0] = np.log1p(values[..., 0])
+    for f in COUNTS:
+        out[..., f] = np.log1p(values[..., f])
     with np.errstate(divide="ignore", invalid="ignore"):
-        out[..., 1] = np.log(np.maximum(values[..., 1], 1e-3))
-        out[..., 2] = np.log(np.maximum(values[..., 2], 1e-3))
-    out[..., 3] = np.log1p(values[..., 3])
+        for f in LATENCIES:
+            out[..., f] = np.log(np.maximum(values[..., f], 1e-3))
     return out
 
 
@@ -87,18 +89,11 @@ def windows(n_steps: int, window: int, horizon: int) -> np.ndarray:
     return np.arange(window + horizon - 1, n_steps)
 
 
-def make_model(cfg: TrainConfig, use_graph: bool = True):
+def make_model(cfg: TrainConfig, use_graph: bool = True) -> torch.nn.Module:
     from tasks.models.nn import STGCN
 
-    return STGCN(
-        num_features=len(FEATURES),
-        num_outputs=len(FEATURES),
-        hidden_channels=cfg.hidden,
-        window=cfg.window,
-        kernel_size=cfg.kernel_size,
-        num_blocks=cfg.blocks,
-        use_graph=use_graph,
-    )
+    width = len(FEATURES)  # every feature in, every feature forecast
+    return STGCN(width, width, cfg.hidden, cfg.window, cfg.kernel_size, cfg.blocks, use_graph=use_graph)
 
 
 class NotEnoughHistory(ValueError):
@@ -119,11 +114,13 @@ class Prepared:
 
     def with_normaliser(self, norm: Normaliser, window: int) -> Prepared:
         """The same samples, inputs scaled by another model's normaliser (champion comparison)."""
-        x, offsets = _windows(norm, self.values, self.starts, window)
+        if self.values is None or self.starts is None:
+            raise ValueError("prepared without its raw values: cannot re-window")
+        x, offsets = input_windows(norm, self.values, self.starts, window)
         return Prepared(x, self.y, self.targets, self.split, self.edge_index, offsets, norm, self.values, self.starts)
 
 
-def _windows(
+def input_windows(
     norm: Normaliser, values: np.ndarray, starts: np.ndarray, window: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Input windows [S, W, N, F] and log-level offsets [S, N, 2].
@@ -152,7 +149,7 @@ def prepare(data: PatternData, cfg: TrainConfig) -> Prepared:
     train_end = t_idx[split] - cfg.horizon + 1  # no validation bucket leaks into the statistics
     norm = Normaliser.fit(data.values[:train_end])
     starts = t_idx - cfg.horizon - cfg.window + 1
-    x, offsets = _windows(norm, data.values, starts, cfg.window)
+    x, offsets = input_windows(norm, data.values, starts, cfg.window)
     y = torch.from_numpy(data.values[t_idx].astype(np.float32))
     return Prepared(
         x, y, t_idx, split, graph_edge_index(len(data.nodes), data.edges), offsets, norm, data.values, starts
@@ -172,14 +169,14 @@ def loss_fn(
     log_rate = out[..., list(COUNTS)] + offsets
     counts = y[..., list(COUNTS)]
     poisson = (torch.exp(log_rate) - counts * log_rate).mean()
-    calls = y[..., 0:1]
+    calls = y[..., CALLS : CALLS + 1]
     weight = calls / (calls + cfg.rt_weight_calls)
     rt_obs = torch.nan_to_num(_rt_target(norm, y), nan=0.0)
     rt = (weight * (out[..., list(LATENCIES)] - rt_obs) ** 2).sum() / weight.sum().clamp(min=1.0) / len(LATENCIES)
     return poisson + rt
 
 
-def predict(model, prep: Prepared, idx: slice | np.ndarray, dev: torch.device) -> np.ndarray:
+def predict(model: torch.nn.Module, prep: Prepared, idx: slice | np.ndarray, dev: torch.device) -> np.ndarray:
     """Forecasts in original units [S, N, F]: expected calls/errors, rt_mean/rt_p95 in ms."""
     model.eval()
     with torch.no_grad():
@@ -195,7 +192,7 @@ def predict(model, prep: Prepared, idx: slice | np.ndarray, dev: torch.device) -
 
 @dataclass
 class TrainResult:
-    model: object
+    model: torch.nn.Module
     epochs: int
     best_val_loss: float
     seconds: float
@@ -213,11 +210,11 @@ def train(prep: Prepared, cfg: TrainConfig, dev: torch.device, use_graph: bool =
     x, y, e, off = prep.x.to(dev), prep.y.to(dev), prep.edge_index.to(dev), prep.offsets.to(dev)
     xt, yt, xv, yv = x[: prep.split], y[: prep.split], x[prep.split :], y[prep.split :]
     gen = torch.Generator().manual_seed(cfg.seed)
-    best, best_state, waited, history = math.inf, None, 0, []
+    best, waited, history = math.inf, 0, []
+    best_state: dict[str, torch.Tensor] | None = None
     started = time.perf_counter()
-    epoch = 0
     ot, ov = off[: prep.split], off[prep.split :]
-    for epoch in range(1, cfg.max_epochs + 1):
+    for _ in range(cfg.max_epochs):
         model.train()
         for batch in torch.randperm(len(xt), generator=gen).split(cfg.batch_size):
             opt.zero_grad()
@@ -234,6 +231,8 @@ def train(prep: Prepared, cfg: TrainConfig, dev: torch.device, use_graph: bool =
             waited += 1
             if waited >= cfg.patience:
                 break
+    if best_state is None:
+        raise RuntimeError(f"the validation loss never improved on {best} (not finite?)")
     model.load_state_dict(best_state)
     params = sum(p.numel() for p in model.parameters())
-    return TrainResult(model, epoch, best, time.perf_counter() - started, params, history)
+    return TrainResult(model, len(history), best, time.perf_counter() - started, params, history)  # one loss an epoch

@@ -2,12 +2,14 @@
 
 `mlflow.pyfunc.load_model("models:/rpcwatch-pattern-<id>@champion").predict(frame)` takes the
 pattern's recent series (columns bucket_ts, node, calls, errors, rt_mean, rt_p95; at least W
-buckets) and returns the next bucket's expected values per node.
+buckets) and returns the next bucket's expected values per node (columns node, calls, rt_mean,
+rt_p95, errors). Reads only the version's artifact files; no tables.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import pandas as pd
@@ -15,18 +17,18 @@ from mlflow.pyfunc import PythonModel
 
 
 class PatternForecaster(PythonModel):
-    def load_context(self, context) -> None:
+    def load_context(self, context: Any) -> None:
         from tasks.models.training import load_model
 
         self.folder = Path(context.artifacts["state_dict"]).parent
         self.model, self.cfg, self.graph, self.norm, self.thresholds = load_model(self.folder)
 
-    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         import numpy as np
         import torch
 
-        from tasks.models.features import FEATURES
-        from tasks.models.forecast import Prepared, _windows
+        from tasks.models.features import COUNTS, FEATURES
+        from tasks.models.forecast import Prepared, input_windows
         from tasks.models.forecast import predict as forecast
         from tasks.models.nn import graph_edge_index
 
@@ -34,9 +36,9 @@ class PatternForecaster(PythonModel):
         frame = model_input.pivot_table(index="bucket_ts", columns="node", values=list(FEATURES))
         frame = frame.sort_index().iloc[-self.cfg.window :]
         values = np.stack([frame[f].reindex(columns=nodes).to_numpy() for f in FEATURES], axis=-1)
-        values[..., 0] = np.nan_to_num(values[..., 0])
-        values[..., 3] = np.nan_to_num(values[..., 3])
-        x, offsets = _windows(self.norm, values, np.array([0]), self.cfg.window)
+        for f in COUNTS:  # a node without a row in a bucket had no calls (latency stays unknown: NaN)
+            values[..., f] = np.nan_to_num(values[..., f])
+        x, offsets = input_windows(self.norm, values, np.array([0]), self.cfg.window)
         prep = Prepared(
             x,
             torch.zeros(1, len(nodes), len(FEATURES)),

@@ -1,25 +1,61 @@
-"""Names and lookups of pattern models, one place for each.
+"""Names and lookups of pattern models, one place for each: the MLflow registry and its DuckDB mirror.
 
-A pattern's model is registered in MLflow as `rpcwatch-pattern-<id>`; its current champion is the
-version the registry's `champion` alias points to, mirrored in DuckDB's `models` table (see
-`tasks.models.retrain.reconcile_models`). Everything that asks "which model judges pattern p?"
-asks here.
+A pattern's model is registered in MLflow as `rpcwatch-pattern-<id>` (experiment `rpcwatch`); its
+current champion is the version the registry's `champion` alias points to. The registry is the
+source of truth: each version carries its tags from the moment it exists (graph hash, decision,
+and `artifacts_sha256`, the digest of every artifact file, so a cached copy can be verified before
+it is trusted).
+
+- `champions(con)` / `first_champion_at(con)`: read DuckDB's `models` mirror. Everything that asks
+  "which model judges pattern p?" asks here.
+- `cached_artifacts`: a version's artifact folder under `<home>/model-cache`, verified against the
+  registry (reads the registry, writes only the cache folder).
+- `registry_mirror`: the registry as `models` rows (reads the registry; `tasks.models.retrain`
+  writes them into `models` when it reconciles the mirror).
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import duckdb
 
+from tasks.clock import naive_utc
+from tasks.settings import Settings
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities.model_registry import ModelVersion
+
+log = logging.getLogger(__name__)
 EXPERIMENT = "rpcwatch"
 MODEL_PREFIX = "rpcwatch-pattern-"
 CHAMPION = "champion"
+ARTIFACTS_TAG = "artifacts_sha256"  # model-version tag: JSON {artifact file name: sha256 hex}
 
 
 def model_name(pattern_id: int) -> str:
     return f"{MODEL_PREFIX}{pattern_id}"
+
+
+def pattern_id_of(name: str) -> int | None:
+    """The pattern id of a registered model name; None for a model that is not a pattern's."""
+    suffix = name.removeprefix(MODEL_PREFIX)
+    return int(suffix) if name.startswith(MODEL_PREFIX) and suffix.isdigit() else None
+
+
+# --- the champion lookup on DuckDB's `models` mirror ------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -51,4 +87,259 @@ def champions(con: duckdb.DuckDBPyConnection) -> dict[int, ChampionRow]:
 
 def first_champion_at(con: duckdb.DuckDBPyConnection) -> datetime | None:
     """When the first champion of any pattern was trained (before it, nothing could be scored)."""
-    return con.execute("SELECT min(trained_for) FROM models WHERE decision = 'champion'").fetchone()[0]
+    row = con.execute("SELECT min(trained_for) FROM models WHERE decision = 'champion'").fetchone()
+    return row[0] if row else None
+
+
+# --- MLflow ----------------------------------------------------------------------------------------
+
+
+def tracking_uri(settings: Settings) -> str:
+    uri = settings.mlflow_tracking_uri
+    if uri is None:  # Settings.__post_init__ always sets it; this narrows the type
+        raise ValueError("settings without an MLflow tracking URI")
+    return uri
+
+
+def setup_mlflow(settings: Settings) -> ModuleType:
+    """The `mlflow` module pointed at the settings' tracking server, experiment `rpcwatch` created
+    (artifacts under the home when the tracking store is sqlite) and set."""
+    import mlflow
+
+    uri = tracking_uri(settings)
+    mlflow.set_tracking_uri(uri)
+    if mlflow.get_experiment_by_name(EXPERIMENT) is None:
+        location = None
+        if uri.startswith("sqlite"):
+            settings.mlflow_artifacts.mkdir(parents=True, exist_ok=True)
+            location = settings.mlflow_artifacts.resolve().as_uri()
+        mlflow.create_experiment(EXPERIMENT, artifact_location=location)
+    mlflow.set_experiment(EXPERIMENT)
+    return mlflow
+
+
+def registered_champion(client: MlflowClient, name: str) -> ModelVersion | None:
+    """The version the `champion` alias of registered model `name` points to; None without one."""
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except Exception:  # noqa: BLE001  (MLflow raises a generic RestException when the alias is absent)
+        return None
+
+
+# --- artifacts verified against the registry ------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def file_digests(paths: Iterable[Path]) -> dict[str, str]:
+    """{file name: sha256} of artifact files (a few small files: cheap on every load)."""
+    return {p.name: _sha256(p) for p in paths}
+
+
+def _mismatch(folder: Path, digests: dict[str, str]) -> str | None:
+    """The first file of `digests` missing from `folder` or with other content; None when all match."""
+    for name, digest in sorted(digests.items()):
+        path = folder / name
+        if not path.is_file() or _sha256(path) != digest:
+            return name
+    return None
+
+
+# registered versions are immutable: their digests are looked up once per process
+_DIGESTS: dict[tuple[str, str, int], dict[str, str] | None] = {}
+
+
+@functools.lru_cache(maxsize=4)
+def _client(uri: str) -> MlflowClient:
+    """A registry client for reads (no experiment set-up: one query per version looked up)."""
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _registered_digests(settings: Settings, name: str, version: int) -> dict[str, str] | None:
+    key = (tracking_uri(settings), name, version)
+    if key not in _DIGESTS:
+        tags = _client(key[0]).get_model_version(name, str(version)).tags
+        _DIGESTS[key] = json.loads(tags[ARTIFACTS_TAG]) if ARTIFACTS_TAG in tags else None
+    return _DIGESTS[key]
+
+
+def cached_artifacts(settings: Settings, pattern_id: int, version: int) -> Path:
+    """A registered version's artifact folder, cached under the home and verified against the
+    registry's `artifacts_sha256` tag on every call: a cached file that differs (edited, truncated)
+    is downloaded again with a warning naming it. A version without the tag (registered before
+    digests) is downloaded once per process and then verified against that download's digests."""
+    name = model_name(pattern_id)
+    folder = settings.home / "model-cache" / name / str(version)
+    digests = _registered_digests(settings, name, version)
+    if digests is not None:
+        bad = _mismatch(folder / "artifacts", digests)
+        if bad is None:
+            return folder / "artifacts"
+        if (folder / "artifacts").exists():
+            log.warning(
+                "%s v%s: cached %s differs from the registered artifact: downloading it again", name, version, bad
+            )
+    elif (folder / "artifacts").exists():
+        log.info(
+            "%s v%s has no %s tag: checking the cached artifacts against a fresh download", name, version, ARTIFACTS_TAG
+        )
+    _DIGESTS[(tracking_uri(settings), name, version)] = _download(settings, name, version, folder, digests)
+    return folder / "artifacts"
+
+
+def _download(
+    settings: Settings, name: str, version: int, folder: Path, digests: dict[str, str] | None
+) -> dict[str, str]:
+    """Download a version next to `folder`, check it against `digests` (when known) and swap it in
+    with renames, so a reader never sees a half-written folder. Returns the files' digests."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    fresh = Path(tempfile.mkdtemp(prefix=f".{version}-download-", dir=folder.parent))
+    try:
+        setup_mlflow(settings).artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=str(fresh))
+        got = file_digests(p for p in (fresh / "artifacts").iterdir() if p.is_file())
+        bad = _mismatch(fresh / "artifacts", digests) if digests is not None else None
+        if bad is not None:
+            raise RuntimeError(f"{name} v{version}: the registry's {bad} does not match its {ARTIFACTS_TAG} tag")
+        if digests is None and folder.exists():
+            bad = _mismatch(folder / "artifacts", got)
+            if bad is not None:
+                log.warning("%s v%s: cached %s differs from the registered artifact: replaced", name, version, bad)
+        old = fresh.with_name(f"{fresh.name}-old")
+        if folder.exists():
+            folder.rename(old)
+        fresh.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
+        return digests if digests is not None else got
+    finally:
+        shutil.rmtree(fresh, ignore_errors=True)
+
+
+# --- the registry as DuckDB's `models` table mirrors it --------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    """One row of DuckDB's `models` table: a registered version as staleness and scoring read it."""
+
+    pattern_id: int
+    model_name: str
+    model_version: int
+    run_id: str | None
+    graph_hash: str | None
+    pattern_version: int | None
+    trained_for: datetime
+    decision: str  # champion | challenger | demoted | unpromoted
+    reason: str
+    stale_reason: str
+    val_mape_calls: float | None
+    poisson_floor_calls: float | None
+    seasonal_naive_mape_calls: float | None
+    moving_average_mape_calls: float | None
+    no_graph_mape_calls: float | None
+    calibrated_mape_calls: float | None
+    seconds: float | None
+    device: str | None
+    recorded_at: datetime
+
+
+@dataclass(frozen=True)
+class RegistryMirror:
+    """What DuckDB's `models` must agree with: per registered pattern the version its `champion`
+    alias points to (None: no alias), and the rows of registered versions the mirror lacks."""
+
+    champions: dict[int, int | None]
+    missing: list[ModelRow]
+
+
+def _pages(search: Callable[..., Any], filter_string: str) -> Iterator[Any]:
+    """Every result of a paged MLflow search."""
+    token = None
+    while True:
+        page = search(filter_string=filter_string, page_token=token)
+        yield from page
+        token = page.token
+        if not token:
+            return
+
+
+def registry_mirror(settings: Settings, known: set[tuple[int, int]]) -> RegistryMirror | None:
+    """The registry as DuckDB's `models` mirrors it, with a row for every registered (pattern,
+    version) not in `known`. None when no registry exists yet."""
+    uri = tracking_uri(settings)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        return None  # nothing was ever registered: do not create a registry just to read it
+    client = setup_mlflow(settings).MlflowClient()
+    like = f"name LIKE '{MODEL_PREFIX}%'"
+    aliased: dict[int, int | None] = {}
+    for registered in _pages(client.search_registered_models, like):
+        alias = registered.aliases.get(CHAMPION)
+        if (pid := pattern_id_of(registered.name)) is not None:
+            aliased[pid] = int(alias) if alias is not None else None
+    rows = [
+        _mirrored_row(client, pid, mv, aliased[pid])
+        for mv in _pages(client.search_model_versions, like)
+        if (pid := pattern_id_of(mv.name)) is not None and pid in aliased and (pid, int(mv.version)) not in known
+    ]
+    return RegistryMirror(aliased, rows)
+
+
+def _mirrored_decision(version: int, tagged: str | None, champion: int | None) -> str:
+    """What a version is, judged by the alias: the aliased one is the champion; one tagged champion
+    below it was a champion before it (history, as `record` leaves it); one tagged champion without
+    the alias reaching it was registered by a run killed before it moved the alias: `unpromoted`,
+    never served, so its pattern stays stale and is retrained."""
+    if version == champion:
+        return "champion"
+    if tagged == "champion":
+        return "champion" if champion is not None and version < champion else "unpromoted"
+    return "challenger" if tagged == "challenger" else "unpromoted"
+
+
+def _trained_for(mv: ModelVersion) -> datetime:
+    """The hour a version was trained for (its tag), else when it was registered."""
+    if "trained_for" in mv.tags:
+        return naive_utc(datetime.fromisoformat(mv.tags["trained_for"]))
+    return naive_utc(datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC))
+
+
+def _mirrored_row(client: MlflowClient, pattern_id: int, mv: ModelVersion, champion: int | None) -> ModelRow:
+    """A `models` row rebuilt from a version's tags and its run (metrics, params)."""
+    from mlflow.exceptions import MlflowException
+
+    tags, version = mv.tags, int(mv.version)
+    try:
+        run = client.get_run(mv.run_id) if mv.run_id else None
+    except MlflowException:  # run purged: the tags still say enough
+        run = None
+    m, params = (run.data.metrics, run.data.params) if run else ({}, {})
+    decision = _mirrored_decision(version, tags.get("decision"), champion)
+    val = m.get("model_mape_calls", float(tags["val_mape_calls"]) if "val_mape_calls" in tags else None)
+    reason = tags.get("reason", "")
+    if decision != tags.get("decision"):
+        reason = f"registered as {tags.get('decision', '?')} but the champion alias is on v{champion}; {reason}"
+    pattern_version = tags.get("pattern_version", params.get("pattern_version"))
+    return ModelRow(
+        pattern_id=pattern_id,
+        model_name=mv.name,
+        model_version=version,
+        run_id=mv.run_id,
+        graph_hash=tags.get("graph_hash", params.get("graph_hash")),
+        pattern_version=int(pattern_version) if pattern_version else None,
+        trained_for=_trained_for(mv),
+        decision=decision,
+        reason=reason,
+        stale_reason=tags.get("stale_reason", ""),
+        val_mape_calls=val,
+        poisson_floor_calls=m.get("poisson_floor_calls"),
+        seasonal_naive_mape_calls=m.get("seasonal_naive_mape_calls"),
+        moving_average_mape_calls=m.get("moving_average_mape_calls"),
+        no_graph_mape_calls=m.get("no_graph_mape_calls"),
+        calibrated_mape_calls=val,
+        seconds=None,
+        device=params.get("device"),
+        recorded_at=naive_utc(datetime.now(UTC)),
+    )

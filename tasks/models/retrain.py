@@ -3,18 +3,25 @@ GPU queue) -> record (DuckDB, in the pool). The CLI runs the three in a row; the
 
 DuckDB's `models` table mirrors the MLflow registry, which is the source of truth: plan reconciles
 the mirror before deciding staleness and record after writing, so a training killed between
-registering and recording neither leaves its pattern without champion nor retrains it every hour."""
+registering and recording neither leaves its pattern without champion nor retrains it every hour.
+
+Reads `patterns`, `pattern_series`, `pattern_nodes`, `pattern_edges`, `models`, `forecast_errors`
+(staleness, exports); writes `models` and the Parquet exports under `<home>/exports`. The stages
+hand each other `TrainJob`s and `TrainOutcome`s / `Skipped`s (tasks.models.jobs)."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
+from collections.abc import Iterable
+from dataclasses import fields
 from datetime import UTC, datetime
-from pathlib import Path
+from typing import Any
 
 import duckdb
 
 from tasks.clock import HOUR, hour_floor, naive_utc
+from tasks.models.jobs import Outcome, Skipped, TrainJob, TrainOutcome
+from tasks.models.registry import ModelRow, model_name, registry_mirror
 from tasks.models.series import export_pattern, training_range
 from tasks.models.staleness import stale_patterns
 from tasks.settings import Settings
@@ -25,7 +32,7 @@ log = logging.getLogger(__name__)
 
 def plan_training(
     settings: Settings, hour: datetime, force: bool = False, patterns: list[int] | None = None
-) -> list[dict]:
+) -> list[TrainJob]:
     """Stale patterns with their reasons, each exported to Parquet for a lock-free training task."""
     hour = hour_floor(hour)
     start, end = training_range(hour + HOUR, settings.train_history_hours)
@@ -38,113 +45,89 @@ def plan_training(
             if _enough_history(con, s.pattern_id, end, settings.min_train_hours)
         ]
         jobs = [
-            {
-                "pattern_id": s.pattern_id,
-                "reasons": s.reasons,
-                "hour": hour.isoformat(),
-                "meta_path": str(export_pattern(con, s.pattern_id, start, end, folder)),
-            }
+            TrainJob(s.pattern_id, s.reasons, hour, export_pattern(con, s.pattern_id, start, end, folder))
             for s in stale
         ]
     for job in jobs:
-        log.info("pattern %s is stale: %s", job["pattern_id"], ", ".join(job["reasons"]))
+        log.info("pattern %s is stale: %s", job.pattern_id, ", ".join(job.reasons))
     if not jobs:
         log.info("nothing is stale at %s: no model to train", hour)
     return jobs
 
 
-def _enough_history(con, pattern_id: int, end: datetime, min_hours: float) -> bool:
-    first = con.execute("SELECT min(bucket_ts) FROM pattern_series WHERE pattern_id = ?", [pattern_id]).fetchone()[0]
+def _enough_history(con: duckdb.DuckDBPyConnection, pattern_id: int, end: datetime, min_hours: float) -> bool:
+    row = con.execute("SELECT min(bucket_ts) FROM pattern_series WHERE pattern_id = ?", [pattern_id]).fetchone()
+    first = row[0] if row else None
     hours = (naive_utc(end) - first).total_seconds() / 3600 if first else 0.0
     if hours < min_hours:
         log.info("pattern %s: %.1f h of history < %.1f h, not trained yet", pattern_id, hours, min_hours)
     return hours >= min_hours
 
 
-def train_job(settings: Settings, job: dict) -> dict:
+def train_job(settings: Settings, job: TrainJob) -> Outcome:
     """Train one stale pattern (reads only its exported files); a pattern with too little history
     is reported as skipped, not failed."""
     from tasks.models.forecast import NotEnoughHistory
     from tasks.models.training import train_pattern
 
-    hour = datetime.fromisoformat(job["hour"])
     try:
-        outcome = train_pattern(settings, Path(job["meta_path"]), hour, reason=",".join(job["reasons"]))
+        return train_pattern(settings, job.meta_path, job.hour, reason=",".join(job.reasons))
     except NotEnoughHistory as err:
-        log.warning("pattern %s skipped: %s", job["pattern_id"], err)
-        return {"pattern_id": job["pattern_id"], "skipped": str(err)}
-    return asdict(outcome)
+        log.warning("pattern %s skipped: %s", job.pattern_id, err)
+        return Skipped(job.pattern_id, str(err))
 
 
-MODEL_COLUMNS = (
-    "pattern_id",
-    "model_name",
-    "model_version",
-    "run_id",
-    "graph_hash",
-    "pattern_version",
-    "trained_for",
-    "decision",
-    "reason",
-    "stale_reason",
-    "val_mape_calls",
-    "poisson_floor_calls",
-    "seasonal_naive_mape_calls",
-    "moving_average_mape_calls",
-    "no_graph_mape_calls",
-    "calibrated_mape_calls",
-    "seconds",
-    "device",
-    "recorded_at",
-)
+MODEL_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(ModelRow))
 
 
-def _insert_model(con: duckdb.DuckDBPyConnection, row: dict[str, object]) -> None:
+def _insert_model(con: duckdb.DuckDBPyConnection, row: ModelRow) -> None:
     """One `models` row with its columns named (no reliance on the table's column order)."""
-    cols = [c for c in MODEL_COLUMNS if c in row]
     con.execute(
-        f"INSERT INTO models ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})", [row[c] for c in cols]
+        f"INSERT INTO models ({', '.join(MODEL_COLUMNS)}) VALUES ({', '.join('?' for _ in MODEL_COLUMNS)})",
+        [getattr(row, c) for c in MODEL_COLUMNS],
     )
 
 
-def record_outcomes(settings: Settings, outcomes: list[dict]) -> int:
+def _recorded_row(o: TrainOutcome, now: datetime) -> ModelRow:
+    """The `models` row of a version this process trained (validation metrics from its outcome)."""
+    m = o.metrics
+    return ModelRow(
+        pattern_id=o.pattern_id,
+        model_name=model_name(o.pattern_id),
+        model_version=o.model_version,
+        run_id=o.run_id,
+        graph_hash=o.graph_hash,
+        pattern_version=o.pattern_version,
+        trained_for=naive_utc(o.trained_for),
+        decision=o.decision,
+        reason=o.reason,
+        stale_reason=o.stale_reason,
+        val_mape_calls=m.get("model_mape_calls"),
+        poisson_floor_calls=m.get("poisson_floor_calls"),
+        seasonal_naive_mape_calls=m.get("seasonal_naive_mape_calls"),
+        moving_average_mape_calls=m.get("moving_average_mape_calls"),
+        no_graph_mape_calls=m.get("no_graph_mape_calls"),
+        calibrated_mape_calls=m.get("model_mape_calls"),
+        seconds=o.seconds,
+        device=o.device,
+        recorded_at=now,
+    )
+
+
+def record_outcomes(settings: Settings, outcomes: Iterable[Outcome]) -> int:
     """Mirror the trainings into DuckDB's `models` table (staleness and scoring read it there),
     then reconcile it with the registry (a retried training may have registered more)."""
-    rows = [o for o in outcomes if "skipped" not in o]
+    trained = [o for o in outcomes if isinstance(o, TrainOutcome)]
     now = naive_utc(datetime.now(UTC))
     with opened(settings.warehouse) as con:
-        for o in rows:
-            m = o["metrics"]
+        for o in trained:
             con.execute(
-                "DELETE FROM models WHERE pattern_id = ? AND model_version = ?", [o["pattern_id"], o["model_version"]]
+                "DELETE FROM models WHERE pattern_id = ? AND model_version = ?", [o.pattern_id, o.model_version]
             )
-            _insert_model(
-                con,
-                {
-                    "pattern_id": o["pattern_id"],
-                    "model_name": f"rpcwatch-pattern-{o['pattern_id']}",
-                    "model_version": o["model_version"],
-                    "run_id": o["run_id"],
-                    "graph_hash": o["graph_hash"],
-                    "pattern_version": o["pattern_version"],
-                    "trained_for": naive_utc(datetime.fromisoformat(o["trained_for"])),
-                    "decision": o["decision"],
-                    "reason": o["reason"],
-                    "stale_reason": o.get("stale_reason", ""),
-                    "val_mape_calls": m.get("model_mape_calls"),
-                    "poisson_floor_calls": m.get("poisson_floor_calls"),
-                    "seasonal_naive_mape_calls": m.get("seasonal_naive_mape_calls"),
-                    "moving_average_mape_calls": m.get("moving_average_mape_calls"),
-                    "no_graph_mape_calls": m.get("no_graph_mape_calls"),
-                    "calibrated_mape_calls": m.get("model_mape_calls"),
-                    "seconds": o["seconds"],
-                    "device": o["device"],
-                    "recorded_at": now,
-                },
-            )
-        if rows:
+            _insert_model(con, _recorded_row(o, now))
+        if trained:
             reconcile_models(settings, con)
-    return len(rows)
+    return len(trained)
 
 
 def reconcile_models(settings: Settings, con: duckdb.DuckDBPyConnection) -> int:
@@ -153,8 +136,6 @@ def reconcile_models(settings: Settings, con: duckdb.DuckDBPyConnection) -> int:
     registry's `champion` alias points to. Without it a training killed after registering but
     before `record` reads as "no champion": every later hour retrains, the retrained model ties
     the real champion, stays a challenger, and the pattern is stale forever. Returns rows changed."""
-    from tasks.models.training import registry_mirror
-
     known = {(p, v) for p, v in con.execute("SELECT pattern_id, model_version FROM models").fetchall()}
     try:
         mirror = registry_mirror(settings, known)
@@ -163,16 +144,21 @@ def reconcile_models(settings: Settings, con: duckdb.DuckDBPyConnection) -> int:
         return 0
     if mirror is None:
         return 0
-    champions, rows = mirror
-    for row in rows:
+    for row in mirror.missing:
         log.warning(
             "pattern %s: v%s is registered but was never recorded (a killed run): mirrored as %s",
-            row["pattern_id"],
-            row["model_version"],
-            row["decision"],
+            row.pattern_id,
+            row.model_version,
+            row.decision,
         )
         _insert_model(con, row)
-    return len(rows) + sum(_follow_alias(con, pid, version) for pid, version in champions.items())
+    return len(mirror.missing) + sum(_follow_alias(con, pid, version) for pid, version in mirror.champions.items())
+
+
+def _changed(con: duckdb.DuckDBPyConnection, sql: str, params: list[object]) -> int:
+    """Rows an UPDATE changed."""
+    row = con.execute(sql, params).fetchone()
+    return int(row[0]) if row else 0
 
 
 def _follow_alias(con: duckdb.DuckDBPyConnection, pattern_id: int, champion: int | None) -> int:
@@ -180,12 +166,14 @@ def _follow_alias(con: duckdb.DuckDBPyConnection, pattern_id: int, champion: int
     after it (alias removed or rolled back) are demoted; those before it stay: they are history."""
     changed = 0
     if champion is not None:
-        changed += con.execute(
+        changed += _changed(
+            con,
             """UPDATE models SET decision = 'champion', reason = concat_ws('; ', reason, ?)
                                   WHERE pattern_id = ? AND model_version = ? AND decision <> 'champion'""",
             ["the registry's champion alias is on it", pattern_id, champion],
-        ).fetchone()[0]
-    changed += con.execute(
+        )
+    changed += _changed(
+        con,
         """UPDATE models SET decision = 'demoted', reason = concat_ws('; ', reason, ?)
                               WHERE pattern_id = ? AND decision = 'champion' AND model_version > ?""",
         [
@@ -193,13 +181,14 @@ def _follow_alias(con: duckdb.DuckDBPyConnection, pattern_id: int, champion: int
             pattern_id,
             champion or 0,
         ],
-    ).fetchone()[0]
+    )
     return changed
 
 
 def train_stale(
     settings: Settings, hour: datetime, force: bool = False, patterns: list[int] | None = None
-) -> list[dict]:
+) -> list[dict[str, Any]]:
+    """Plan, train and record in a row (the CLI's `rpcwatch train`); the outcomes as `to_dict()`s."""
     outcomes = [train_job(settings, job) for job in plan_training(settings, hour, force, patterns)]
     record_outcomes(settings, outcomes)
-    return outcomes
+    return [o.to_dict() for o in outcomes]

@@ -3,6 +3,8 @@
 Export (inside the DuckDB writer pool): `pattern_series` rows of one pattern's graph nodes over a
 time range -> `<dir>/pattern-<id>.parquet` plus `<dir>/pattern-<id>.json` (nodes, edges, version,
 graph_hash, range). Training (anywhere, in parallel) reads those files only.
+
+Reads `patterns`, `pattern_nodes`, `pattern_edges`, `pattern_series`; writes no table.
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import numpy as np
 import pyarrow.parquet as pq
 
-from tasks.models.features import FEATURES
+from tasks.models.features import CALLS, FEATURES, LATENCIES
 
 
 @dataclass
@@ -36,7 +39,15 @@ class PatternData:
 
     @property
     def calls(self) -> np.ndarray:
-        return self.values[:, :, 0]
+        return self.values[:, :, CALLS]
+
+
+def _one(con: duckdb.DuckDBPyConnection, sql: str, pattern_id: int) -> tuple[Any, ...]:
+    """The one row a query about an existing pattern returns."""
+    rows = con.execute(sql, [pattern_id]).fetchall()  # fetchall: leaves no open result on `con`
+    if not rows:
+        raise ValueError(f"pattern {pattern_id} is not in the warehouse")
+    return tuple(rows[0])
 
 
 def export_pattern(
@@ -44,9 +55,7 @@ def export_pattern(
 ) -> Path:
     """Write the pattern's graph and its series over [start, end) for training; returns the JSON path."""
     folder.mkdir(parents=True, exist_ok=True)
-    version, graph_hash = con.execute(
-        "SELECT version, graph_hash FROM patterns WHERE pattern_id = ?", [pattern_id]
-    ).fetchone()
+    version, graph_hash = _one(con, "SELECT version, graph_hash FROM patterns WHERE pattern_id = ?", pattern_id)
     nodes = [
         r[0]
         for r in con.execute(
@@ -62,9 +71,9 @@ def export_pattern(
         ).fetchall()
         if p in index and c in index
     ]
-    seconds = con.execute(
-        "SELECT coalesce(max(bucket_seconds), 60) FROM pattern_series WHERE pattern_id = ?", [pattern_id]
-    ).fetchone()[0]
+    (seconds,) = _one(
+        con, "SELECT coalesce(max(bucket_seconds), 60) FROM pattern_series WHERE pattern_id = ?", pattern_id
+    )
     parquet = folder / f"pattern-{pattern_id}.parquet"
     # written by pyarrow: the path (under the home, from settings) never goes into SQL text
     series = con.execute(
@@ -97,13 +106,13 @@ def load_pattern(meta_path: Path) -> PatternData:
     buckets = np.arange(start, end, np.timedelta64(seconds, "s"))
     nodes = meta["nodes"]
     values = np.zeros((len(buckets), len(nodes), len(FEATURES)), dtype=np.float64)
-    values[:, :, 1:3] = np.nan
+    values[:, :, list(LATENCIES)] = np.nan
     table = pq.read_table(Path(meta_path).with_suffix(".parquet")).to_pandas()
     if len(table):  # the grid starts where the pattern's traffic starts, not at the nominal range
         start = max(start, table["bucket_ts"].min().to_datetime64().astype("datetime64[s]"))
         buckets = np.arange(start, end, np.timedelta64(seconds, "s"))
         values = np.zeros((len(buckets), len(nodes), len(FEATURES)), dtype=np.float64)
-        values[:, :, 1:3] = np.nan
+        values[:, :, list(LATENCIES)] = np.nan
         t = ((table["bucket_ts"].values.astype("datetime64[s]") - start) // np.timedelta64(seconds, "s")).astype(int)
         index = {n: i for i, n in enumerate(nodes)}
         n = table["node"].map(index)

@@ -1,4 +1,7 @@
-"""Which pattern models are stale: no champion, graph changed, drift, age, or forced."""
+"""Which pattern models are stale: no champion, graph changed, drift, age, or forced.
+
+Reads `patterns`, `models` (through `tasks.models.registry.champions`) and `forecast_errors`;
+writes nothing."""
 
 from __future__ import annotations
 
@@ -8,17 +11,14 @@ from datetime import datetime, timedelta
 import duckdb
 
 from tasks.clock import naive_utc
+from tasks.models.registry import ChampionRow, champions
 from tasks.settings import Settings
-
-CHAMPIONS_SQL = """
-SELECT pattern_id, arg_max(graph_hash, model_version), arg_max(trained_for, model_version), max(model_version),
-       arg_max(calibrated_mape_calls, model_version)
-FROM models WHERE decision = 'champion' GROUP BY pattern_id
-"""
 
 
 @dataclass
 class Stale:
+    """A critical pattern whose model must be (re)trained, with every reason why."""
+
     pattern_id: int
     reasons: list[str] = field(default_factory=list)
 
@@ -41,6 +41,37 @@ def _drifting(
     return len(rows) == settings.drift_hours and all(m > settings.drift_factor * c for m, c in rows)
 
 
+def _reasons(
+    con: duckdb.DuckDBPyConnection, settings: Settings, hour: datetime, graph_hash: str, champion: ChampionRow | None
+) -> list[str]:
+    """Why a pattern's champion (None: it has none) no longer fits: graph changed, drift, age."""
+    if champion is None:
+        return ["no_champion"]
+    reasons = []
+    if champion.graph_hash != graph_hash:
+        reasons.append("graph_changed")
+    if _drifting(con, champion.pattern_id, champion.model_version, hour, settings):
+        reasons.append("drift")
+    if naive_utc(hour) - champion.trained_for > timedelta(hours=settings.model_max_age_hours):
+        reasons.append("age")
+    return reasons
+
+
+def _candidates(con: duckdb.DuckDBPyConnection, only: list[int] | None) -> list[tuple[int, str]]:
+    """(pattern_id, graph_hash) of the active critical patterns, busiest first, or exactly `only`."""
+    if not only:
+        return con.execute(
+            "SELECT pattern_id, graph_hash FROM patterns WHERE status = 'active' AND critical ORDER BY calls DESC"
+        ).fetchall()
+    rows = con.execute(
+        "SELECT pattern_id, graph_hash FROM patterns WHERE pattern_id IN (SELECT unnest(?))", [only]
+    ).fetchall()
+    missing = set(only) - {r[0] for r in rows}
+    if missing:
+        raise ValueError(f"no such pattern(s): {sorted(missing)} (see `rpcwatch patterns`)")
+    return rows
+
+
 def stale_patterns(
     con: duckdb.DuckDBPyConnection,
     settings: Settings,
@@ -49,31 +80,10 @@ def stale_patterns(
     only: list[int] | None = None,
 ) -> list[Stale]:
     """Stale models among the active critical patterns (or exactly `only`), with every reason."""
-    if only:
-        rows = con.execute(
-            "SELECT pattern_id, graph_hash FROM patterns WHERE pattern_id IN (SELECT unnest(?))", [only]
-        ).fetchall()
-        missing = set(only) - {r[0] for r in rows}
-        if missing:
-            raise ValueError(f"no such pattern(s): {sorted(missing)} (see `rpcwatch patterns`)")
-    else:
-        rows = con.execute(
-            "SELECT pattern_id, graph_hash FROM patterns WHERE status = 'active' AND critical ORDER BY calls DESC"
-        ).fetchall()
-    champions = {r[0]: r[1:] for r in con.execute(CHAMPIONS_SQL).fetchall()}
+    current = champions(con)
     out = []
-    for pattern_id, graph_hash in rows:
-        reasons = ["forced"] if force else []
-        if pattern_id not in champions:
-            reasons.append("no_champion")
-        else:
-            model_hash, trained_for, version, _ = champions[pattern_id]
-            if model_hash != graph_hash:
-                reasons.append("graph_changed")
-            if _drifting(con, pattern_id, version, hour, settings):
-                reasons.append("drift")
-            if naive_utc(hour) - trained_for > timedelta(hours=settings.model_max_age_hours):
-                reasons.append("age")
+    for pattern_id, graph_hash in _candidates(con, only):
+        reasons = (["forced"] if force else []) + _reasons(con, settings, hour, graph_hash, current.get(pattern_id))
         if reasons:
             out.append(Stale(pattern_id, reasons))
     return out

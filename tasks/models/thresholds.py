@@ -1,17 +1,91 @@
 """Calibrated thresholds: how far from its forecast a normal point may fall, learnt from
 validation residuals only (no labels). Counts: negative-binomial dispersion and a burst factor;
-latency: a robust scale and a tail multiplier (quantile or peaks-over-threshold)."""
+latency: a robust scale and a tail multiplier (quantile or peaks-over-threshold). The band
+statistics (`count_band`, `count_bands`, `latency_band`) live here too. Reads and writes no table:
+a model's thresholds travel as its `thresholds.json` artifact (`Thresholds.to_json`/`from_json`).
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
 from tasks.models.baselines import metrics
-from tasks.models.features import FEATURES, LATENCIES
+from tasks.models.features import CALLS, ERRORS, FEATURES, LATENCIES, RT_MEAN, RT_P95
 from tasks.models.forecast import Prepared
 from tasks.models.series import PatternData
+
+
+@dataclass(frozen=True)
+class CountBand:
+    """Calls or errors of one node: negative-binomial dispersion `alpha` (0: Poisson) of bursts of
+    `phi` calls (1 in models calibrated before bursts existed); `mean` of the validation split."""
+
+    alpha: float
+    phi: float = 1.0
+    mean: float | None = None
+
+    def to_json(self) -> dict[str, float]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_json(cls, entry: dict[str, float]) -> CountBand:
+        return cls(float(entry["alpha"]), float(entry.get("phi", 1.0)), entry.get("mean"))
+
+
+@dataclass(frozen=True)
+class LatencyBand:
+    """Mean or p95 latency of one node: robust scale `sigma` of the call-scaled log ratio, tail
+    multiplier `k`, and the node's burst factor `phi` (1 before bursts existed)."""
+
+    sigma: float
+    k: float
+    phi: float = 1.0
+
+    def to_json(self) -> dict[str, float]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, entry: dict[str, float]) -> LatencyBand:
+        return cls(float(entry["sigma"]), float(entry["k"]), float(entry.get("phi", 1.0)))
+
+
+@dataclass(frozen=True)
+class NodeBands:
+    """The calibrated bands of one node, one per feature (keyed by feature name in JSON)."""
+
+    calls: CountBand
+    errors: CountBand
+    rt_mean: LatencyBand
+    rt_p95: LatencyBand
+
+    def count(self, feature: int) -> CountBand:
+        """The band of a count feature (CALLS or ERRORS)."""
+        return {CALLS: self.calls, ERRORS: self.errors}[feature]
+
+    def latency(self, feature: int) -> LatencyBand:
+        """The band of a latency feature (RT_MEAN or RT_P95)."""
+        return {RT_MEAN: self.rt_mean, RT_P95: self.rt_p95}[feature]
+
+    def to_json(self) -> dict[str, dict[str, float]]:
+        """By feature name, in the order calibration always wrote them."""
+        return {
+            FEATURES[CALLS]: self.calls.to_json(),
+            FEATURES[ERRORS]: self.errors.to_json(),
+            FEATURES[RT_MEAN]: self.rt_mean.to_json(),
+            FEATURES[RT_P95]: self.rt_p95.to_json(),
+        }
+
+    @classmethod
+    def from_json(cls, entry: dict[str, dict[str, float]]) -> NodeBands:
+        return cls(
+            CountBand.from_json(entry[FEATURES[CALLS]]),
+            CountBand.from_json(entry[FEATURES[ERRORS]]),
+            LatencyBand.from_json(entry[FEATURES[RT_MEAN]]),
+            LatencyBand.from_json(entry[FEATURES[RT_P95]]),
+        )
 
 
 @dataclass
@@ -20,14 +94,26 @@ class Thresholds:
 
     alarm_p: float
     method: str
-    nodes: dict[str, dict[str, dict[str, float]]]
+    nodes: dict[str, NodeBands]
     calibrated_mape_calls: float
 
-    def to_json(self) -> dict:
-        return asdict(self)
+    def to_json(self) -> dict[str, Any]:
+        """The `thresholds.json` layout (keys unchanged since the first trained models)."""
+        return {
+            "alarm_p": self.alarm_p,
+            "method": self.method,
+            "nodes": {node: bands.to_json() for node, bands in self.nodes.items()},
+            "calibrated_mape_calls": self.calibrated_mape_calls,
+        }
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> Thresholds:
+        """Thresholds as `to_json` wrote them, or as older models did (without burst factors)."""
+        nodes = {node: NodeBands.from_json(entry) for node, entry in doc["nodes"].items()}
+        return cls(float(doc["alarm_p"]), doc.get("method", "quantile"), nodes, doc["calibrated_mape_calls"])
 
 
-def _burst_factor(pred: np.ndarray, obs: np.ndarray) -> float:
+def burst_factor(pred: np.ndarray, obs: np.ndarray) -> float:
     """phi >= 1: calls come in bursts (one request calls a node several times: loops, retries), so
     in thin traffic Var ~ phi * lambda. Estimated where lambda < 1, where bursts dominate the variance."""
     thin = pred < 1.0
@@ -61,34 +147,35 @@ def _latency_multiplier(z: np.ndarray, alarm_p: float, method: str) -> float:
     return float(max(np.quantile(z, 1 - min(0.5, alarm_p * 10)) * 1.5, 5.0))
 
 
+def _count_band(pred: np.ndarray, obs: np.ndarray) -> CountBand:
+    phi = burst_factor(pred, obs)
+    return CountBand(_nb_dispersion(pred, obs, phi), phi, float(obs.mean()))
+
+
+def _latency_band(
+    pred: np.ndarray, obs: np.ndarray, calls: np.ndarray, phi: float, alarm_p: float, method: str
+) -> LatencyBand:
+    ok = (calls > 0) & np.isfinite(obs)
+    # log-ratio scaled by sqrt(independent requests): a mean over few requests spreads widely
+    z = np.log(np.maximum(obs[ok], 1e-3) / np.maximum(pred[ok], 1e-3)) * np.sqrt(np.maximum(calls[ok] / phi, 1.0))
+    sigma = float(1.4826 * np.median(np.abs(z - np.median(z)))) if ok.sum() >= 5 else 1.0
+    sigma = max(sigma, 0.05)
+    return LatencyBand(sigma, _latency_multiplier(z / sigma, alarm_p, method), phi)
+
+
 def calibrate(
     data: PatternData, prep: Prepared, pred: np.ndarray, alarm_p: float = 1e-3, method: str = "quantile"
 ) -> Thresholds:
     """Thresholds from validation residuals, no labels: the band a normal point stays inside."""
     obs = prep.y[prep.split :].numpy().astype(np.float64)
-    nodes: dict[str, dict[str, dict[str, float]]] = {}
+    nodes: dict[str, NodeBands] = {}
     for n, node in enumerate(data.nodes):
-        calls = obs[:, n, 0]
-        phi = _burst_factor(pred[:, n, 0], calls)
-        phi_errors = _burst_factor(pred[:, n, 3], obs[:, n, 3])
-        entry: dict[str, dict[str, float]] = {
-            "calls": {"alpha": _nb_dispersion(pred[:, n, 0], calls, phi), "phi": phi, "mean": float(calls.mean())},
-            "errors": {
-                "alpha": _nb_dispersion(pred[:, n, 3], obs[:, n, 3], phi_errors),
-                "phi": phi_errors,
-                "mean": float(obs[:, n, 3].mean()),
-            },
-        }
-        for f in LATENCIES:
-            ok = (calls > 0) & np.isfinite(obs[:, n, f])
-            # log-ratio scaled by sqrt(independent requests): a mean over few requests spreads widely
-            z = np.log(np.maximum(obs[ok, n, f], 1e-3) / np.maximum(pred[ok, n, f], 1e-3)) * np.sqrt(
-                np.maximum(calls[ok] / phi, 1.0)
-            )
-            sigma = float(1.4826 * np.median(np.abs(z - np.median(z)))) if ok.sum() >= 5 else 1.0
-            sigma = max(sigma, 0.05)
-            entry[FEATURES[f]] = {"sigma": sigma, "k": _latency_multiplier(z / sigma, alarm_p, method), "phi": phi}
-        nodes[node] = entry
+        calls = _count_band(pred[:, n, CALLS], obs[:, n, CALLS])
+        errors = _count_band(pred[:, n, ERRORS], obs[:, n, ERRORS])
+        rt_mean, rt_p95 = (
+            _latency_band(pred[:, n, f], obs[:, n, f], obs[:, n, CALLS], calls.phi, alarm_p, method) for f in LATENCIES
+        )
+        nodes[node] = NodeBands(calls, errors, rt_mean, rt_p95)
     return Thresholds(alarm_p, method, nodes, metrics(pred, obs)["mape_calls"])
 
 
@@ -123,3 +210,32 @@ def latency_band(
     """Multiplicative band around expected latency, narrower with more independent requests (calls / phi)."""
     width = k * sigma / np.sqrt(np.maximum(calls / phi, 1))
     return expected * np.exp(-width), expected * np.exp(width)
+
+
+def count_bands(
+    expected: np.ndarray, alpha: np.ndarray, alarm_p: float, observed: np.ndarray, lower: np.ndarray, phi: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """`count_band` of K series at once (expected, observed [S, K]; alpha, phi, lower [K]: whether
+    the series has a lower bound), exact wherever `observed` may lie outside, else -inf/inf:
+    bursts of phi calls, so the band is phi x the band of expected / phi."""
+    lo, hi = _burst_bands(expected / phi, alpha, alarm_p, observed / phi, lower)
+    return lo * phi, hi * phi
+
+
+def _burst_bands(
+    expected: np.ndarray, alpha: np.ndarray, alarm_p: float, observed: np.ndarray, lower: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The bands in bursts, exact wherever `observed` may lie outside, else -inf/inf. Both
+    quantiles grow with the expected count, so a point inside the band at its series' largest
+    (lower bound) or smallest (upper bound) expected count, with a count to spare, is inside its
+    own: the costly quantiles are computed for the few other points only."""
+    q, lam = alarm_p / 2, np.maximum(expected, 1e-9)
+    lo, hi = np.full_like(lam, -np.inf), np.full_like(lam, np.inf)
+    if not lam.size:
+        return lo, hi
+    per_point = np.broadcast_to(alpha, lam.shape)
+    up = observed > count_quantile("isf", q, lam.min(axis=0), alpha) - 1
+    down = lower & (observed < count_quantile("ppf", q, lam.max(axis=0), alpha) + 1)
+    hi[up] = count_quantile("isf", q, lam[up], per_point[up])
+    lo[down] = count_quantile("ppf", q, lam[down], per_point[down])
+    return lo, hi

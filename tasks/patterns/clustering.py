@@ -11,6 +11,8 @@ Weighting: distinct shapes are clustered, never one row per trace. HDBSCAN finds
 of shapes (the variants of one request type: optional branches, fan-outs); then traffic decides
 about the shapes it left as noise: a shape frequent enough to matter joins the group it overlaps
 most, or is a pattern of its own, while a rare outlier stays noise and is counted as such.
+
+Pure computation: reads and writes no table.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import xxhash
 
-from tasks.keys import split_edge_key
+from tasks.keys import edge_key, split_edge_key
 
 
 @dataclass
@@ -183,7 +185,7 @@ class Graph:
 
     @property
     def hash(self) -> str:
-        text = "\n".join(sorted(self.nodes)) + "\n--\n" + "\n".join(f"{p} > {c}" for p, c in sorted(self.edges))
+        text = "\n".join(sorted(self.nodes)) + "\n--\n" + "\n".join(edge_key(p, c) for p, c in sorted(self.edges))
         return xxhash.xxh3_64(text.encode()).hexdigest()
 
 

@@ -2,9 +2,12 @@
 pattern identities stable, maintain each pattern's graph, and write per-pattern series and novel RPCs.
 
 Re-clustering runs when settings say (every N hours, when too much traffic is unassigned, when
-there are no patterns yet, or when forced); otherwise traces are assigned by shape: a shape seen
-at the last clustering keeps its pattern (`exact`), a new shape joins the pattern whose graph
-contains its RPCs (`nearest`), anything else stays `unassigned` until the next clustering.
+there are no patterns yet, or when forced); otherwise traces are assigned by shape (`assignment`).
+
+Reads `calls`, `rpc_series`, `shapes`, `shape_patterns`, `patterns`, `pattern_nodes`,
+`clustering_runs`; writes (through `traces`, `assignment`, `identity`, `series`) `shapes`,
+`trace_patterns`, `reconstruction`, `shape_patterns`, `patterns`, `pattern_history`,
+`pattern_nodes`, `pattern_edges`, `pattern_series`, `novel_rpcs`, and itself `clustering_runs`.
 """
 
 from __future__ import annotations
@@ -13,39 +16,26 @@ import logging
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any, NamedTuple
 
 import duckdb
-import numpy as np
 
-from tasks.clock import HOUR, hour_floor, naive_utc
-from tasks.keys import node_key_sql, split_node_key
-from tasks.patterns.clustering import (
-    Graph,
-    Shapes,
-    build_graph,
-    cluster_labels,
-    containment,
-    critical,
-    jaccard,
-    match_clusters,
-    shape_features,
+from tasks.clock import hour_floor, naive_utc
+from tasks.patterns.assignment import (
+    assign_by_shape,
+    critical_traffic,
+    hour_shapes,
+    recluster,
+    unassigned_share,
 )
-from tasks.patterns.traces import ReconstructionReport, rebuild_hour, store_traces, temp_table
+from tasks.patterns.clustering import Shapes
+from tasks.patterns.identity import Changes
+from tasks.patterns.series import novel_rpcs, pattern_series
+from tasks.patterns.traces import ReconstructionReport, rebuild_hour, store_traces
 from tasks.settings import Settings
 from tasks.warehouse import opened
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Changes:
-    created: list[int] = field(default_factory=list)
-    changed: list[int] = field(default_factory=list)
-    revived: list[int] = field(default_factory=list)
-    retired: list[int] = field(default_factory=list)
-    clusters: int = 0
-    noise_shapes: int = 0
-    noise_share: float = 0.0
 
 
 @dataclass
@@ -62,7 +52,7 @@ class PatternReport:
     series_rows: int
     novel_rpcs: int
     seconds: float
-    timings: dict[str, float] = field(default_factory=dict)  # reconstruction, clustering, series
+    timings: dict[str, float] = field(default_factory=dict)  # reconstruction, clustering, store_and_series
 
     def lines(self) -> list[str]:
         c = self.changes
@@ -82,301 +72,73 @@ class PatternReport:
         ]
 
 
-def _hour_shapes(con: duckdb.DuckDBPyConnection, hour: datetime) -> Shapes:
-    rows = con.execute(
-        """
-        SELECT s.shape_id, count(*), sum(r.n_calls), any_value(s.rpcs), any_value(s.edges)
-        FROM scope_rebuilt r JOIN shapes s USING (shape_id) WHERE r.hour = ?
-        GROUP BY 1 ORDER BY 1""",
-        [naive_utc(hour)],
-    ).fetchall()
-    return Shapes(
-        np.array([r[0] for r in rows], dtype=np.uint64),
-        np.array([r[1] for r in rows], dtype=np.int64),
-        np.array([r[2] for r in rows], dtype=np.int64),
-        [r[3] for r in rows],
-        [r[4] for r in rows],
-    )
+class Decision(NamedTuple):
+    recluster: bool
+    reason: str  # logged and kept in `clustering_runs`
 
 
-def _active_graphs(con: duckdb.DuckDBPyConnection, statuses: tuple[str, ...] = ("active",)) -> dict[int, set[str]]:
-    rows = con.execute(f"""
-        SELECT p.pattern_id, list(n.node) FROM patterns p
-        JOIN pattern_nodes n ON n.pattern_id = p.pattern_id AND n.version = p.version
-        WHERE p.status IN ({", ".join(repr(s) for s in statuses)}) GROUP BY 1""").fetchall()
-    return {int(pid): set(nodes) for pid, nodes in rows}
+@dataclass(frozen=True)
+class Outcome:
+    """How the hour's traces got their patterns."""
 
-
-def _assign_by_shape(
-    con: duckdb.DuckDBPyConnection, settings: Settings, hour: datetime, include_this_hour: bool = False
-) -> None:
-    """TEMP `assignment` (shape_id, pattern_id, method) for every rebuilt shape: the pattern an
-    earlier clustering gave it (`exact`, or `noise`), else the active pattern whose graph contains
-    its RPCs (`nearest`), else `unassigned`."""
-    start = naive_utc(hour)
-    known = {
-        shape: (pid, method if hour_ == start else ("exact" if pid is not None else "noise"))
-        for shape, pid, method, hour_ in con.execute(
-            f"""
-        SELECT sp.shape_id, sp.pattern_id, sp.method, sp.assigned_hour FROM shape_patterns sp
-        LEFT JOIN patterns p USING (pattern_id)
-        WHERE sp.assigned_hour {"<=" if include_this_hour else "<"} ?
-          AND (sp.pattern_id IS NULL OR p.status = 'active')""",
-            [start],
-        ).fetchall()
-    }
-    graphs = _active_graphs(con)
-    rpcs = dict(
-        con.execute(
-            "SELECT shape_id, rpcs FROM shapes WHERE shape_id IN (SELECT shape_id FROM scope_rebuilt)"
-        ).fetchall()
-    )
-    ids, pids, methods = [], [], []
-    for shape in sorted(rpcs):
-        if shape in known:
-            pid, method = known[shape]
-        else:
-            pid, method = _nearest(set(rpcs[shape]), graphs, settings.variant_containment)
-        ids.append(shape), pids.append(-1 if pid is None else pid), methods.append(method)
-    temp_table(
-        con,
-        "assignment",
-        shape_id=np.array(ids, dtype=np.uint64),
-        pattern_id=np.array(pids, dtype=np.int64),
-        method=np.array(methods, dtype=object),
-    )
-    con.execute("UPDATE assignment SET pattern_id = NULL WHERE pattern_id < 0")
-
-
-def _nearest(rpcs: set[str], graphs: dict[int, set[str]], min_containment: float) -> tuple[int | None, str]:
-    best = max(graphs, key=lambda p: (containment(rpcs, graphs[p]), jaccard(rpcs, graphs[p])), default=None)
-    if best is not None and containment(rpcs, graphs[best]) >= min_containment:
-        return best, "nearest"
-    return None, "unassigned"
-
-
-def _share(con: duckdb.DuckDBPyConnection, hour: datetime, where: str) -> float:
-    total, part = con.execute(
-        f"""
-        SELECT sum(r.n_calls), sum(r.n_calls) FILTER (WHERE {where})
-        FROM scope_rebuilt r LEFT JOIN assignment a USING (shape_id) WHERE r.hour = ?""",
-        [naive_utc(hour)],
-    ).fetchone()
-    return float(part or 0) / float(total) if total else 0.0
+    reclustered: bool
+    reason: str
+    changes: Changes
+    unassigned: float  # share of the hour's calls without a pattern
 
 
 def _decide(
     con: duckdb.DuckDBPyConnection, settings: Settings, hour: datetime, force: bool, unassigned: float
-) -> tuple[bool, str]:
-    """Whether to re-cluster this hour, and why (logged and kept in `clustering_runs`)."""
+) -> Decision:
+    """Whether to re-cluster this hour, and why."""
     start = naive_utc(hour)
     if force:
-        return True, "forced"
-    if not con.execute("SELECT count(*) FROM patterns WHERE first_seen < ?", [start]).fetchone()[0]:
-        return True, "no patterns yet"
-    last = con.execute("SELECT max(hour) FROM clustering_runs WHERE reclustered AND hour < ?", [start]).fetchone()[0]
+        return Decision(True, "forced")
+    [(earlier_patterns,)] = con.execute("SELECT count(*) FROM patterns WHERE first_seen < ?", [start]).fetchall()
+    if not earlier_patterns:
+        return Decision(True, "no patterns yet")
+    [(last,)] = con.execute("SELECT max(hour) FROM clustering_runs WHERE reclustered AND hour < ?", [start]).fetchall()
     if last is None or start - last >= timedelta(hours=settings.recluster_every_hours):
-        return True, f"last clustering {last or 'never'} is {settings.recluster_every_hours} h or more ago"
+        return Decision(True, f"last clustering {last or 'never'} is {settings.recluster_every_hours} h or more ago")
     if unassigned > settings.recluster_unclustered_share:
-        return True, f"unassigned traffic {unassigned:.1%} > {settings.recluster_unclustered_share:.0%}"
-    return False, f"patterns fresh (clustered {last:%Y-%m-%d %H:00}), unassigned {unassigned:.1%}"
+        return Decision(True, f"unassigned traffic {unassigned:.1%} > {settings.recluster_unclustered_share:.0%}")
+    return Decision(False, f"patterns fresh (clustered {last:%Y-%m-%d %H:00}), unassigned {unassigned:.1%}")
 
 
-def _store_graph(con: duckdb.DuckDBPyConnection, pid: int, version: int, graph: Graph) -> None:
-    con.execute("DELETE FROM pattern_nodes WHERE pattern_id = ? AND version = ?", [pid, version])
-    con.execute("DELETE FROM pattern_edges WHERE pattern_id = ? AND version = ?", [pid, version])
-    con.executemany(
-        "INSERT INTO pattern_nodes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+def _assign_patterns(
+    con: duckdb.DuckDBPyConnection, settings: Settings, hour: datetime, shapes: Shapes, force: bool
+) -> Outcome:
+    """Assign by shape; re-cluster when `_decide` says so, then assign again by the new clusters."""
+    assign_by_shape(con, settings, hour)
+    unassigned = unassigned_share(con, hour)
+    decision = _decide(con, settings, hour, force, unassigned)
+    if not decision.recluster:
+        return Outcome(False, decision.reason, Changes(), unassigned)
+    changes = recluster(con, settings, hour, shapes)
+    assign_by_shape(con, settings, hour, include_this_hour=True)
+    return Outcome(True, decision.reason, changes, unassigned_share(con, hour))
+
+
+def _record_run(con: duckdb.DuckDBPyConnection, report: PatternReport) -> None:
+    changes = report.changes
+    con.execute(
+        """INSERT OR REPLACE INTO clustering_runs (hour, reclustered, reason, shapes, clusters, noise_shapes,
+            noise_share, critical, critical_share, unassigned_share, seconds)
+        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
         [
-            [pid, version, node, *split_node_key(node), support, calls]
-            for node, (support, calls) in sorted(graph.nodes.items())
+            naive_utc(report.hour),
+            report.reclustered,
+            report.reason,
+            report.shapes,
+            changes.clusters,
+            changes.noise_shapes,
+            changes.noise_share,
+            report.critical,
+            report.critical_share,
+            report.unassigned_share,
+            report.seconds,
         ],
     )
-    if graph.edges:
-        con.executemany(
-            "INSERT INTO pattern_edges VALUES (?, ?, ?, ?, ?)",
-            [[pid, version, p, c, w] for (p, c), w in sorted(graph.edges.items())],
-        )
-
-
-def _history(
-    con: duckdb.DuckDBPyConnection, pid: int, version: int, hour: datetime, event: str, ghash: str, details: str
-) -> None:
-    con.execute(
-        "DELETE FROM pattern_history WHERE pattern_id = ? AND hour = ? AND event = ?", [pid, naive_utc(hour), event]
-    )
-    con.execute(
-        "INSERT INTO pattern_history VALUES (?, ?, ?, ?, ?, ?)", [pid, version, naive_utc(hour), event, ghash, details]
-    )
-
-
-def _upsert_pattern(
-    con, pid: int | None, graph: Graph, hour: datetime, is_critical: bool, share: float, n_shapes: int, changes: Changes
-) -> int:
-    start = naive_utc(hour)
-    old = (
-        con.execute("SELECT version, graph_hash, status FROM patterns WHERE pattern_id = ?", [pid]).fetchone()
-        if pid
-        else None
-    )
-    if old is None:
-        pid = con.execute("SELECT coalesce(max(pattern_id), 0) + 1 FROM patterns").fetchone()[0]
-        version, event = 1, "created"
-        changes.created.append(pid)
-    else:
-        version, event = old[0], None
-        if old[1] != graph.hash:
-            version, event = version + 1, "graph_changed"
-            changes.changed.append(pid)
-        if old[2] != "active":
-            event = event or "revived"
-            changes.revived.append(pid)
-    last_changed = (
-        start
-        if event in ("created", "graph_changed")
-        else con.execute("SELECT last_changed FROM patterns WHERE pattern_id = ?", [pid]).fetchone()[0]
-    )
-    first_seen = (
-        start
-        if old is None
-        else con.execute("SELECT first_seen FROM patterns WHERE pattern_id = ?", [pid]).fetchone()[0]
-    )
-    con.execute(
-        "INSERT OR REPLACE INTO patterns VALUES (?, ?, ?, 'active', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        [
-            pid,
-            version,
-            graph.hash,
-            is_critical,
-            first_seen,
-            last_changed,
-            share,
-            graph.calls,
-            graph.traces,
-            len(graph.nodes),
-            len(graph.edges),
-            n_shapes,
-            start,
-        ],
-    )
-    if event:
-        _store_graph(con, pid, version, graph)
-        _history(con, pid, version, hour, event, graph.hash, f"{len(graph.nodes)} nodes, {len(graph.edges)} edges")
-    return pid
-
-
-def _recluster(con: duckdb.DuckDBPyConnection, settings: Settings, hour: datetime, shapes: Shapes) -> Changes:
-    changes = Changes()
-    if len(shapes) == 0:
-        return changes
-    labels = cluster_labels(
-        shapes,
-        shape_features(shapes),
-        settings.hdbscan_min_cluster_size,
-        settings.hdbscan_min_samples,
-        settings.pattern_min_traces,
-        settings.variant_containment,
-    )
-    total_calls = int(shapes.calls.sum())
-    graphs = {
-        c: build_graph(shapes, np.flatnonzero(labels == c), settings.graph_min_support) for c in set(labels) - {-1}
-    }
-    changes.clusters, changes.noise_shapes = len(graphs), int((labels < 0).sum())
-    changes.noise_share = float(shapes.calls[labels < 0].sum()) / total_calls if total_calls else 0.0
-    matched = match_clusters(
-        {c: set(g.nodes) for c, g in graphs.items()},
-        _active_graphs(con, ("active", "retired")),
-        settings.pattern_match_jaccard,
-    )
-    hot = critical(
-        {c: g.calls for c, g in graphs.items()},
-        total_calls,
-        settings.critical_coverage,
-        settings.critical_min_calls_per_hour,
-    )
-    pattern_of = {}
-    for c in sorted(graphs, key=lambda c: -graphs[c].calls):
-        pattern_of[c] = _upsert_pattern(
-            con,
-            matched.get(c),
-            graphs[c],
-            hour,
-            c in hot,
-            graphs[c].calls / total_calls,
-            int((labels == c).sum()),
-            changes,
-        )
-    for pid in sorted(set(_active_graphs(con)) - set(pattern_of.values())):
-        version, ghash = con.execute("SELECT version, graph_hash FROM patterns WHERE pattern_id = ?", [pid]).fetchone()
-        con.execute(
-            "UPDATE patterns SET status = 'retired', critical = false, traffic_share = 0, updated_hour = ? "
-            "WHERE pattern_id = ?",
-            [naive_utc(hour), pid],
-        )
-        _history(con, pid, version, hour, "retired", ghash, "no cluster matched it")
-        changes.retired.append(pid)
-    temp_table(
-        con,
-        "assignment",
-        shape_id=shapes.shape_id,
-        pattern_id=np.array([pattern_of.get(int(c), -1) for c in labels], dtype=np.int64),
-        method=np.where(labels >= 0, "clustered", "noise").astype(object),
-    )
-    con.execute("UPDATE assignment SET pattern_id = NULL WHERE pattern_id < 0")
-    con.execute(
-        "INSERT OR REPLACE INTO shape_patterns SELECT shape_id, pattern_id, method, ? FROM assignment",
-        [naive_utc(hour)],
-    )
-    return changes
-
-
-def _pattern_series(con: duckdb.DuckDBPyConnection, settings: Settings, hour: datetime) -> int:
-    start, end = naive_utc(hour), naive_utc(hour + HOUR)
-    seconds = settings.bucket_seconds
-    con.execute("DELETE FROM pattern_series WHERE bucket_ts >= ? AND bucket_ts < ?", [start, end])
-    return con.execute(
-        f"""INSERT INTO pattern_series
-        SELECT t.pattern_id, time_bucket(INTERVAL '{seconds} seconds', c.ts) AS bucket_ts,
-               {node_key_sql("c")} AS node,
-               c.caller, c.callee, c.interface, c.rpc_type, count(*), count(*) FILTER (WHERE c.is_error),
-               avg(c.rt_ms), quantile_cont(c.rt_ms, 0.95), {seconds}
-        FROM calls c JOIN trace_patterns t USING (trace_id)
-        WHERE c.ts >= ? AND c.ts < ? AND t.hour >= ? AND t.pattern_id IS NOT NULL
-        GROUP BY ALL""",
-        [start, end, naive_utc(hour - HOUR)],
-    ).fetchone()[0]
-
-
-def _novel_rpcs(con: duckdb.DuckDBPyConnection, hour: datetime) -> int:
-    """RPCs of this hour (from `rpc_series`) that are in no active pattern's graph."""
-    start, end = naive_utc(hour), naive_utc(hour + HOUR)
-    con.execute("DELETE FROM novel_rpcs WHERE bucket_ts >= ? AND bucket_ts < ?", [start, end])
-    n = con.execute(
-        f"""INSERT INTO novel_rpcs
-        SELECT r.bucket_ts, r.caller, r.callee, r.interface, r.rpc_type, r.calls, NULL FROM rpc_series r
-        WHERE r.bucket_ts >= ? AND r.bucket_ts < ?
-          AND {node_key_sql("r")} NOT IN (
-              SELECT n.node FROM pattern_nodes n JOIN patterns p
-              ON p.pattern_id = n.pattern_id AND p.version = n.version AND p.status = 'active')""",
-        [start, end],
-    ).fetchone()[0]
-    con.execute("""UPDATE novel_rpcs SET first_seen = f.first FROM (
-        SELECT caller, callee, interface, rpc_type, min(bucket_ts) AS first FROM novel_rpcs GROUP BY ALL) f
-        WHERE novel_rpcs.caller = f.caller AND novel_rpcs.callee = f.callee AND novel_rpcs.rpc_type = f.rpc_type
-          AND novel_rpcs.interface IS NOT DISTINCT FROM f.interface""")
-    return int(n)
-
-
-def _critical_share(con: duckdb.DuckDBPyConnection, hour: datetime) -> tuple[int, float]:
-    n, share = con.execute(
-        """
-        SELECT count(DISTINCT p.pattern_id), sum(r.n_calls) FILTER (WHERE p.critical) / sum(r.n_calls)
-        FROM scope_rebuilt r LEFT JOIN assignment a USING (shape_id) LEFT JOIN patterns p
-        ON p.pattern_id = a.pattern_id AND p.critical AND p.status = 'active'
-        WHERE r.hour = ?""",
-        [naive_utc(hour)],
-    ).fetchone()
-    return int(n or 0), float(share or 0.0)
 
 
 def patterns_hour(settings: Settings, hour: datetime, force: bool = False) -> PatternReport:
@@ -387,53 +149,32 @@ def patterns_hour(settings: Settings, hour: datetime, force: bool = False) -> Pa
         con.execute("BEGIN")
         reconstruction = rebuild_hour(con, hour)
         timings = {"reconstruction": time.perf_counter() - started}
-        shapes = _hour_shapes(con, hour)
-        _assign_by_shape(con, settings, hour)
-        unassigned = _share(con, hour, "a.pattern_id IS NULL")
-        recluster, reason = _decide(con, settings, hour, force, unassigned)
-        changes = _recluster(con, settings, hour, shapes) if recluster else Changes()
-        if recluster:
-            _assign_by_shape(con, settings, hour, include_this_hour=True)
-            unassigned = _share(con, hour, "a.pattern_id IS NULL")
-        n_critical, critical_share = _critical_share(con, hour)
+        shapes = hour_shapes(con, hour)
+        outcome = _assign_patterns(con, settings, hour, shapes, force)
+        critical = critical_traffic(con, hour)
         timings["clustering"] = time.perf_counter() - started - timings["reconstruction"]
-        store_traces(con, hour, "assignment")
-        series_rows = _pattern_series(con, settings, hour)
-        novel = _novel_rpcs(con, hour)
+        store_traces(con, hour)
+        series_rows = pattern_series(con, settings, hour)
+        novel = novel_rpcs(con, hour)
         seconds = time.perf_counter() - started
         timings["store_and_series"] = seconds - timings["reconstruction"] - timings["clustering"]
-        con.execute(
-            "INSERT OR REPLACE INTO clustering_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                naive_utc(hour),
-                recluster,
-                reason,
-                len(shapes),
-                changes.clusters,
-                changes.noise_shapes,
-                changes.noise_share,
-                n_critical,
-                critical_share,
-                unassigned,
-                seconds,
-            ],
+        report = PatternReport(
+            hour=hour,
+            reconstruction=reconstruction,
+            reclustered=outcome.reclustered,
+            reason=outcome.reason,
+            shapes=len(shapes),
+            changes=outcome.changes,
+            critical=critical.patterns,
+            critical_share=critical.share,
+            unassigned_share=outcome.unassigned,
+            series_rows=series_rows,
+            novel_rpcs=novel,
+            seconds=seconds,
+            timings=timings,
         )
+        _record_run(con, report)
         con.execute("COMMIT")
-    report = PatternReport(
-        hour,
-        reconstruction,
-        recluster,
-        reason,
-        len(shapes),
-        changes,
-        n_critical,
-        critical_share,
-        unassigned,
-        series_rows,
-        novel,
-        seconds,
-        timings,
-    )
     for line in report.lines():
         log.info(line)
     return report
@@ -450,7 +191,8 @@ FROM patterns p ORDER BY p.status, p.calls DESC
 """
 
 
-def pattern_table(settings: Settings) -> tuple[list[str], list[tuple]]:
+def pattern_table(settings: Settings) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """Headers and rows of the patterns overview (`PATTERNS_SQL`), for the CLI and the demo."""
     with opened(settings.warehouse, read_only=True) as con:
         cursor = con.execute(PATTERNS_SQL)
         return [d[0] for d in cursor.description], cursor.fetchall()

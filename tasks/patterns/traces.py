@@ -16,6 +16,10 @@ computed bottom-up, level by level, vectorised in numpy.
 Status per trace: `full` (one top-level root, every parent present), `partial` (rebuilt after
 re-attaching orphans or with several roots), `failed` (no top-level root: the request's entry call
 was never recorded, or the parent links loop).
+
+Reads `calls`, `shapes`, `trace_patterns`; writes `shapes`, `trace_patterns`, `reconstruction`, and
+the TEMP tables named in `temp_tables` (`SCOPE_TRACES`, `SCOPE_CALLS`, `SCOPE_REBUILT`) that the
+patterns stage reads.
 """
 
 from __future__ import annotations
@@ -25,10 +29,19 @@ from datetime import datetime
 
 import duckdb
 import numpy as np
-import pyarrow as pa
 
 from tasks.clock import HOUR, naive_utc
 from tasks.keys import EDGE, node_key_sql
+from tasks.patterns.temp_tables import (
+    ASSIGNMENT,
+    ORPHAN_ROWS,
+    SCOPE_CALLS,
+    SCOPE_REBUILT,
+    SCOPE_TRACES,
+    SHAPE_CALLS,
+    TRACE_SHAPES,
+    temp_table,
+)
 
 MASK = np.uint64(0xFFFFFFFFFFFFFFFF)
 MAX_DEPTH = 256
@@ -75,22 +88,23 @@ class Rebuilt:
 
 
 def load_scope(con: duckdb.DuckDBPyConnection, hour: datetime) -> TraceForest:
-    """TEMP table `scope_traces` (traces rooted in `hour`, plus those of the hour before with a late
-    tail in it) and TEMP view `scope` (their calls, with the `calls` rowid); returns the forest."""
+    """TEMP table `SCOPE_TRACES` (trace_id, trace_hash, root_ts: the traces rooted in `hour`, plus
+    those of the hour before with a late tail in it) and TEMP view `SCOPE_CALLS` (their calls: the
+    `calls` rowid, then every column of `calls`); returns the forest."""
     prev, start, end = (f"TIMESTAMP '{naive_utc(t)}'" for t in (hour - HOUR, hour, hour + HOUR))
-    con.execute(f"""CREATE OR REPLACE TEMP TABLE scope_traces AS
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE {SCOPE_TRACES} AS
         SELECT trace_id, hash(trace_id) AS trace_hash, min(ts) AS root_ts FROM calls
         WHERE ts >= {prev} AND ts < {end} GROUP BY trace_id HAVING min(ts) >= {start} OR max(ts) >= {start}""")
-    con.execute(f"""CREATE OR REPLACE TEMP VIEW scope AS
+    con.execute(f"""CREATE OR REPLACE TEMP VIEW {SCOPE_CALLS} AS
         SELECT c.rowid AS rowid, c.* FROM calls c
-        WHERE c.ts >= {prev} AND c.ts < {end} AND hash(c.trace_id) IN (SELECT trace_hash FROM scope_traces)""")
-    cols = con.execute("""
+        WHERE c.ts >= {prev} AND c.ts < {end} AND hash(c.trace_id) IN (SELECT trace_hash FROM {SCOPE_TRACES})""")
+    cols = con.execute(f"""
         SELECT hash(trace_id) AS trace, hash(trace_id, call_id) AS node,
                CASE WHEN parent_call_id IS NULL THEN 0::UBIGINT ELSE hash(trace_id, parent_call_id) END AS parent,
                hash(caller, callee, interface, rpc_type) AS rpc, hash(caller) AS caller, hash(callee) AS callee,
                parent_call_id IS NULL OR (contains(call_id, '.') AND NOT contains(parent_call_id, '.')) AS top,
                rowid
-        FROM scope""").fetchnumpy()
+        FROM {SCOPE_CALLS}""").fetchnumpy()
     return TraceForest(**{k: np.asarray(v) for k, v in cols.items()})
 
 
@@ -124,21 +138,21 @@ def _attach_orphans(con: duckdb.DuckDBPyConnection, f: TraceForest, parent_idx: 
     if len(orphans) == 0:
         return parent_idx
     con.execute(
-        "CREATE OR REPLACE TEMP TABLE orphan_rows AS SELECT unnest($rows::BIGINT[]) AS rowid",
+        f"CREATE OR REPLACE TEMP TABLE {ORPHAN_ROWS} AS SELECT unnest($rows::BIGINT[]) AS rowid",
         {"rows": f.rowid[orphans].tolist()},
     )
-    rows = con.execute("""
+    rows = con.execute(f"""
         WITH o AS (SELECT s.rowid, s.trace_id, string_split(s.call_id, '.') AS parts
-                   FROM scope s SEMI JOIN orphan_rows USING (rowid) WHERE contains(s.call_id, '.')),
+                   FROM {SCOPE_CALLS} s SEMI JOIN {ORPHAN_ROWS} USING (rowid) WHERE contains(s.call_id, '.')),
         prefixes AS (SELECT rowid, trace_id, generate_series AS k,
                             array_to_string(parts[1:generate_series], '.') AS prefix
                      FROM o, generate_series(1, len(parts) - 2))
         SELECT p.rowid, arg_max(s.rowid, p.k) FROM prefixes p
-        JOIN scope s ON s.trace_id = p.trace_id AND s.call_id = p.prefix GROUP BY p.rowid""").fetchall()
+        JOIN {SCOPE_CALLS} s ON s.trace_id = p.trace_id AND s.call_id = p.prefix GROUP BY p.rowid""").fetchall()
     if rows:
         by_rowid = np.argsort(f.rowid)
 
-        def index(rowids):  # noqa: E306
+        def index(rowids: tuple[int, ...]) -> np.ndarray:  # noqa: E306
             return by_rowid[np.searchsorted(f.rowid[by_rowid], np.array(rowids, dtype=f.rowid.dtype))]
 
         orphan_rows, ancestor_rows = zip(*rows)
@@ -174,7 +188,10 @@ def _subtree_hashes(f: TraceForest, parent_idx: np.ndarray, depth: np.ndarray) -
     return node_hash
 
 
-def _trace_shapes(f: TraceForest, parent_idx: np.ndarray, depth: np.ndarray, node_hash: np.ndarray):
+def _trace_shapes(
+    f: TraceForest, parent_idx: np.ndarray, depth: np.ndarray, node_hash: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per trace: the unique trace hashes, each call's trace index, the shape id and the status."""
     traces, trace_of_call = np.unique(f.trace, return_inverse=True)
     roots = parent_idx < 0
     n = len(traces)
@@ -233,13 +250,6 @@ class ReconstructionReport:
 STATUS = np.array(["full", "partial", "failed"])
 
 
-def temp_table(con: duckdb.DuckDBPyConnection, name: str, **columns: np.ndarray) -> None:
-    """A TEMP table from numpy columns (through Arrow, no Python lists)."""
-    con.register(f"{name}_arrow", pa.table(columns))
-    con.execute(f"CREATE OR REPLACE TEMP TABLE {name} AS SELECT * FROM {name}_arrow")
-    con.unregister(f"{name}_arrow")
-
-
 def _shape_rows(con: duckdb.DuckDBPyConnection, f: TraceForest, r: Rebuilt, hour: datetime) -> None:
     """Register shapes never seen before: their RPC multiset and edges, from one member trace."""
     shapes, first = np.unique(r.shape, return_index=True)
@@ -251,73 +261,80 @@ def _shape_rows(con: duckdb.DuckDBPyConnection, f: TraceForest, r: Rebuilt, hour
     parents = r.parent_idx[rows]
     temp_table(
         con,
-        "shape_calls",
+        SHAPE_CALLS,
         rowid=f.rowid[rows],
         parent_rowid=np.where(parents >= 0, f.rowid[np.maximum(parents, 0)], -1),
         shape_id=r.shape[r.trace_of_call[rows]],
         depth=r.depth[rows].astype(np.int32),
     )
     con.execute(
-        f"""INSERT INTO shapes
-        WITH k AS (SELECT rowid, {node_key_sql()} AS node FROM scope
-                   WHERE rowid IN (SELECT rowid FROM shape_calls UNION ALL SELECT parent_rowid FROM shape_calls))
+        f"""INSERT INTO shapes (shape_id, n_calls, depth, rpcs, edges, first_seen)
+        WITH k AS (SELECT rowid, {node_key_sql()} AS node FROM {SCOPE_CALLS}
+                   WHERE rowid IN (SELECT rowid FROM {SHAPE_CALLS} UNION ALL SELECT parent_rowid FROM {SHAPE_CALLS}))
         SELECT sc.shape_id, count(*), max(sc.depth), list_sort(list(k.node)),
                coalesce(list_sort(list(p.node || '{EDGE}' || k.node) FILTER (WHERE p.node IS NOT NULL)), []::VARCHAR[]),
                $hour
-        FROM shape_calls sc JOIN k USING (rowid) LEFT JOIN k p ON p.rowid = sc.parent_rowid
+        FROM {SHAPE_CALLS} sc JOIN k USING (rowid) LEFT JOIN k p ON p.rowid = sc.parent_rowid
         GROUP BY sc.shape_id""",
         {"hour": naive_utc(hour)},
     )
 
 
 def rebuild_hour(con: duckdb.DuckDBPyConnection, hour: datetime) -> ReconstructionReport:
-    """Rebuild the traces of `hour` (and late tails of the hour before) into TEMP tables
-    `scope_traces` (trace_id, root_ts) and `rebuilt` (trace_hash, shape_id, status, n_calls), and
-    register shapes never seen before. `store_traces` writes them once patterns are assigned."""
+    """Rebuild the traces of `hour` (and late tails of the hour before) and register shapes never
+    seen before. Leaves, for the rest of the stage, the TEMP tables `SCOPE_TRACES` and `SCOPE_CALLS`
+    (see `load_scope`) and `SCOPE_REBUILT` (trace_id, root_ts, hour, shape_id, status, n_calls: one
+    row per scope trace). `store_traces` writes them once patterns are assigned."""
     forest = load_scope(con, hour)
     rebuilt = rebuild(con, forest)
     n_calls = np.bincount(rebuilt.trace_of_call, minlength=len(rebuilt.traces))
     temp_table(
         con,
-        "rebuilt",
+        TRACE_SHAPES,
         trace_hash=rebuilt.traces,
         shape_id=rebuilt.shape,
         status=STATUS[rebuilt.status],
         n_calls=n_calls.astype(np.int32),
     )
-    con.execute("""CREATE OR REPLACE TEMP TABLE scope_rebuilt AS
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE {SCOPE_REBUILT} AS
         SELECT s.trace_id, s.root_ts, date_trunc('hour', s.root_ts) AS hour, r.shape_id, r.status, r.n_calls
-        FROM scope_traces s JOIN rebuilt r USING (trace_hash)""")
-    before = con.execute("SELECT count(*) FROM shapes").fetchone()[0]
+        FROM {SCOPE_TRACES} s JOIN {TRACE_SHAPES} r USING (trace_hash)""")
+    before = _count_shapes(con)
     _shape_rows(con, forest, rebuilt, hour)
-    new_shapes = con.execute("SELECT count(*) FROM shapes").fetchone()[0] - before
-    row = con.execute(
-        """SELECT count(*) FILTER (WHERE hour = $h), count(*) FILTER (WHERE hour = $h AND status = 'full'),
-                                count(*) FILTER (WHERE hour = $h AND status = 'partial'),
-                                count(*) FILTER (WHERE hour = $h AND status = 'failed'),
-                                coalesce(sum(n_calls) FILTER (WHERE hour = $h), 0), count(*) FILTER (WHERE hour < $h)
-                         FROM scope_rebuilt""",
+    new_shapes = _count_shapes(con) - before
+    [row] = con.execute(
+        f"""SELECT count(*) FILTER (WHERE hour = $h), count(*) FILTER (WHERE hour = $h AND status = 'full'),
+                   count(*) FILTER (WHERE hour = $h AND status = 'partial'),
+                   count(*) FILTER (WHERE hour = $h AND status = 'failed'),
+                   coalesce(sum(n_calls) FILTER (WHERE hour = $h), 0), count(*) FILTER (WHERE hour < $h)
+            FROM {SCOPE_REBUILT}""",
         {"h": naive_utc(hour)},
-    ).fetchone()
+    ).fetchall()
     traces, full, partial, failed, calls, tails = (int(x) for x in row)
-    return ReconstructionReport(hour, traces, full, partial, failed, calls, tails, int(new_shapes))
+    return ReconstructionReport(hour, traces, full, partial, failed, calls, tails, new_shapes)
 
 
-def store_traces(con: duckdb.DuckDBPyConnection, hour: datetime, assignment: str) -> None:
-    """Replace the rebuilt traces' rows in `trace_patterns` (patterns from TEMP table `assignment`:
+def _count_shapes(con: duckdb.DuckDBPyConnection) -> int:
+    [(n,)] = con.execute("SELECT count(*) FROM shapes").fetchall()
+    return int(n)
+
+
+def store_traces(con: duckdb.DuckDBPyConnection, hour: datetime) -> None:
+    """Replace the rebuilt traces' rows in `trace_patterns` (patterns from TEMP table `ASSIGNMENT`:
     shape_id, pattern_id, method) and recount `reconstruction` for this hour and the one before."""
-    con.execute("DELETE FROM trace_patterns WHERE trace_id IN (SELECT trace_id FROM scope_traces)")
-    con.execute(f"""INSERT INTO trace_patterns
+    con.execute(f"DELETE FROM trace_patterns WHERE trace_id IN (SELECT trace_id FROM {SCOPE_TRACES})")
+    con.execute(f"""INSERT INTO trace_patterns (trace_id, hour, root_ts, shape_id, status, n_calls, pattern_id, method)
         SELECT s.trace_id, s.hour, s.root_ts, s.shape_id, s.status, s.n_calls, a.pattern_id,
                coalesce(a.method, 'unassigned')
-        FROM scope_rebuilt s LEFT JOIN {assignment} a USING (shape_id)""")
+        FROM {SCOPE_REBUILT} s LEFT JOIN {ASSIGNMENT} a USING (shape_id)""")
     start, prev = naive_utc(hour), naive_utc(hour - HOUR)
     con.execute("DELETE FROM reconstruction WHERE hour IN (?, ?)", [prev, start])
     con.execute(
-        """INSERT INTO reconstruction
+        f"""INSERT INTO reconstruction (hour, traces, full_traces, partial_traces, failed_traces, calls,
+                                       late_tail_traces, rebuilt_at)
         SELECT hour, count(*), count(*) FILTER (WHERE status = 'full'), count(*) FILTER (WHERE status = 'partial'),
                count(*) FILTER (WHERE status = 'failed'), sum(n_calls),
-               count(*) FILTER (WHERE hour < ? AND trace_id IN (SELECT trace_id FROM scope_traces)),
+               count(*) FILTER (WHERE hour < ? AND trace_id IN (SELECT trace_id FROM {SCOPE_TRACES})),
                now()::TIMESTAMP
         FROM trace_patterns WHERE hour IN (?, ?) GROUP BY hour""",
         [start, prev, start],

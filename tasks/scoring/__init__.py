@@ -2,4 +2,10 @@
 
 - `score`: `score_hour`. Reads `patterns`, `models`, `pattern_series`, `novel_rpcs`, `anomalies`;
   writes `anomalies`, `score_runs`, `forecast_errors`, `incidents`.
+- `grid`: a pattern's series and earlier flags on a bucket grid. Reads `pattern_series`, `anomalies`.
+- `sequential`: a `tasks.models.detector.Detector` run over a span with flagged points cleaned
+  (`forecast_span` reads through `grid`).
+- `store`: writes `anomalies`, `forecast_errors`, `score_runs` of the scored patterns.
+- `novel`: RPCs in no pattern graph. Reads `novel_rpcs`; writes `anomalies`.
+- `incidents`: flagged points grouped. Reads `anomalies`, `incidents`; writes `incidents`.
 """

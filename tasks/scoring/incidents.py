@@ -1,35 +1,70 @@
 """Incidents: flagged points that belong together, one row per run of points.
 
-The one incident rule of rpcwatch (the evaluation runs it too): a group's flagged points (a
-pattern's; novel RPCs: a calling service's) at most `incident_gap_buckets` apart form a run; a run
-is an incident when it spans `incident_min_buckets` buckets (like an alert's `for: 3m`) or one
-point scores >= 3. Reads `anomalies`; writes `incidents`.
+The one incident rule of rpcwatch: a group's flagged points (a pattern's; novel RPCs: a calling
+service's) at most `incident_gap_buckets` apart form a run; a run is an incident when it spans
+`incident_min_buckets` buckets (like an alert's `for: 3m`) or one point scores >= `PEAK_SCORE`.
+`rebuild_incidents` applies it to `anomalies` (reads `anomalies` and `incidents`; writes
+`incidents`); `incidents_of` applies the same SQL to any set of points (the evaluation's naive
+rule, or anomalies read back), reading only what it is given.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import duckdb
+import pandas as pd
+import pyarrow as pa
 
 from tasks.clock import HOUR, naive_utc
 
-# a group's flagged points (a pattern's; novel RPCs: a calling service's) at most $gap apart form a
-# run, numbered by `run`; RANGE framing sums a bucket's rows together, so rows sharing a bucket get
-# the same run whatever order the tie is sorted in
-RUNS_SQL = """
-WITH a AS (
-    SELECT *, coalesce(CAST(pattern_id AS VARCHAR), 'novel:' || caller) AS grp FROM anomalies
-    WHERE bucket_ts >= $lo AND bucket_ts < $hi),
+PEAK_SCORE = 3.0  # a run shorter than `incident_min_buckets` is an incident when a point scores this much
+# the product's groups: a pattern's points, or a calling service's novel RPCs
+GROUP_SQL = "coalesce(CAST(pattern_id AS VARCHAR), 'novel:' || caller)"
+INCIDENT_COLUMNS = "incident_id, start_ts, end_ts, patterns, nodes, peak_score, kinds, points"
+# the columns the rule reads: bucket_ts, grp (the group), pattern_id, node, score, kind
+ANOMALY_POINTS_SQL = f"""
+SELECT bucket_ts, pattern_id, node, score, kind, {GROUP_SQL} AS grp FROM anomalies
+WHERE bucket_ts >= $lo AND bucket_ts < $hi"""
+POINTS_VIEW = "incident_points"  # where `incidents_of` registers the points it is given
+GIVEN_POINTS_SQL = f"""
+SELECT CAST(bucket_ts AS TIMESTAMP) AS bucket_ts, CAST(pattern_id AS INTEGER) AS pattern_id, node,
+       CAST(score AS DOUBLE) AS score, kind, grp FROM {POINTS_VIEW}"""
+
+
+def runs_sql(points_sql: str) -> str:
+    """The points `points_sql` selects, each with the `run` it belongs to: a group's points at most
+    $gap apart form a run. RANGE framing sums a bucket's rows together, so rows sharing a bucket get
+    the same run whatever order the tie is sorted in."""
+    return f"""
+WITH a AS ({points_sql}),
 marked AS (
     SELECT *, CASE WHEN bucket_ts - lag(bucket_ts) OVER (PARTITION BY grp ORDER BY bucket_ts) <= $gap
                    THEN 0 ELSE 1 END AS new_run FROM a),
 runs AS (
     SELECT *, sum(new_run) OVER (PARTITION BY grp ORDER BY bucket_ts RANGE UNBOUNDED PRECEDING) AS run FROM marked)
 """
-# [$start, $end) grown to every run of points read that overlaps it
+
+
+def incidents_sql(points_sql: str) -> str:
+    """The incidents rows (as the `incidents` table holds them) of the points `points_sql` selects;
+    lists sorted, so that a rebuild gives identical rows."""
+    return (
+        runs_sql(points_sql)
+        + """
+SELECT md5(grp || ':' || CAST(min(bucket_ts) AS VARCHAR))[:12], min(bucket_ts), max(bucket_ts) + $bucket,
+       list_sort(list(DISTINCT pattern_id) FILTER (WHERE pattern_id IS NOT NULL)), list_sort(list(DISTINCT node)),
+       max(score), list_sort(list(DISTINCT kind)), count(*)
+FROM runs GROUP BY grp, run
+HAVING count(DISTINCT bucket_ts) >= $min_buckets OR max(score) >= $peak
+"""
+    )
+
+
+# [$start, $end) grown to every run of anomalies read that overlaps it
 RUN_SPAN_SQL = (
-    RUNS_SQL
+    runs_sql(ANOMALY_POINTS_SQL)
     + """
 SELECT least($start, min(first)), greatest($end, max(last)) FROM (
     SELECT min(bucket_ts) AS first, max(bucket_ts) + $bucket AS last FROM runs GROUP BY grp, run)
@@ -37,19 +72,67 @@ WHERE first < $end AND last > $start
 """
 )
 INCIDENT_SPAN_SQL = """
-SELECT least($start, min(start_ts)), greatest($end, max(end_ts)) FROM incidents WHERE start_ts < $end AND end_ts > $start
+SELECT least($start, min(start_ts)), greatest($end, max(end_ts)) FROM incidents
+WHERE start_ts < $end AND end_ts > $start
 """
-# lists sorted: a rebuild gives identical rows
-INCIDENTS_SQL = (
-    RUNS_SQL
-    + """
-SELECT md5(grp || ':' || CAST(min(bucket_ts) AS VARCHAR))[:12], min(bucket_ts), max(bucket_ts) + $bucket,
-       list_sort(list(DISTINCT pattern_id) FILTER (WHERE pattern_id IS NOT NULL)), list_sort(list(DISTINCT node)),
-       max(score), list_sort(list(DISTINCT kind)), count(*)
-FROM runs GROUP BY grp, run
-HAVING count(DISTINCT bucket_ts) >= $min_buckets OR max(score) >= 3
-"""
-)
+INCIDENTS_SQL = incidents_sql(ANOMALY_POINTS_SQL)
+
+
+@dataclass(frozen=True)
+class Incident:
+    """One run of points the rule keeps, as a row of the `incidents` table."""
+
+    incident_id: str
+    start_ts: datetime  # the first bucket
+    end_ts: datetime  # the end of the last bucket
+    patterns: list[int]
+    nodes: list[str]
+    peak_score: float
+    kinds: list[str]
+    points: int
+
+    @classmethod
+    def from_row(cls, row: tuple) -> Incident:
+        """An incident from a row of `incidents` (or of `incidents_sql`), columns in table order."""
+        incident_id, start_ts, end_ts, patterns, nodes, peak_score, kinds, points = row
+        return cls(
+            incident_id, start_ts, end_ts, list(patterns or []), list(nodes), peak_score, list(kinds), int(points)
+        )
+
+
+def _rule_params(gap_buckets: int, min_buckets: int, seconds: int) -> dict[str, object]:
+    return {
+        "gap": timedelta(seconds=gap_buckets * seconds),
+        "bucket": timedelta(seconds=seconds),
+        "min_buckets": min_buckets,
+        "peak": PEAK_SCORE,
+    }
+
+
+def incidents_of(
+    con: duckdb.DuckDBPyConnection, points: pd.DataFrame | pa.Table, gap_buckets: int, min_buckets: int, seconds: int
+) -> list[Incident]:
+    """The incident rule over any points: columns bucket_ts, grp (the group runs are formed in),
+    pattern_id (may be null), node, score, kind. Ordered by start, then id."""
+    if not len(points):
+        return []
+    con.register(POINTS_VIEW, points)
+    try:
+        rows = con.execute(
+            incidents_sql(GIVEN_POINTS_SQL) + "ORDER BY 2, 1", _rule_params(gap_buckets, min_buckets, seconds)
+        ).fetchall()
+    finally:
+        con.unregister(POINTS_VIEW)
+    return [
+        Incident(i, start, end, list(p or []), list(n), peak, list(k), count)
+        for i, start, end, p, n, peak, k, count in rows
+    ]
+
+
+def anomaly_points(con: duckdb.DuckDBPyConnection, start: datetime, end: datetime) -> pd.DataFrame:
+    """The anomalies of [start, end) as the rule reads them (with the product's groups; pattern_id
+    a nullable integer)."""
+    return con.execute(ANOMALY_POINTS_SQL, {"lo": start, "hi": end}).df()
 
 
 def _incident_span(
@@ -59,10 +142,10 @@ def _incident_span(
     so the incidents inside can be rebuilt from the points inside alone. Stored incidents let a run
     that began hours before be found in one step; points are read `margin` beyond the edges."""
     while True:
-        lo, hi = con.execute(INCIDENT_SPAN_SQL, {"start": start, "end": end}).fetchone()
-        lo, hi = con.execute(
+        [(lo, hi)] = con.execute(INCIDENT_SPAN_SQL, {"start": start, "end": end}).fetchall()
+        [(lo, hi)] = con.execute(
             RUN_SPAN_SQL, {"lo": lo - margin, "hi": hi + margin, "gap": gap, "bucket": bucket, "start": lo, "end": hi}
-        ).fetchone()
+        ).fetchall()
         if (lo, hi) == (start, end):
             return start, end
         start, end = lo, hi
@@ -73,18 +156,20 @@ def rebuild_incidents(
 ) -> int:
     """Flagged points of one pattern (novel RPCs: of one calling service) no more than `gap_buckets`
     apart are one incident: a flood is one incident, not 300 rows. A run must span `min_buckets`
-    buckets (like an alert's `for: 3m`) unless a point is far out (score >= 3).
+    buckets (like an alert's `for: 3m`) unless a point is far out (score >= `PEAK_SCORE`).
 
     The hour's points just changed: the incidents of every run touching the hour, however far it
     reaches into earlier or later hours, are rebuilt whole (one row per run, extended; never a
     second row for its tail), so the table is the same whatever order hours are (re)scored in.
     Returns the number of incidents rebuilt."""
+    params = _rule_params(gap_buckets, min_buckets, seconds)
     gap, bucket = timedelta(seconds=gap_buckets * seconds), timedelta(seconds=seconds)
     start, end = _incident_span(
         con, naive_utc(hour), naive_utc(hour + HOUR), gap, bucket, margin=gap * max(min_buckets, 1)
     )  # a run too short to be stored fits in it
     con.execute("DELETE FROM incidents WHERE start_ts < ? AND end_ts > ?", [end, start])
-    return con.execute(
-        "INSERT INTO incidents " + INCIDENTS_SQL,
-        {"lo": start, "hi": end, "gap": gap, "bucket": bucket, "min_buckets": min_buckets},
-    ).fetchone()[0]
+    [(inserted,)] = con.execute(
+        f"INSERT INTO incidents ({INCIDENT_COLUMNS}) " + INCIDENTS_SQL,
+        {"lo": start, "hi": end, **params},
+    ).fetchall()
+    return int(inserted)

@@ -4,11 +4,13 @@ Builds in a temp folder a real DuckDB warehouse (tasks.warehouse schema) with 50
 patterns sharing one 8-node call tree. ONE small model is really trained on synthetic traffic
 (tasks.forecast prepare/train/calibrate, artifacts written by tasks.training) and its artifacts are
 copied into every pattern's model cache (<home>/model-cache/rpcwatch-pattern-<id>/1/artifacts)
-with a `models` row (decision 'champion'), so score_hour loads them from the cache without MLflow:
-in production the MLflow download happens once per champion version and is cached the same way,
-so this is the steady-state cost of an hour. pattern_series holds the hour plus a 30-minute lead-in
-of Poisson traffic near the trained level, with injected spikes so that some points are flagged:
-one pattern in ten gets a 6-minute flood on one RPC (--flood-every), one in ten a latency spike.
+with a `models` row (decision 'champion'), so score_hour loads them from the cache without MLflow
+(the detectors read the cache folder directly: there is no registry to verify its digests against;
+that check hashes a few small files per pattern): in production the MLflow download happens once
+per champion version and is cached the same way, so this is the steady-state cost of an hour.
+pattern_series holds the hour plus a 30-minute lead-in of Poisson traffic near the trained level,
+with injected spikes so that some points are flagged: one pattern in ten gets a 6-minute flood on
+one RPC (--flood-every), one in ten a latency spike.
 
 Prints wall and CPU seconds and patterns/s for 500 patterns, best of --repeat runs (target: <= 10 s
 wall on a 2-core machine; on a shared machine CPU seconds tell how much of the wall time other
@@ -33,25 +35,23 @@ import numpy as np
 import pandas as pd
 import torch
 
+import tasks.models.detector as detector_module
 from tasks.clock import naive_utc
+from tasks.models.detector import Detector, one_torch_thread
+from tasks.models.features import CALLS, ERRORS, FEATURES, LATENCIES, RT_MEAN, RT_P95
 from tasks.models.forecast import TrainConfig, predict, prepare, train
-from tasks.models.nn import graph_edge_index
+from tasks.models.registry import model_name
 from tasks.models.series import PatternData
 from tasks.models.thresholds import calibrate
-from tasks.models.training import _artifacts, load_model
-from tasks.scoring.score import (
-    _cleaned_lead_in,
-    _forecast_sequentially,
-    _one_thread,
-    _series,
-    champion_folder,
-    score_hour,
-)
-from tasks.settings import load_settings
+from tasks.models.training import write_artifacts
+from tasks.scoring.grid import cleaned, fetch_flagged, fetch_series
+from tasks.scoring.score import score_hour
+from tasks.scoring.sequential import forecast_sequentially, span_grid
+from tasks.settings import Settings, load_settings
 from tasks.warehouse import opened
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the reference loop
-from per_bucket_scoring import per_bucket_forecast  # noqa: E402
+from scoring_reference import per_bucket_forecast  # noqa: E402
 
 HOUR = datetime(2026, 1, 2, 10, tzinfo=UTC)
 TARGET_SECONDS = 10.0
@@ -78,12 +78,12 @@ RT_MS = np.array([40.0, 25.0, 8.0, 3.0, 12.0, 3.0, 1.0, 4.0])
 def traffic(rng: np.random.Generator, steps: int) -> np.ndarray:
     """[T, N, F] Poisson calls with a gentle wave, ~1% errors, log-normal latency."""
     wave = 1 + 0.1 * np.sin(np.arange(steps) * 2 * np.pi / 60)[:, None]
-    values = np.zeros((steps, len(NODES), 4))
-    values[:, :, 0] = rng.poisson(RATES * wave)
-    values[:, :, 3] = rng.poisson(RATES * wave * 0.01)
+    values = np.zeros((steps, len(NODES), len(FEATURES)))
+    values[:, :, CALLS] = rng.poisson(RATES * wave)
+    values[:, :, ERRORS] = rng.poisson(RATES * wave * 0.01)
     rt = RT_MS * rng.lognormal(0, 0.15, size=(steps, len(NODES)))
-    values[:, :, 1] = np.where(values[:, :, 0] > 0, rt, np.nan)
-    values[:, :, 2] = np.where(values[:, :, 0] > 0, rt * 2.5, np.nan)
+    values[:, :, RT_MEAN] = np.where(values[:, :, CALLS] > 0, rt, np.nan)
+    values[:, :, RT_P95] = np.where(values[:, :, CALLS] > 0, rt * 2.5, np.nan)
     return values
 
 
@@ -102,7 +102,7 @@ def train_once(folder: Path) -> float:
     pred = predict(result.model, prep, slice(prep.split, None), torch.device("cpu"))
     thresholds = calibrate(data, prep, pred, 1e-4, "quantile")
     folder.mkdir(parents=True, exist_ok=True)
-    _artifacts(folder, data, prep, cfg, result.model, thresholds)
+    write_artifacts(folder, data, prep, cfg, result.model, thresholds)
     return time.perf_counter() - started
 
 
@@ -111,64 +111,70 @@ def build_warehouse(settings, patterns: int, flood_every: int) -> int:
     first = settings.home / "model-cache" / "rpcwatch-pattern-1" / "1" / "artifacts"
     for pid in range(2, patterns + 1):
         shutil.copytree(first, settings.home / "model-cache" / f"rpcwatch-pattern-{pid}" / "1" / "artifacts")
-    now = naive_utc(HOUR)
     ids = np.arange(1, patterns + 1)
-    parts = [n.split("|") for n in NODES]
-    frames = {
-        "patterns": pd.DataFrame(
-            {
-                "pattern_id": ids,
-                "version": 1,
-                "graph_hash": GRAPH_HASH,
-                "status": "active",
-                "critical": True,
-                "first_seen": now,
-                "last_changed": now,
-                "traffic_share": 1 / patterns,
-                "calls": 0,
-                "traces": 0,
-                "n_nodes": len(NODES),
-                "n_edges": len(EDGES),
-                "n_shapes": 1,
-                "updated_hour": now,
-            }
-        ),
-        "pattern_nodes": pd.DataFrame([(pid, 1, node, *p, 1.0, 0) for pid in ids for node, p in zip(NODES, parts)]),
-        "pattern_edges": pd.DataFrame([(pid, 1, NODES[a], NODES[b], 1) for pid in ids for a, b in EDGES]),
-        "models": pd.DataFrame(
-            [
-                (
-                    pid,
-                    f"rpcwatch-pattern-{pid}",
-                    1,
-                    "bench-run",
-                    GRAPH_HASH,
-                    1,
-                    now,
-                    "champion",
-                    "bench",
-                    "",
-                    None,
-                    None,
-                    None,
-                    None,
-                    None,
-                    0.1,
-                    0.0,
-                    "cpu",
-                    now,
-                )
-                for pid in ids
-            ]
-        ),
-        "pattern_series": series_frame(ids, flood_every),
-    }
+    frames = graph_frames(ids) | {"models": models_frame(ids), "pattern_series": series_frame(ids, flood_every)}
     with opened(settings.warehouse) as con:
         for table, frame in frames.items():
             con.register("frame", frame)
-            con.execute(f"INSERT INTO {table} SELECT * FROM frame")
+            con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM frame")  # the frame's columns by name
             con.unregister("frame")
     return len(frames["pattern_series"])
+
+
+def graph_frames(ids: np.ndarray) -> dict[str, pd.DataFrame]:
+    """`patterns`, `pattern_nodes` and `pattern_edges` rows: every pattern active, critical, one graph."""
+    now = naive_utc(HOUR)
+    parts = [n.split("|") for n in NODES]
+    patterns = pd.DataFrame(
+        {
+            "pattern_id": ids,
+            "version": 1,
+            "graph_hash": GRAPH_HASH,
+            "status": "active",
+            "critical": True,
+            "first_seen": now,
+            "last_changed": now,
+            "traffic_share": 1 / len(ids),
+            "calls": 0,
+            "traces": 0,
+            "n_nodes": len(NODES),
+            "n_edges": len(EDGES),
+            "n_shapes": 1,
+            "updated_hour": now,
+        }
+    )
+    nodes = pd.DataFrame(
+        [(pid, 1, node, *p, 1.0, 0) for pid in ids for node, p in zip(NODES, parts)],
+        columns=["pattern_id", "version", "node", "caller", "callee", "interface", "rpc_type", "support", "calls"],
+    )
+    edges = pd.DataFrame(
+        [(pid, 1, NODES[a], NODES[b], 1) for pid in ids for a, b in EDGES],
+        columns=["pattern_id", "version", "parent_node", "child_node", "weight"],
+    )
+    return {"patterns": patterns, "pattern_nodes": nodes, "pattern_edges": edges}
+
+
+def models_frame(ids: np.ndarray) -> pd.DataFrame:
+    """A `models` row per pattern: version 1, the champion, trained on the bench graph."""
+    now = naive_utc(HOUR)
+    return pd.DataFrame(
+        {
+            "pattern_id": ids,
+            "model_name": [model_name(int(pid)) for pid in ids],
+            "model_version": 1,
+            "run_id": "bench-run",
+            "graph_hash": GRAPH_HASH,
+            "pattern_version": 1,
+            "trained_for": now,
+            "decision": "champion",
+            "reason": "bench",
+            "stale_reason": "",
+            "calibrated_mape_calls": 0.1,
+            "seconds": 0.0,
+            "device": "cpu",
+            "recorded_at": now,
+        }
+    )
 
 
 def series_frame(ids: np.ndarray, flood_every: int) -> pd.DataFrame:
@@ -183,10 +189,10 @@ def series_frame(ids: np.ndarray, flood_every: int) -> pd.DataFrame:
         v = traffic(rng, steps)
         if pid % flood_every == 0:
             start, node = LEAD_MINUTES + int(rng.integers(5, 50)), int(rng.integers(0, len(NODES)))
-            v[start : start + 6, node, 0] *= 8
+            v[start : start + 6, node, CALLS] *= 8
         if pid % 10 == 3:
-            v[LEAD_MINUTES + int(rng.integers(0, 60)), int(rng.integers(0, len(NODES))), 1:3] *= 20
-        t, n = np.nonzero(v[:, :, 0] > 0)
+            v[LEAD_MINUTES + int(rng.integers(0, 60)), int(rng.integers(0, len(NODES))), list(LATENCIES)] *= 20
+        t, n = np.nonzero(v[:, :, CALLS] > 0)
         frames.append(
             pd.DataFrame(
                 {
@@ -197,10 +203,10 @@ def series_frame(ids: np.ndarray, flood_every: int) -> pd.DataFrame:
                     "callee": [parts[i][1] for i in n],
                     "interface": [parts[i][2] for i in n],
                     "rpc_type": "rpc",
-                    "calls": v[t, n, 0].astype(np.int64),
-                    "errors": v[t, n, 3].astype(np.int64),
-                    "rt_mean": v[t, n, 1],
-                    "rt_p95": v[t, n, 2],
+                    "calls": v[t, n, CALLS].astype(np.int64),
+                    "errors": v[t, n, ERRORS].astype(np.int64),
+                    "rt_mean": v[t, n, RT_MEAN],
+                    "rt_p95": v[t, n, RT_P95],
                     "bucket_seconds": 60,
                 }
             )
@@ -221,26 +227,29 @@ def compare_loops(settings, patterns: int) -> tuple[float, float, bool]:
     """Seconds of the per-bucket and the batched forecast loop over the first `patterns` patterns."""
     seconds = {"per-bucket": 0.0, "batched": 0.0}
     same = True
-    with opened(settings.warehouse, read_only=True) as con, _one_thread():  # both on one thread, as scoring runs
+    with opened(settings.warehouse, read_only=True) as con, one_torch_thread():  # both on one thread, as scoring runs
         for pid in range(1, patterns + 1):
-            model, cfg, graph, norm, thresholds = load_model(champion_folder(settings, pid, 1))
-            lead = cfg.window + cfg.horizon - 1
-            buckets, values = _series(
-                con, pid, graph["nodes"], HOUR - timedelta(minutes=lead), HOUR + timedelta(hours=1), 60
-            )
-            targets = np.arange(lead, len(buckets))
-            edge_index = graph_edge_index(len(graph["nodes"]), [tuple(e) for e in graph["edges"]])
+            detector = Detector.load(settings, pid, 1)
+            grid = span_grid(detector, HOUR, HOUR + timedelta(hours=1))
+            values, _ = grid.dense(fetch_series(con, [grid]).get(pid))
+            flagged = fetch_flagged(con, [grid], HOUR).get(pid)
+            targets = np.arange(detector.lead, grid.size)
             results = {}
-            for name, loop in (("per-bucket", per_bucket_forecast), ("batched", _forecast_sequentially)):
-                clean = _cleaned_lead_in(con, pid, graph["nodes"], buckets, values, HOUR)
+            for name, loop in (("per-bucket", per_bucket_forecast), ("batched", forecast_sequentially)):
+                clean = cleaned(values, flagged)
                 started = time.perf_counter()
-                results[name] = loop(model, cfg, norm, values, targets, edge_index, graph["nodes"], thresholds, clean)
+                results[name] = loop(detector, values, targets, clean)
                 seconds[name] += time.perf_counter() - started
-            (e1, _, f1), (e2, _, f2) = results["per-bucket"], results["batched"]
-            same &= np.allclose(e1, e2, rtol=1e-4, atol=1e-6, equal_nan=True) and [f[:3] + f[5:] for f in f1] == [
-                f[:3] + f[5:] for f in f2
-            ]
+            old, new = results["per-bucket"], results["batched"]
+            same &= np.allclose(old.expected, new.expected, rtol=1e-4, atol=1e-6, equal_nan=True) and [
+                f[:3] + f[5:] for f in old.flags
+            ] == [f[:3] + f[5:] for f in new.flags]
     return seconds["per-bucket"], seconds["batched"], same
+
+
+def cache_without_registry(settings: Settings, pattern_id: int, version: int) -> Path:
+    """The benchmark's stand-in for `cached_artifacts`: the cache folder as written, unverified."""
+    return settings.home / "model-cache" / model_name(pattern_id) / str(version) / "artifacts"
 
 
 def main() -> int:
@@ -253,6 +262,7 @@ def main() -> int:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="rpcwatch-bench-score-"))
     settings = load_settings(env={}, home=work / "home")
+    detector_module.cached_artifacts = cache_without_registry  # no MLflow registry here (see the docstring)
     print(f"training one model, building a warehouse of {args.patterns} patterns in {work} ...")
     trained = train_once(settings.home / "model-cache" / "rpcwatch-pattern-1" / "1" / "artifacts")
     started = time.perf_counter()
@@ -271,7 +281,8 @@ def main() -> int:
     rate = len(report.scored) / total_s
     print(
         f"  full: {len(report.scored)} patterns x 60 buckets in {total_s:.2f} s (CPU {total_cpu:.2f} s, {rate:.0f} "
-        f"patterns/s), {report.anomalies} anomalies written, {report.incidents} incidents, {len(report.skipped)} skipped"
+        f"patterns/s), {report.anomalies} anomalies written, {report.incidents} incidents, "
+        f"{len(report.skipped)} skipped"
     )
     print(
         f"  all {args.repeat} runs: "

@@ -10,7 +10,7 @@ from torch_geometric.nn import GCNConv
 from tasks.models.nn.temporal_conv import TemporalGatedConv
 
 
-def _apply_mask(x: Tensor, node_mask: Tensor | None) -> Tensor:
+def apply_node_mask(x: Tensor, node_mask: Tensor | None) -> Tensor:
     r"""Zeroes padded nodes of ``x: [B, T, N, C]``; ``node_mask`` is ``[N]`` or ``[B, N]``."""
     if node_mask is None:
         return x
@@ -67,7 +67,7 @@ class STConvBlock(torch.nn.Module):
         self.dropout = dropout
 
         self.tconv1 = TemporalGatedConv(in_channels, hidden_channels, kernel_size)
-        self.spatial: torch.nn.Module
+        self.spatial: GCNConv | torch.nn.Linear
         if use_graph:
             self.spatial = GCNConv(hidden_channels, hidden_channels)
         else:
@@ -92,7 +92,7 @@ class STConvBlock(torch.nn.Module):
     ) -> Tensor:
         h = self.tconv1(x)  # [B, T1, N, H]
         # Padded nodes send nothing to their (normally non-existent) neighbours.
-        h = _apply_mask(h, node_mask)
+        h = apply_node_mask(h, node_mask)
         b, t, n, c = h.shape
         if self.use_graph:
             h = self.spatial(h.reshape(b * t, n, c), edge_index, edge_weight)
@@ -103,7 +103,7 @@ class STConvBlock(torch.nn.Module):
         h = self.tconv2(h)  # [B, T2, N, C_out]
         h = self.norm(h)
         h = F.dropout(h, p=self.dropout, training=self.training)
-        return _apply_mask(h, node_mask)
+        return apply_node_mask(h, node_mask)
 
     def __repr__(self) -> str:
         return (

@@ -45,12 +45,13 @@ changes the outputs of real nodes.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tasks.models.nn.st_block import STConvBlock, _apply_mask
+from tasks.models.nn.st_block import STConvBlock, apply_node_mask
 
 #: Meaning of the 4 default output channels (raw, un-activated values).
 OUTPUT_CHANNELS = ("log_call_rate", "latency_mean_norm", "latency_p95_norm", "log_error_rate")
@@ -140,7 +141,7 @@ class STGCN(torch.nn.Module):
     def reset_parameters(self) -> None:
         r"""Resets all learnable parameters of the module."""
         for block in self.blocks:
-            block.reset_parameters()
+            cast(STConvBlock, block).reset_parameters()  # a ModuleList yields plain Modules to the type checker
         self.head_conv.reset_parameters()
         self.head_lin.reset_parameters()
 
@@ -160,14 +161,14 @@ class STGCN(torch.nn.Module):
                 f"expected x of shape [B, window={self.window}, N, "
                 f"num_features={self.num_features}], got {list(x.shape)}"
             )
-        h = _apply_mask(x, node_mask)
+        h = apply_node_mask(x, node_mask)
         for block in self.blocks:
             h = block(h, edge_index, edge_weight, node_mask)  # masked inside
         h = self.head_conv(h.permute(0, 3, 1, 2))  # [B, H, 1, N]
         h = F.relu(h.squeeze(2).transpose(1, 2))  # [B, N, H]
         out = self.head_lin(h)  # [B, N, num_outputs]
         if node_mask is not None:
-            out = _apply_mask(out.unsqueeze(1), node_mask).squeeze(1)
+            out = apply_node_mask(out.unsqueeze(1), node_mask).squeeze(1)
         return out
 
     def __repr__(self) -> str:

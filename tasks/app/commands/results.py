@@ -1,0 +1,124 @@
+"""Commands that show and judge results, read-only: `anomalies` and `summary` (the published
+snapshot, else the warehouse), `evaluate` (anomalies and incidents against injected labels or a
+fault list), `plot` (rpc_series and anomalies of one node, to a PNG), and `replay`, which writes
+span captures back to back as evaluation input (files, no table)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from tasks.app.commands.common import AddParser, add_common_options, parse_since, say_source, settings_from
+from tasks.settings import parse_utc
+
+
+def cmd_anomalies(args: argparse.Namespace) -> int:
+    from tasks.app.report import anomaly_rows, table
+
+    settings = settings_from(args)
+    headers, rows = anomaly_rows(settings, parse_since(args.since), args.pattern, args.limit)
+    say_source(settings)
+    if args.json:
+        print(json.dumps([dict(zip(headers, r)) for r in rows], default=str, indent=1))
+        return 0
+    print(table(headers, rows) if rows else f"no irregular point in the last {args.since} of scored data")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    if args.faults:
+        from tasks.evaluation.faults import evaluate_faults, fault_report
+
+        print(fault_report(*evaluate_faults(settings, args.faults)))
+    else:
+        from tasks.evaluation.labels import evaluate_labels, label_report
+
+        print(label_report(*evaluate_labels(settings, args.labels)))
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from tasks.evaluation.replay import replay_days, replay_hours
+
+    counts = replay_days(args.days, args.out, parse_utc(args.start), args.mapping)
+    hours = replay_hours(args.out)
+    wrote = (
+        f"wrote {counts['rows']:,} spans of {counts['runs']} runs back to back into {args.out} "
+        f"({hours[0]:%Y-%m-%d %H:00} .. {hours[-1]:%H:00}), {counts['faults']} faults in replay time"
+    )
+    after = "RPCWATCH_BUCKET_SECONDS=5 RPCWATCH_MIN_TRAIN_HOURS=0.5 \\\n"
+    run = f"        rpcwatch run --source {args.out} --format spans --mapping {args.mapping}\n"
+    print(
+        wrote,
+        f"next (as `make trainticket` does): {after}{run}      rpcwatch evaluate --faults "
+        f"{args.out / 'fault_list.json'}",
+        sep="\n",
+    )
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from tasks.app.plots import plot_node
+
+    settings = settings_from(args)
+    out = (
+        args.out
+        or settings.home / "plots" / f"pattern-{args.pattern}-{args.node.replace(':', '_').replace('/', '_')}.png"
+    )
+    print(f"wrote {plot_node(settings, args.pattern, args.node, args.hours, out)}")
+    return 0
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from tasks.app.report import hour_summary, table
+
+    settings = settings_from(args)
+    headers, rows = hour_summary(settings)
+    say_source(settings)
+    print(table(headers, rows))
+    return 0
+
+
+def _register_anomalies_and_evaluate(add_parser: AddParser) -> None:
+    p = add_parser("anomalies", help="irregular points, most recent first")
+    add_common_options(p, hour=False)
+    p.add_argument("--since", default="6h", help="window before the latest scored bucket, e.g. 30m, 6h, 2d")
+    p.add_argument("--pattern", type=int, help="only this pattern id")
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--json", action="store_true", help="JSON for scripts")
+    p.set_defaults(func=cmd_anomalies)
+
+    p = add_parser("evaluate", help="event precision/recall/F1 against injected labels, next to a naive rule")
+    add_common_options(p, hour=False)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--labels", type=Path, help="labels.parquet written by `rpcwatch synth --anomalies`")
+    what.add_argument(
+        "--faults", type=Path, help="fault_list.json (Nezha layout; `rpcwatch replay` writes one in replay time)"
+    )
+    p.set_defaults(func=cmd_evaluate)
+
+
+def register(add_parser: AddParser) -> None:
+    """anomalies, evaluate, replay, plot and summary, in this order."""
+    _register_anomalies_and_evaluate(add_parser)
+
+    p = add_parser("replay", help="span captures with gaps (Nezha TrainTicket days) as one contiguous timeline")
+    p.add_argument("days", type=Path, nargs="+", help="day folders with trace/, normal/ and fault_list.json")
+    p.add_argument("--out", type=Path, required=True, help="folder for the hour-partitioned spans and fault list")
+    p.add_argument("--start", default="2023-01-29T08:00", help="replay time of the first span")
+    p.add_argument("--mapping", default="nezha-trainticket", help="span column mapping")
+    p.set_defaults(func=cmd_replay)
+
+    p = add_parser("plot", help="observed vs predicted vs threshold band of one node, irregular points marked")
+    add_common_options(p, hour=False)
+    p.add_argument("--pattern", type=int, required=True)
+    p.add_argument("--node", required=True, help="CALLER:CALLEE:INTERFACE")
+    p.add_argument("--hours", type=int, default=6)
+    p.add_argument("--out", type=Path, help="PNG path (default: <home>/plots/...)")
+    p.set_defaults(func=cmd_plot)
+
+    p = add_parser("summary", help="per-hour table of what the warehouse holds")
+    add_common_options(p, hour=False)
+    p.set_defaults(func=cmd_summary)

@@ -1,0 +1,47 @@
+"""Commands that run bigger things: `demo` (synthetic hours through the Airflow DAG, then the
+report; writes everything the pipeline writes) and `airflow` (the Airflow CLI on rpcwatch's home)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from tasks.app.commands.common import AddParser, add_common_options, settings_from
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from tasks.app.demo import run_demo
+
+    return run_demo(settings_from(args), hours=args.hours, spans_per_hour=args.spans_per_hour, seed=args.seed)
+
+
+def cmd_airflow(args: argparse.Namespace) -> int:
+    """Run the `airflow` CLI with rpcwatch's embedded defaults (AIRFLOW_HOME under the home)."""
+    from tasks.app.airflow_env import airflow_env, prepare_airflow
+
+    settings = settings_from(args)
+    env = airflow_env(settings)
+    prepare_airflow(env, settings.airflow_pool)
+    airflow = Path(sys.executable).with_name("airflow")
+    os.execve(airflow, [str(airflow), *args.airflow_args], env)
+    return 0
+
+
+def register(add_parser: AddParser) -> None:
+    """demo and airflow, in this order."""
+    p = add_parser(
+        "demo",
+        help="synthetic hours with injected anomalies through the Airflow DAG, then incidents and the evaluation",
+    )
+    add_common_options(p, hour=False)
+    p.add_argument("--hours", type=int, default=10, help="synthetic hours (>= 8 for the drift event)")
+    p.add_argument("--spans-per-hour", type=int, default=200_000)
+    p.add_argument("--seed", type=int, default=7)
+    p.set_defaults(func=cmd_demo)
+
+    p = add_parser("airflow", help="the airflow CLI on rpcwatch's home, e.g. `rpcwatch airflow standalone`")
+    add_common_options(p, hour=False)
+    p.add_argument("airflow_args", nargs=argparse.REMAINDER, help="arguments for airflow")
+    p.set_defaults(func=cmd_airflow)

@@ -1,0 +1,92 @@
+"""The typed seams of retraining: plan -> `TrainJob` -> train -> `TrainOutcome` | `Skipped` -> record.
+
+Each crosses a process boundary in the DAG (Airflow hands it on as XCom), so each turns into a
+JSON-able dict with `to_dict()` and back with `from_dict()`; the dicts keep the keys the CLI and
+tests read (`pattern_id`, `reasons`, `meta_path`, `decision`, `metrics`, `skipped`, ...). No tables.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """One stale pattern to train at `hour`, its series exported to `meta_path` (no DuckDB needed)."""
+
+    pattern_id: int
+    reasons: list[str]
+    hour: datetime
+    meta_path: Path
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "pattern_id": self.pattern_id,
+            "reasons": list(self.reasons),
+            "hour": self.hour.isoformat(),
+            "meta_path": str(self.meta_path),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainJob:
+        return cls(int(d["pattern_id"]), list(d["reasons"]), datetime.fromisoformat(d["hour"]), Path(d["meta_path"]))
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    """A trained and registered version, with the decision of the champion policy."""
+
+    pattern_id: int
+    pattern_version: int
+    graph_hash: str
+    model_version: int
+    run_id: str
+    decision: str  # champion | challenger
+    reason: str
+    trained_for: datetime  # the hour trained for (aware, UTC)
+    metrics: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    device: str = "cpu"
+    stale_reason: str = ""
+
+    def line(self) -> str:
+        m = self.metrics
+        return (
+            f"pattern {self.pattern_id}: v{self.model_version} {self.decision} ({self.reason}); calls MAPE "
+            f"{m.get('model_mape_calls', float('nan')):.3f} vs floor {m.get('poisson_floor_calls', float('nan')):.3f}, "
+            f"seasonal naive {m.get('seasonal_naive_mape_calls', float('nan')):.3f}, "
+            f"no-graph {m.get('no_graph_mape_calls', float('nan')):.3f}; {self.seconds:.1f} s on {self.device}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "trained_for": self.trained_for.astimezone(UTC).isoformat()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainOutcome:
+        return cls(**{**d, "metrics": dict(d["metrics"]), "trained_for": datetime.fromisoformat(d["trained_for"])})
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A stale pattern not trained this hour (too little history): reported, not failed."""
+
+    pattern_id: int
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"pattern_id": self.pattern_id, "skipped": self.reason}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Skipped:
+        return cls(int(d["pattern_id"]), str(d["skipped"]))
+
+
+Outcome = TrainOutcome | Skipped
+
+
+def outcome_from_dict(d: dict[str, Any]) -> Outcome:
+    """A `to_dict()` of either outcome back as its type (a skipped one has the key `skipped`)."""
+    return Skipped.from_dict(d) if "skipped" in d else TrainOutcome.from_dict(d)

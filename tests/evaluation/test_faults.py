@@ -1,0 +1,107 @@
+"""Fault-list evaluation: loading Nezha fault lists, detections, chance level, a real scored warehouse."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta
+
+import pandas as pd
+import pytest
+
+from helpers import START, copy_home, shared_file
+from tasks.evaluation.faults import evaluate_faults, load_faults, score_faults
+from tasks.evaluation.naive import naive_points
+from tasks.warehouse import opened
+
+
+def _points(*rows) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=["bucket_ts", "caller", "callee"])
+
+
+def test_nezha_fault_list_loads_with_services_and_default_windows():
+    faults = load_faults(shared_file("nezha-trainticket", "2023-01-29", "fault_list.json"))
+    assert len(faults) == 28
+    first = faults.iloc[0]
+    assert first.service == "ts-contacts-service" and first.inject_time == pd.Timestamp("2023-01-29 08:43:04")
+    assert (faults.window_end - faults.inject_time == timedelta(minutes=3)).all()
+
+
+def test_an_empty_fault_list_is_a_clear_error(tmp_path):
+    path = tmp_path / "fault_list.json"
+    path.write_text(json.dumps({"08": []}))
+    with pytest.raises(ValueError, match="no faults listed"):
+        load_faults(path)
+
+
+def test_detection_delay_and_chance_level_on_hand_made_points():
+    buckets = pd.date_range("2023-01-01 00:00", periods=120, freq="5s")  # 10 minutes
+    faults = pd.DataFrame(
+        {
+            "inject_time": [pd.Timestamp("2023-01-01 00:05:02")],
+            "service": ["svc-a"],
+            "window_end": [pd.Timestamp("2023-01-01 00:05:57")],
+        }
+    )  # buckets 00:05:00 .. 00:05:55
+    points = _points(
+        (pd.Timestamp("2023-01-01 00:05:10"), "svc-a", "db"),  # in the window: detected
+        (pd.Timestamp("2023-01-01 00:01:00"), "gw", "svc-a"),  # fault-free, touches svc-a
+        (pd.Timestamp("2023-01-01 00:02:00"), "gw", "svc-b"),
+    )  # fault-free, elsewhere
+    s = score_faults("x", points, faults, buckets, 5)
+    assert (s.detected, s.per_fault) == (1, ["after 13 s"])  # bucket 00:05:10 ends 13 s after the injection
+    p = 1 / 108  # 120 buckets - 12 in the window; one of them touches svc-a
+    assert s.chance == pytest.approx(1 - (1 - p) ** 12)
+    assert s.points_per_free_minute == pytest.approx(2 / 9) and s.free_minutes_alarmed == pytest.approx(2 / 9)
+    assert score_faults("x", points.iloc[1:], faults, buckets, 5).per_fault == ["missed"]
+
+
+def test_evaluate_on_a_scored_warehouse_counts_only_faults_after_training(trained, tmp_path):
+    from tasks.ingest.aggregate import aggregate_hour
+    from tasks.ingest.stage import ingest_hour
+    from tasks.patterns.stage import patterns_hour
+    from tasks.scoring.score import score_hour
+
+    settings, source, _ = trained
+    settings = copy_home(settings, tmp_path)
+    h4 = START + timedelta(hours=4)
+    ingest_hour(settings, h4, [source])
+    aggregate_hour(settings, h4)
+    patterns_hour(settings, h4)
+    score_hour(settings, h4)
+    path = tmp_path / "fault_list.json"
+    entries = [
+        {"inject_time": "2026-01-01 02:30:00", "inject_pod": "svc-cart-5d9f-x1"},  # trained on: not judged
+        {"inject_time": "2026-01-01 04:20:00", "inject_pod": "svc-cart-5d9f-x1"},
+        {"inject_time": "2026-01-01 04:40:00", "inject_pod": "svc-nowhere-1-2"},
+    ]
+    path.write_text(json.dumps({"02": entries[:1], "04": entries[1:]}))
+    scores, faults = evaluate_faults(settings, path)
+    assert list(faults.service) == ["svc-cart", "svc-nowhere"]
+    assert [s.name for s in scores] == [
+        "rpcwatch points",
+        "naive points",
+        "rpcwatch incident starts",
+        "naive incident starts",
+    ]
+    for s in scores:
+        assert s.faults == 2 and len(s.per_fault) == 2
+        assert s.per_fault[1] == "missed", "a service that makes no call can't be hit"
+        assert 0 <= s.free_minutes_alarmed <= 1
+    ours_points, _, ours_incidents, _ = scores
+    assert ours_incidents.detected <= ours_points.detected, "an incident starts at a flagged point"
+    # chance by hand: scored 04:00-04:59 (60 buckets); the windows 04:20-04:23 and 04:40-04:43 (4
+    # buckets each) leave 52 fault-free ones; svc-nowhere is never touched (adds 0), svc-cart in a
+    # share p of them (adds 1 - (1 - p) ** 4)
+    with opened(settings.warehouse, read_only=True) as con:
+        ours = con.execute("SELECT bucket_ts, caller, callee FROM anomalies").df()
+        naive = naive_points(con, 60, _h4(0), _h4(60))
+    for s, points in ((scores[0], ours), (scores[1], naive)):
+        touched = points[(points.caller == "svc-cart") | (points.callee == "svc-cart")].bucket_ts
+        free = touched[touched.between(_h4(0), _h4(59)) & ~touched.between(_h4(20), _h4(23))]
+        free = free[~free.between(_h4(40), _h4(43))]
+        assert s.chance == pytest.approx(1 - (1 - free.nunique() / 52) ** 4), s.name
+    assert 0 < scores[1].chance < 1, "the naive rule flags svc-cart in some fault-free buckets, not all"
+
+
+def _h4(minute: int) -> datetime:
+    return datetime(2026, 1, 1, 4) + timedelta(minutes=minute)

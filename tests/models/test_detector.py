@@ -1,0 +1,70 @@
+"""The detector's flags and the typed thresholds it reads (`tasks.models.detector`, `tasks.models.thresholds`)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from tasks.models.detector import flag_points
+from tasks.models.features import CALLS, COUNTS, FEATURES, LATENCIES
+from tasks.models.thresholds import CountBand, LatencyBand, Thresholds, count_band, latency_band
+
+
+def _thresholds_json(rng: np.random.Generator, nodes: list[str]) -> dict:
+    """thresholds.json as models wrote it, some from before burst factors (no phi) existed."""
+    return {
+        "alarm_p": 1e-3,
+        "method": "quantile",
+        "calibrated_mape_calls": 0.2,
+        "nodes": {
+            n: {
+                "calls": {
+                    "alpha": float(rng.choice([0, 0.01, 0.3])),
+                    "phi": float(rng.choice([1.0, 1.0, 4.0])),
+                    "mean": 3.0,
+                },
+                "errors": {"alpha": float(rng.choice([0, 0.05]))},  # no phi: models calibrated before it existed
+                "rt_mean": {"sigma": 0.3, "k": 5.0, "phi": 2.0},
+                "rt_p95": {"sigma": 0.4, "k": 6.0},
+            }
+            for n in nodes
+        },
+    }
+
+
+def test_thresholds_json_round_trips_and_old_files_load_with_default_burst_factors():
+    doc = _thresholds_json(np.random.default_rng(0), ["a", "b"])
+    th = Thresholds.from_json(json.loads(json.dumps(doc)))
+    assert th.nodes["a"].errors == CountBand(doc["nodes"]["a"]["errors"]["alpha"], 1.0)
+    assert th.nodes["b"].rt_p95 == LatencyBand(0.4, 6.0, 1.0)
+    again = th.to_json()
+    assert set(again) == set(doc) and set(again["nodes"]["a"]) == set(FEATURES)
+    assert again["nodes"]["a"]["calls"] == doc["nodes"]["a"]["calls"]
+    assert Thresholds.from_json(json.loads(json.dumps(again))) == th
+
+
+def test_vectorised_flags_equal_the_per_node_bands():
+    rng = np.random.default_rng(0)
+    nodes = [f"n{i}" for i in range(7)]
+    thresholds = Thresholds.from_json(_thresholds_json(rng, nodes))
+    exp = rng.uniform(0.01, 50, size=(40, len(nodes), len(FEATURES)))
+    obs = rng.poisson(exp * rng.choice([1, 1, 1, 3, 0.2], size=exp.shape)).astype(float)
+    obs[:, :, list(LATENCIES)] = exp[:, :, list(LATENCIES)] * rng.lognormal(0, 1, size=(40, len(nodes), 2))
+    kinds = {COUNTS[0]: ("traffic_spike", "traffic_drop"), COUNTS[1]: ("errors", None)}
+    expected = []
+    for n, node in enumerate(nodes):
+        bands = thresholds.nodes[node]
+        for f, (up, down) in kinds.items():
+            band = bands.count(f)
+            lo, hi = count_band(exp[:, n, f], band.alpha, thresholds.alarm_p, band.phi)
+            expected += [(s, n, f, hi[s], "up", up) for s in np.flatnonzero(obs[:, n, f] > hi)]
+            expected += [(s, n, f, lo[s], "down", down) for s in np.flatnonzero(obs[:, n, f] < lo)] if down else []
+        for f in LATENCIES:
+            band = bands.latency(f)
+            _, hi = latency_band(exp[:, n, f], obs[:, n, CALLS], band.sigma, band.k, band.phi)
+            calls = obs[:, n, CALLS] > 0
+            expected += [(s, n, f, hi[s], "up", "latency") for s in np.flatnonzero(calls & (obs[:, n, f] > hi))]
+    flags = flag_points(obs, exp, [thresholds.nodes[n] for n in nodes], thresholds.alarm_p)
+    got = [(f.sample, f.node, f.feature, f.threshold, f.direction, f.kind) for f in flags]
+    assert got == expected and len({g[-1] for g in got}) == 4
