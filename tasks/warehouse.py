@@ -25,6 +25,11 @@ CREATE TABLE IF NOT EXISTS calls (
     interface VARCHAR, rpc_type VARCHAR NOT NULL, rt_ms DOUBLE NOT NULL,
     is_error BOOLEAN NOT NULL, source_file VARCHAR NOT NULL, batch_id VARCHAR NOT NULL
 );
+-- added later (warehouses created before them migrate here): the callee's own latency of a paired
+-- client+server span (NULL otherwise), the call's number of child calls, its rt minus its children's
+ALTER TABLE calls ADD COLUMN IF NOT EXISTS server_rt_ms DOUBLE;
+ALTER TABLE calls ADD COLUMN IF NOT EXISTS fan_out INTEGER;
+ALTER TABLE calls ADD COLUMN IF NOT EXISTS self_ms DOUBLE;
 CREATE TABLE IF NOT EXISTS quarantine (
     hour TIMESTAMP NOT NULL, source_file VARCHAR NOT NULL, file_row BIGINT, reason VARCHAR NOT NULL,
     ts TIMESTAMP, trace_id VARCHAR, call_id VARCHAR, parent_call_id VARCHAR, caller VARCHAR,

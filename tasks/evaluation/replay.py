@@ -6,7 +6,14 @@ hours. Between runs the system was not traced, which is not the same as no traff
 every gap would read as an outage. `replay_days` shifts each run so that it starts where the
 previous one ended (time inside a run is untouched), writes the spans hour-partitioned
 (`dt=/hour=` Parquet, original columns), and rewrites the fault list in replay time with the
-end of each fault's run, so that `rpcwatch evaluate --faults` can judge detections.
+end of each fault's capture, so that `rpcwatch evaluate --faults` can judge detections.
+
+Neighbouring minute files overlap a little, so a span can appear in two of them: each run keeps
+one span per (trace id, span id) and the number dropped is counted. A fault's window is its
+injection plus `FAULT_WINDOW_S`. A fault injected in a gap shortly before a capture whose window
+overlaps that capture is moved to the capture's start, with a `note`; one whose window overlaps
+no capture is kept with `observable: false` and the `reason` (never an abort): the evaluation
+lists it and does not count it.
 
 Reads each day folder's span CSVs and `fault_list.json`; no warehouse tables. Outputs under
 `out`: the span partitions, `runs.parquet` (day, run, real and replay start/end, offset) and
@@ -31,6 +38,7 @@ import pyarrow.parquet as pq
 from tasks.ingest.formats import SpanMapping, quote_identifier
 
 RUN_GAP_S = 30  # files further apart than this belong to different runs
+FAULT_WINDOW_S = 180  # a fault's window: its injection plus this (clipped to its capture)
 NS = 1_000_000_000
 
 
@@ -101,16 +109,29 @@ def place(runs: list[Run], start: datetime) -> None:
         cursor = run.replay_end_ns + 1
 
 
-def _write_run(con: duckdb.DuckDBPyConnection, run: Run, mapping: SpanMapping, out: Path) -> int:
+def _run_table(con: duckdb.DuckDBPyConnection, run: Run, mapping: SpanMapping) -> tuple[pa.Table, int]:
+    """The run's spans in replay time, one per (trace id, span id), ordered by start; and how many
+    duplicates (spans repeated in neighbouring files) were dropped."""
     # paths and the offset are bound; mapping columns pass through the one quoting helper
     start = quote_identifier(mapping.start)
     end_col = f", {quote_identifier(mapping.end)} + $offset AS {quote_identifier(mapping.end)}" if mapping.end else ""
+    key = f"{quote_identifier(mapping.trace_id)}, {quote_identifier(mapping.span_id)}"
+    params = {"files": [str(f) for f in run.files]}
+    source = "read_csv($files, header = true, union_by_name = true, filename = '__replay_file')"
+    [(read,)] = con.execute(f"SELECT count(*) FROM {source}", params).fetchall()
     table = con.sql(
-        f"""SELECT * REPLACE ({start} + $offset AS {start}{end_col})
-                            FROM read_csv($files, header = true, union_by_name = true)
-                            ORDER BY {start}""",
-        params={"offset": run.offset_ns, "files": [str(f) for f in run.files]},
+        f"""SELECT * EXCLUDE (__replay_file) REPLACE ({start} + $offset AS {start}{end_col})
+            FROM {source}
+            QUALIFY row_number() OVER (PARTITION BY {key} ORDER BY __replay_file) = 1
+            ORDER BY {start}""",
+        params={**params, "offset": run.offset_ns},
     ).to_arrow_table()  # a relation: Arrow without the extra copy of a DB-API result
+    return table, int(read) - table.num_rows
+
+
+def _write_run(con: duckdb.DuckDBPyConnection, run: Run, mapping: SpanMapping, out: Path) -> tuple[int, int]:
+    """Write one run hour-partitioned; returns (spans written, duplicates dropped)."""
+    table, dropped = _run_table(con, run, mapping)
     hours = pc.divide(table[mapping.start], pa.scalar(3600 * NS, pa.int64()))
     for hour in sorted(set(hours.to_pylist())):
         ts = datetime.fromtimestamp(hour * 3600, UTC)
@@ -118,7 +139,7 @@ def _write_run(con: duckdb.DuckDBPyConnection, run: Run, mapping: SpanMapping, o
         folder.mkdir(parents=True, exist_ok=True)
         part = table.filter(pc.equal(hours, hour))
         pq.write_table(part, folder / f"part-{run.day}-run{run.run:02d}.parquet")
-    return table.num_rows
+    return table.num_rows, dropped
 
 
 def _service(pod: str, mapping: SpanMapping) -> str:
@@ -126,29 +147,54 @@ def _service(pod: str, mapping: SpanMapping) -> str:
     return match.group(1) if match else pod
 
 
+def _stamp(ns: int) -> str:
+    return f"{datetime.fromtimestamp(ns / NS, UTC):%Y-%m-%d %H:%M:%S}"
+
+
+def _capture_of(real_ns: int, runs: list[Run]) -> tuple[Run | None, str]:
+    """The run that captures a fault injected at `real_ns` and a note, or None and the reason."""
+    window_ns = FAULT_WINDOW_S * NS
+    run = next((r for r in runs if r.real_start_ns <= real_ns <= r.real_end_ns), None)
+    if run is not None:
+        return run, ""
+    run = next((r for r in runs if real_ns < r.real_start_ns <= real_ns + window_ns), None)
+    if run is not None:
+        early = (run.real_start_ns - real_ns) / NS
+        return run, f"injected {early:.0f} s before its capture; window clipped to the capture"
+    before = [real_ns - r.real_end_ns for r in runs if r.real_end_ns < real_ns]
+    after = [r.real_start_ns - real_ns for r in runs if r.real_start_ns > real_ns]
+    where = [f"the previous capture ends {min(before) / NS:.0f} s before"] if before else []
+    where += [f"the next starts {min(after) / NS:.0f} s after"] if after else []
+    return None, f"no capture overlaps its {FAULT_WINDOW_S} s window ({', '.join(where) or 'no capture'})"
+
+
+def _replay_fault(fault: dict, real_ns: int, runs: list[Run], day: str, service: str) -> dict:
+    """One fault in replay time: `inject_time` (clipped to its capture's start), `window_end` (its
+    window clipped to the capture), `capture_end`, `observable`, and a `note` or `reason`."""
+    run, why = _capture_of(real_ns, runs)
+    out = {**fault, "real_inject_time": fault["inject_time"], "service": service, "day": day}
+    if run is None:
+        return {**out, "inject_time": None, "window_end": None, "run": None, "observable": False, "reason": why}
+    inject_ns = max(real_ns, run.real_start_ns) + run.offset_ns
+    window_end_ns = min(real_ns + run.offset_ns + FAULT_WINDOW_S * NS, run.replay_end_ns)
+    out |= {
+        "inject_time": _stamp(inject_ns),
+        "window_end": _stamp(window_end_ns),
+        "capture_end": _stamp(run.replay_end_ns),
+        "run": run.run,
+        "observable": True,
+    }
+    return out | ({"note": why} if why else {})
+
+
 def _replay_faults(day: Path, runs: list[Run], mapping: SpanMapping) -> list[dict]:
-    """The day's faults in replay time, each with the end of the run that captured it."""
+    """The day's faults in replay time, each with the end of the run that captured it (if any)."""
     faults = [f for hour in json.loads((day / "fault_list.json").read_text()).values() for f in hour]
     out = []
     for f in faults:
         real = datetime.fromisoformat(f["inject_time"]).replace(tzinfo=UTC)
         real_ns = int(real.timestamp()) * NS
-        run = next((r for r in runs if r.real_start_ns <= real_ns <= r.real_end_ns), None)
-        if run is None:
-            raise ValueError(f"{day / 'fault_list.json'}: fault at {f['inject_time']} lies in no captured run")
-        replay = datetime.fromtimestamp((real_ns + run.offset_ns) / NS, UTC)
-        window_end = datetime.fromtimestamp(run.replay_end_ns / NS, UTC)
-        out.append(
-            {
-                **f,
-                "inject_time": f"{replay:%Y-%m-%d %H:%M:%S}",
-                "real_inject_time": f["inject_time"],
-                "service": _service(f["inject_pod"], mapping),
-                "window_end": f"{window_end:%Y-%m-%d %H:%M:%S}",
-                "day": day.name,
-                "run": run.run,
-            }
-        )
+        out.append(_replay_fault(f, real_ns, runs, day.name, _service(f["inject_pod"], mapping)))
     return out
 
 
@@ -159,28 +205,47 @@ def replay_days(
     mapping_name: str = "nezha-trainticket",
     progress: Callable[[str], None] = print,
 ) -> dict[str, int]:
-    """Write the days' runs back to back from `start` into `out`; returns counts."""
+    """Write the days' runs back to back from `start` into `out`; returns counts (runs, rows,
+    duplicates dropped, faults, of which moved to their capture's start and unobservable)."""
     mapping = SpanMapping.load(mapping_name)
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    cursor, rows, all_runs, faults = start, 0, [], []
+    cursor, rows, dropped = start, 0, 0
+    all_runs: list[Run] = []
+    faults: list[dict] = []
     with duckdb.connect() as con:
         for day in days:
             runs = find_runs(day, mapping)
             place(runs, cursor)
+            day_dropped = 0
             for run in runs:
-                rows += _write_run(con, run, mapping, out)
-            faults += _replay_faults(day, runs, mapping)
-            all_runs += runs
+                written, gone = _write_run(con, run, mapping, out)
+                rows, day_dropped = rows + written, day_dropped + gone
+            day_faults = _replay_faults(day, runs, mapping)
+            faults, all_runs, dropped = faults + day_faults, all_runs + runs, dropped + day_dropped
             cursor = datetime.fromtimestamp(runs[-1].replay_end_ns // NS + 1, UTC)
             progress(
                 f"{day.name}: {len(runs)} runs, {sum(len(r.files) for r in runs)} files, "
-                f"{(runs[-1].replay_end_ns - runs[0].replay_start_ns) / NS / 60:.0f} min of traffic"
+                f"{(runs[-1].replay_end_ns - runs[0].replay_start_ns) / NS / 60:.0f} min of traffic, "
+                f"{day_dropped:,} duplicate spans dropped, {_fault_counts(day_faults)}"
             )
     _write_runs(all_runs, out / "runs.parquet")
     (out / "fault_list.json").write_text(json.dumps({"faults": faults}, indent=1))
-    return {"runs": len(all_runs), "rows": rows, "faults": len(faults)}
+    return {
+        "runs": len(all_runs),
+        "rows": rows,
+        "duplicates": dropped,
+        "faults": len(faults),
+        "moved": sum("note" in f for f in faults),
+        "unobservable": sum(not f["observable"] for f in faults),
+    }
+
+
+def _fault_counts(faults: list[dict]) -> str:
+    moved = sum("note" in f for f in faults)
+    unobservable = sum(not f["observable"] for f in faults)
+    return f"{len(faults)} faults ({moved} moved to their capture's start, {unobservable} unobservable)"
 
 
 def _write_runs(runs: list[Run], path: Path) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -31,6 +31,7 @@ NORMALISED = (
     "interface",
     "rpc_type",
     "rt_ms",
+    "server_rt_ms",
     "is_error",
     "source_file",
     "file_row",
@@ -112,7 +113,8 @@ class AlibabaV2022:
                {_service("um")} AS caller, {_service("dm")} AS callee,
                {_text_or_null("interface")} AS interface,
                CASE WHEN rpctype IS NULL OR rpctype IN {MISSING_MARKERS} THEN 'UNKNOWN' ELSE rpctype END AS rpc_type,
-               TRY_CAST(rt AS DOUBLE) AS rt_ms, {error} AS is_error, source_file, file_row, raw_hash
+               TRY_CAST(rt AS DOUBLE) AS rt_ms, NULL::DOUBLE AS server_rt_ms, {error} AS is_error,
+               source_file, file_row, raw_hash
         FROM raw"""
 
 
@@ -155,7 +157,7 @@ class AlibabaV2021:
                {_service("um")} AS caller, {_service("dm")} AS callee,
                {_text_or_null("interface")} AS interface,
                CASE WHEN rpctype IS NULL OR rpctype IN {MISSING_MARKERS} THEN 'UNKNOWN' ELSE rpctype END AS rpc_type,
-               rt_v AS rt_ms, false AS is_error, source_file, file_row, raw_hash
+               rt_v AS rt_ms, NULL::DOUBLE AS server_rt_ms, false AS is_error, source_file, file_row, raw_hash
         FROM merged"""
 
 
@@ -179,6 +181,7 @@ class SpanMapping:
     root_parent_values: tuple[str, ...] = ("", "root", "0", "0000000000000000")
     service_regex: str | None = None  # first group = service (e.g. strip a pod-name suffix)
     rpc_type: str = "span"
+    kind: str | None = None  # span kind column (client/server, OTel SPAN_KIND_*, Zipkin CLIENT/SERVER)
 
     @classmethod
     def load(cls, name_or_path: str) -> SpanMapping:
@@ -210,19 +213,39 @@ def bundled_mappings() -> list[str]:
     return sorted(p.stem for p in MAPPINGS.glob("*.json"))
 
 
+# span kind values (lower-cased) that name a client / server span; any other non-empty value is
+# another kind (internal, producer, consumer), which never pairs
+CLIENT_KINDS = ("client", "span_kind_client", "3")
+SERVER_KINDS = ("server", "span_kind_server", "2")
+NO_KIND = ("", "unspecified", "span_kind_unspecified", "0")
+
+
 @dataclass(frozen=True)
 class Spans:
-    """Generic spans: one call per span; the caller is the parent span's service (`USER` at roots)."""
+    """Spans: one call per span, except that a client span and its server child are ONE call.
+
+    A span's caller is its parent span's service (`USER` at roots). A client span C paired with its
+    server child S becomes one call: id and parent of C, caller = C's service, callee = S's service,
+    interface = S's operation (C's when S has none), rt_ms = C's latency (network + queueing +
+    callee), server_rt_ms = S's latency (NULL for unpaired calls); S's children hang under C's id.
+    The pair, where the mapping has a `kind` column: C has kind client and exactly one child of
+    kind server. Where C's kind is unknown (no column, or empty), it is inferred: C's parent has
+    the same service as C, C has exactly one child, and that child (kind unknown or server) is in
+    another service. A client span without its server child stays a plain call.
+    """
 
     mapping: SpanMapping
     name: str = "spans"
-    optional: tuple[str, ...] = field(default=())
 
     @property
     def required(self) -> tuple[str, ...]:
         m = self.mapping
         wanted = [m.trace_id, m.span_id, m.parent_id, m.service, m.operation, m.start, m.end, m.duration]
         return tuple(c for c in wanted if c is not None)
+
+    @property
+    def optional(self) -> tuple[str, ...]:
+        return () if self.mapping.kind is None else (self.mapping.kind,)
 
     def variables(self) -> dict[str, object]:
         """Mapping values (from a JSON file: outside text), bound as DuckDB variables."""
@@ -250,8 +273,16 @@ class Spans:
         end_ms = f"TRY_CAST({quote_identifier(m.end)} AS HUGEINT) * {_to_ms(m.end_unit)!r}"
         return f"CAST({end_ms} - {start_ms} AS DOUBLE)"
 
-    def normalise_sql(self, columns: set[str]) -> str:
-        """Needs `set_format_variables` on the connection first (the mapping's values)."""
+    def _kind(self, columns: set[str]) -> str:
+        """'client', 'server', 'other' or NULL (unknown: no kind column, or an empty value)."""
+        if self.mapping.kind is None or self.mapping.kind not in columns:
+            return "CAST(NULL AS VARCHAR)"
+        k = f"lower(trim(CAST({quote_identifier(self.mapping.kind)} AS VARCHAR)))"
+        return f"""CASE WHEN {k} IN {CLIENT_KINDS} THEN 'client' WHEN {k} IN {SERVER_KINDS} THEN 'server'
+                    WHEN {k} IS NULL OR {k} IN {NO_KIND} THEN NULL ELSE 'other' END"""
+
+    def _spans_sql(self, columns: set[str]) -> str:
+        """One row per raw span: the mapping's columns typed, service extracted, kind normalised."""
         m = self.mapping
         service = quote_identifier(m.service)
         if m.service_regex:
@@ -266,7 +297,6 @@ class Spans:
                 f"CAST({quote_identifier(m.status)} AS VARCHAR)), false)"
             )
         return f"""
-        WITH s AS (
             SELECT {self._timestamp()} AS ts,
                    nullif(trim(CAST({quote_identifier(m.trace_id)} AS VARCHAR)), '') AS trace_id,
                    nullif(trim(CAST({quote_identifier(m.span_id)} AS VARCHAR)), '') AS call_id,
@@ -274,15 +304,47 @@ class Spans:
                                                                trim(CAST({parent} AS VARCHAR))) THEN NULL
                         ELSE CAST({parent} AS VARCHAR) END AS parent_call_id,
                    {service} AS service, nullif(CAST({quote_identifier(m.operation)} AS VARCHAR), '') AS interface,
+                   {self._kind(columns)} AS kind,
                    {self._rt_ms()} AS rt_ms, {error} AS is_error, source_file, file_row, raw_hash
-            FROM raw),
-        parents AS (SELECT trace_id, call_id, any_value(service) AS service FROM s GROUP BY ALL)
-        SELECT s.ts, s.trace_id, s.call_id, s.parent_call_id,
-               CASE WHEN s.parent_call_id IS NULL THEN 'USER' ELSE coalesce(p.service, 'UNKNOWN') END AS caller,
-               coalesce(s.service, 'UNKNOWN') AS callee, s.interface,
+            FROM raw"""
+
+    def normalise_sql(self, columns: set[str]) -> str:
+        """Needs `set_format_variables` on the connection first (the mapping's values)."""
+        return f"""
+        WITH s AS ({self._spans_sql(columns)}),
+        ids AS (SELECT trace_id, call_id, any_value(parent_call_id) AS parent_call_id,
+                       any_value(service) AS service, any_value(kind) AS kind
+                FROM s WHERE trace_id IS NOT NULL AND call_id IS NOT NULL GROUP BY ALL),
+        kids AS (SELECT trace_id, parent_call_id AS call_id, count(*) AS n_kids,
+                        count(*) FILTER (WHERE kind = 'server') AS n_server,
+                        any_value(call_id) FILTER (WHERE kind = 'server') AS server_kid,
+                        any_value(call_id) AS kid, any_value(service) AS kid_service, any_value(kind) AS kid_kind
+                 FROM ids WHERE parent_call_id IS NOT NULL GROUP BY ALL),
+        pairs AS (
+            SELECT x.trace_id, x.call_id AS client_id,
+                   CASE WHEN x.kind = 'client' THEN k.server_kid ELSE k.kid END AS server_id
+            FROM ids x JOIN kids k USING (trace_id, call_id)
+            LEFT JOIN ids p ON p.trace_id = x.trace_id AND p.call_id = x.parent_call_id
+            WHERE (x.kind = 'client' AND k.n_server = 1)
+               OR (x.kind IS NULL AND k.n_kids = 1 AND coalesce(k.kid_kind, 'server') = 'server'
+                   AND p.service = x.service AND k.kid_service <> x.service)),
+        srv AS (
+            SELECT s.*, pr.client_id FROM s JOIN pairs pr ON pr.trace_id = s.trace_id AND pr.server_id = s.call_id
+            QUALIFY row_number() OVER (PARTITION BY s.trace_id, s.call_id ORDER BY s.source_file, s.file_row) = 1),
+        kept AS (SELECT * FROM s ANTI JOIN pairs me ON me.trace_id = s.trace_id AND me.server_id = s.call_id)
+        SELECT x.ts, x.trace_id, x.call_id, coalesce(up.client_id, x.parent_call_id) AS parent_call_id,
+               CASE WHEN v.call_id IS NOT NULL THEN coalesce(x.service, 'UNKNOWN')
+                    WHEN x.parent_call_id IS NULL THEN 'USER' ELSE coalesce(p.service, 'UNKNOWN') END AS caller,
+               coalesce(CASE WHEN v.call_id IS NOT NULL THEN v.service ELSE x.service END, 'UNKNOWN') AS callee,
+               coalesce(v.interface, x.interface) AS interface,
                CAST(getvariable('rpcwatch_span_rpc_type') AS VARCHAR) AS rpc_type,
-               s.rt_ms, s.is_error, s.source_file, s.file_row, s.raw_hash
-        FROM s LEFT JOIN parents p ON p.trace_id = s.trace_id AND p.call_id = s.parent_call_id"""
+               x.rt_ms, v.rt_ms AS server_rt_ms, x.is_error OR coalesce(v.is_error, false) AS is_error,
+               x.source_file, x.file_row,
+               CASE WHEN v.call_id IS NULL THEN x.raw_hash ELSE hash(x.raw_hash, v.raw_hash) END AS raw_hash
+        FROM kept x
+        LEFT JOIN ids p ON p.trace_id = x.trace_id AND p.call_id = x.parent_call_id
+        LEFT JOIN srv v ON v.trace_id = x.trace_id AND v.client_id = x.call_id
+        LEFT JOIN pairs up ON up.trace_id = x.trace_id AND up.server_id = x.parent_call_id"""
 
 
 def _to_ms(unit: str) -> float:

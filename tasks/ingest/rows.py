@@ -25,7 +25,8 @@ from tasks.ingest.sql import scalar, sql_timestamp
 from tasks.settings import KNOWN_RPC_TYPES
 
 CALL_COLUMNS = (
-    "ts, trace_id, call_id, parent_call_id, caller, callee, interface, rpc_type, rt_ms, is_error, source_file, batch_id"
+    "ts, trace_id, call_id, parent_call_id, caller, callee, interface, rpc_type, rt_ms, is_error, source_file, "
+    "batch_id, server_rt_ms, fan_out, self_ms"
 )
 QUARANTINE_COLUMNS = (
     "hour, source_file, file_row, reason, ts, trace_id, call_id, parent_call_id, caller, callee, interface, "
@@ -115,6 +116,21 @@ def _clear_hour(con: duckdb.DuckDBPyConnection, hour: datetime) -> None:
     con.execute("DELETE FROM quarantine WHERE hour = ?", [start])
 
 
+def _insert_calls_sql(not_dup: str) -> str:
+    """INSERT of the batch's passing rows into `calls`, with per call (on the kept rows of the
+    batch, same trace): `fan_out`, its number of child calls, and `self_ms`, its rt minus the sum of
+    its children's rt, floored at 0 (children running in parallel make it an under-estimate).
+    Children in another hour's batch are not counted. Binds the batch id."""
+    return f"""INSERT INTO calls ({CALL_COLUMNS})
+        WITH kept AS MATERIALIZED (SELECT * FROM batch WHERE reason IS NULL {not_dup}),
+        kids AS (SELECT trace_id, parent_call_id AS call_id, count(*) AS fan_out, sum(rt_ms) AS kids_ms
+                 FROM kept WHERE parent_call_id IS NOT NULL GROUP BY ALL)
+        SELECT k.ts, k.trace_id, k.call_id, k.parent_call_id, k.caller, k.callee, k.interface, k.rpc_type,
+               k.rt_ms, k.is_error, k.source_file, ?, k.server_rt_ms, coalesce(c.fan_out, 0),
+               greatest(k.rt_ms - coalesce(c.kids_ms, 0), 0)
+        FROM kept k LEFT JOIN kids c ON c.trace_id = k.trace_id AND c.call_id = k.call_id"""
+
+
 def load_batch(con: duckdb.DuckDBPyConnection, files: list[FileCheck], spec: BatchSpec, batch_id: str) -> None:
     """Replace the hour: passing rows to `calls`, the others to `quarantine` with their reason."""
     define_batch(con, files, spec)
@@ -122,12 +138,7 @@ def load_batch(con: duckdb.DuckDBPyConnection, files: list[FileCheck], spec: Bat
     _clear_hour(con, spec.hour)
     start = naive_utc(spec.hour)
     not_dup = "AND (source_file, file_row) NOT IN (SELECT (source_file, file_row) FROM dups)" if has_dups else ""
-    kept = scalar(
-        con,
-        f"""INSERT INTO calls ({CALL_COLUMNS}) SELECT ts, trace_id, call_id, parent_call_id, caller, callee,
-        interface, rpc_type, rt_ms, is_error, source_file, ? FROM batch WHERE reason IS NULL {not_dup}""",
-        [batch_id],
-    )
+    kept = scalar(con, _insert_calls_sql(not_dup), [batch_id])
     if not _all_rows_accounted(files, spec.partitioned, kept + _count(con, "dups")):
         con.execute(
             f"INSERT INTO quarantine ({QUARANTINE_COLUMNS}) SELECT {QUARANTINED.format(reason='reason')} "

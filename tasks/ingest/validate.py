@@ -46,6 +46,9 @@ CALLS_TYPES = {
     "is_error": "bool",
     "source_file": "object",
     "batch_id": "object",
+    "server_rt_ms": "float64",
+    "fan_out": "int32",
+    "self_ms": "float64",
 }
 # quarantine reason prefix -> (expectation, column) it reports against
 ROW_CHECKS = (

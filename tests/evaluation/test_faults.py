@@ -49,8 +49,9 @@ def test_detection_delay_and_chance_level_on_hand_made_points():
     )  # fault-free, elsewhere
     s = score_faults("x", points, faults, buckets, 5)
     assert (s.detected, s.per_fault) == (1, ["after 13 s"])  # bucket 00:05:10 ends 13 s after the injection
-    p = 1 / 108  # 120 buckets - 12 in the window; one of them touches svc-a
+    p = (1 + 1) / (108 + 2)  # 120 buckets - 12 in the window; one of them touches svc-a; add-one smoothed
     assert s.chance == pytest.approx(1 - (1 - p) ** 12)
+    assert (s.fault_free_minutes, s.alarmed_fault_free_minutes) == (9, 2)
     assert s.points_per_free_minute == pytest.approx(2 / 9) and s.free_minutes_alarmed == pytest.approx(2 / 9)
     assert score_faults("x", points.iloc[1:], faults, buckets, 5).per_fault == ["missed"]
 
@@ -75,32 +76,35 @@ def test_evaluate_on_a_scored_warehouse_counts_only_faults_after_training(traine
         {"inject_time": "2026-01-01 04:40:00", "inject_pod": "svc-nowhere-1-2"},
     ]
     path.write_text(json.dumps({"02": entries[:1], "04": entries[1:]}))
-    scores, faults = evaluate_faults(settings, path)
+    evaluation = evaluate_faults(settings, path)
+    faults = evaluation.faults
+    scores = [s for units in evaluation.scores.values() for s in units.values()]
     assert list(faults.service) == ["svc-cart", "svc-nowhere"]
     assert [s.name for s in scores] == [
         "rpcwatch points",
-        "naive points",
         "rpcwatch incident starts",
+        "naive points",
         "naive incident starts",
     ]
     for s in scores:
         assert s.faults == 2 and len(s.per_fault) == 2
         assert s.per_fault[1] == "missed", "a service that makes no call can't be hit"
         assert 0 <= s.free_minutes_alarmed <= 1
-    ours_points, _, ours_incidents, _ = scores
+    ours_points, ours_incidents, naive_points_, _ = scores
     assert ours_incidents.detected <= ours_points.detected, "an incident starts at a flagged point"
     # chance by hand: scored 04:00-04:59 (60 buckets); the windows 04:20-04:23 and 04:40-04:43 (4
-    # buckets each) leave 52 fault-free ones; svc-nowhere is never touched (adds 0), svc-cart in a
-    # share p of them (adds 1 - (1 - p) ** 4)
+    # buckets each) leave 52 fault-free ones; svc-nowhere is touched in none (add-one smoothed: p =
+    # 1 / 54), svc-cart in k of them (p = (k + 1) / 54)
     with opened(settings.warehouse, read_only=True) as con:
         ours = con.execute("SELECT bucket_ts, caller, callee FROM anomalies").df()
         naive = naive_points(con, 60, _h4(0), _h4(60))
-    for s, points in ((scores[0], ours), (scores[1], naive)):
+    nowhere = 1 - (1 - 1 / 54) ** 4
+    for s, points in ((ours_points, ours), (naive_points_, naive)):
         touched = points[(points.caller == "svc-cart") | (points.callee == "svc-cart")].bucket_ts
         free = touched[touched.between(_h4(0), _h4(59)) & ~touched.between(_h4(20), _h4(23))]
         free = free[~free.between(_h4(40), _h4(43))]
-        assert s.chance == pytest.approx(1 - (1 - free.nunique() / 52) ** 4), s.name
-    assert 0 < scores[1].chance < 1, "the naive rule flags svc-cart in some fault-free buckets, not all"
+        assert s.chance == pytest.approx(1 - (1 - (free.nunique() + 1) / 54) ** 4 + nowhere), s.name
+    assert nowhere < naive_points_.chance < 1 + nowhere, "the naive rule flags svc-cart in some fault-free buckets"
 
 
 def _h4(minute: int) -> datetime:

@@ -62,6 +62,7 @@ def test_v2022_missing_markers_roots_and_parents():
     assert (root["caller"], root["callee"], root["interface"], root["parent_call_id"]) == ("UNKNOWN", "A", None, "0")
     assert (child["parent_call_id"], child["rpc_type"], child["callee"]) == ("0.1", "UNKNOWN", "USER")
     assert str(root["ts"]) == "1970-01-01 00:00:01" and root["rt_ms"] == 5.0
+    assert root["server_rt_ms"] is None and child["server_rt_ms"] is None, "only span pairs have a server side"
 
 
 def test_v2021_caller_and_callee_rows_merge_into_one_call():

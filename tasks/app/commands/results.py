@@ -31,8 +31,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.faults:
         from tasks.evaluation.faults import evaluate_faults, fault_report
 
-        print(fault_report(*evaluate_faults(settings, args.faults)))
+        evaluation = evaluate_faults(settings, args.faults)
+        print(json.dumps(evaluation.as_json(), default=str) if args.json else fault_report(evaluation))
     else:
+        if args.json:
+            raise SystemExit("--json goes with --faults only")
         from tasks.evaluation.labels import evaluate_labels, label_report
 
         print(label_report(*evaluate_labels(settings, args.labels)))
@@ -46,7 +49,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
     hours = replay_hours(args.out)
     wrote = (
         f"wrote {counts['rows']:,} spans of {counts['runs']} runs back to back into {args.out} "
-        f"({hours[0]:%Y-%m-%d %H:00} .. {hours[-1]:%H:00}), {counts['faults']} faults in replay time"
+        f"({hours[0]:%Y-%m-%d %H:00} .. {hours[-1]:%H:00}), {counts['duplicates']:,} duplicate spans dropped; "
+        f"{counts['faults']} faults in replay time: {counts['moved']} moved to the start of their capture, "
+        f"{counts['unobservable']} unobservable (no capture in their window: listed, not counted)"
     )
     after = "RPCWATCH_BUCKET_SECONDS=5 RPCWATCH_MIN_TRAIN_HOURS=0.5 \\\n"
     run = f"        rpcwatch run --source {args.out} --format spans --mapping {args.mapping}\n"
@@ -97,6 +102,7 @@ def _register_anomalies_and_evaluate(add_parser: AddParser) -> None:
     what.add_argument(
         "--faults", type=Path, help="fault_list.json (Nezha layout; `rpcwatch replay` writes one in replay time)"
     )
+    p.add_argument("--json", action="store_true", help="with --faults: one JSON object (detector -> unit -> scores)")
     p.set_defaults(func=cmd_evaluate)
 
 
