@@ -69,6 +69,18 @@ def node_key_sql(alias: str = "") -> str:
     return "concat_ws('|', " + ", ".join(_escape_sql(p) for p in parts) + ")"
 
 
+def rpc_label(caller: str, callee: str, interface: str | None) -> str:
+    """An RPC as people name it (`rpcwatch plot --node`, the labels file): `caller:callee:interface`.
+    For display and matching only: unlike a node key it is not escaped and has no rpc_type."""
+    return f"{caller}:{callee}:{interface or ''}"
+
+
+def node_label(key: str) -> str:
+    """The `rpc_label` of a node key."""
+    caller, callee, interface, _ = split_node_key(key)
+    return rpc_label(caller, callee, interface)
+
+
 def edge_key(parent: str, child: str) -> str:
     return parent + EDGE + child
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from tasks.app.airflow_env import airflow_env, dag_test, prepare_airflow
 from tasks.app.report import hour_summary, model_table, table
+from tasks.keys import rpc_label
 from tasks.patterns.stage import pattern_table
 from tasks.publish import analytics_path
 from tasks.settings import Settings
@@ -150,7 +151,7 @@ def example_node(db: Path, max_hours: int) -> ExampleNode | None:
         return None
     pattern_id, caller, callee, interface, start, last = row
     back = math.ceil((last - start).total_seconds() / 3600) + 1  # the incident plus some normal before it
-    return ExampleNode(int(pattern_id), f"{caller}:{callee}:{interface or ''}", max(1, min(back, max_hours)))
+    return ExampleNode(int(pattern_id), rpc_label(caller, callee, interface), max(1, min(back, max_hours)))
 
 
 def _incidents(snapshot: Path) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.keys import split_node_key
+from tasks.keys import node_label
 from tasks.models.detector import Detector
 from tasks.models.features import CALLS
 from tasks.models.registry import champions
@@ -19,12 +19,6 @@ from tasks.models.thresholds import count_band
 from tasks.scoring.sequential import forecast_span
 from tasks.settings import Settings
 from tasks.warehouse import opened
-
-
-def _display(key: str) -> str:
-    """A node as users name it on the command line: caller:callee:interface."""
-    caller, callee, interface, _ = split_node_key(key)
-    return f"{caller}:{callee}:{interface or ''}"
 
 
 def forecast_plot(
@@ -66,9 +60,11 @@ def forecast_plot(
 
 def _node_index(nodes: list[str], node: str, pattern_id: int) -> int:
     """The index of a node named as on the command line (caller:callee:interface)."""
-    matches = [i for i, n in enumerate(nodes) if _display(n) == node]
+    matches = [i for i, n in enumerate(nodes) if node_label(n) == node]
     if not matches:
-        raise ValueError(f"node {node!r} is not in pattern {pattern_id}'s graph; nodes look like {_display(nodes[0])}")
+        raise ValueError(
+            f"node {node!r} is not in pattern {pattern_id}'s graph; nodes look like {node_label(nodes[0])}"
+        )
     return matches[0]
 
 

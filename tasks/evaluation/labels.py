@@ -24,7 +24,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from tasks.evaluation.naive import naive_points
-from tasks.keys import split_node_key
+from tasks.keys import node_label
 from tasks.scoring.incidents import anomaly_points, incidents_of
 from tasks.settings import Settings
 from tasks.warehouse import opened
@@ -56,17 +56,6 @@ class Scores:
     def f1(self) -> float:
         p, r = self.precision, self.recall
         return 2 * p * r / (p + r) if p + r else 0.0
-
-
-def label_rpc_key(caller: str, callee: str, interface: str | None) -> str:
-    """An RPC as the labels file names it in `rpcs` (`caller:callee:interface`, as `tasks.synth` writes)."""
-    return f"{caller}:{callee}:{interface or ''}"
-
-
-def node_label_key(node: str) -> str:
-    """The labels file's name of the RPC of a node key."""
-    caller, callee, interface, _ = split_node_key(node)
-    return label_rpc_key(caller, callee, interface)
 
 
 @dataclass(frozen=True)
@@ -132,7 +121,7 @@ def _alarms(con: duckdb.DuckDBPyConnection, points: pd.DataFrame, settings: Sett
         Alarm(
             pd.Timestamp(i.start_ts),
             pd.Timestamp(i.end_ts) - pd.Timedelta(seconds=seconds),
-            frozenset(node_label_key(n) for n in i.nodes),
+            frozenset(node_label(n) for n in i.nodes),
             frozenset(i.patterns),
         )
         for i in incidents
@@ -198,7 +187,7 @@ def _detectors(
 
 def _label_points(points: pd.DataFrame) -> pd.DataFrame:
     """bucket_ts, key (the labels' RPC name), pattern_id of a detector's points."""
-    keys = pd.Series([node_label_key(n) for n in points.node], index=points.index, dtype=object)
+    keys = pd.Series([node_label(n) for n in points.node], index=points.index, dtype=object)
     return pd.DataFrame({"bucket_ts": points.bucket_ts, "key": keys, "pattern_id": points.pattern_id})
 
 

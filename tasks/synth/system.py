@@ -10,6 +10,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from tasks.keys import rpc_label
+
 USER = "USER"
 MAX_DEPTH = 6  # root call USER -> entry is depth 1
 
@@ -88,7 +90,7 @@ class Node:
 
     @property
     def key(self) -> str:
-        return f"{self.caller}:{self.callee}:{self.interface}"
+        return rpc_label(self.caller, self.callee, self.interface)
 
 
 @dataclass(frozen=True)
