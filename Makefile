@@ -35,13 +35,14 @@ bench: setup
 	$(BIN)/python tests/benchmarks/bench_ingest.py
 
 # Real faults: each shared TrainTicket day replayed back to back (its captures have gaps), the
-# pipeline on 5 s buckets (the first 35 min train the models), then the evaluation against the
-# day's injected faults. About 15 min a day on 2 cores; homes under .rpcwatch-trainticket/.
+# pipeline with the demo's settings (only the history before a first model is shorter: the first
+# 35 min train), then the evaluation against the day's injected faults. Then the security case
+# studies: four attacks injected into a copy of the first day's replay (`rpcwatch inject`), run and
+# judged (`evaluate --labels`). About 5 min on 2 cores; homes under .rpcwatch-trainticket/.
 TT      := ../shared/data/nezha-trainticket
 TT_DAYS := 2023-01-29 2023-01-30
 TT_HOME := .rpcwatch-trainticket
-TT_ENV  := RPCWATCH_BUCKET_SECONDS=5 RPCWATCH_MIN_TRAIN_HOURS=0.5 RPCWATCH_FORMAT=spans \
-           RPCWATCH_SPAN_MAPPING=nezha-trainticket
+TT_ENV  := RPCWATCH_MIN_TRAIN_HOURS=0.5 RPCWATCH_FORMAT=spans RPCWATCH_SPAN_MAPPING=nezha-trainticket
 trainticket: setup
 	for day in $(TT_DAYS); do \
 	  home=$(TT_HOME)/$$day; rm -rf $$home; \
@@ -49,6 +50,10 @@ trainticket: setup
 	  RPCWATCH_HOME=$$home $(TT_ENV) $(BIN)/rpcwatch run --source $$home/replay && \
 	  RPCWATCH_HOME=$$home $(TT_ENV) $(BIN)/rpcwatch evaluate --faults $$home/replay/fault_list.json || exit 1; \
 	done
+	home=$(TT_HOME)/attacks; rm -rf $$home; mkdir -p $$home && \
+	  cp -r $(TT_HOME)/2023-01-29/replay $$home/replay && $(BIN)/rpcwatch inject $$home/replay && \
+	  RPCWATCH_HOME=$$home $(TT_ENV) $(BIN)/rpcwatch run --source $$home/replay && \
+	  RPCWATCH_HOME=$$home $(TT_ENV) $(BIN)/rpcwatch evaluate --labels $$home/replay/labels.parquet
 
 # Airflow UI on the demo's runs: http://127.0.0.1:8080 (this machine only), stop with Ctrl-C.
 # Log in as `admin`; the password is in .rpcwatch/airflow/simple_auth_manager_passwords.json.generated

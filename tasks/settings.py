@@ -57,6 +57,12 @@ class Settings:
     model_max_age_hours: int = 168
     drift_factor: float = 1.5  # drift: scored error above this x the calibrated level ...
     drift_hours: int = 3  # ... for this many consecutive scored hours
+    # the trace model (tasks.models.trace_model) and its window evidence (tasks.scoring.evidence);
+    # fixed from first principles before any evaluation, never fitted to labelled data
+    trace_p: float = 0.01  # a trace is surprising beyond this (per trace, corrected for its size)
+    trace_window_s: int = 30  # surprising traces are counted over windows this long ...
+    trace_step_s: int = 5  # ... ending this often (fast detection, whatever the forecaster's bucket)
+    trace_alpha: float = 0.01  # ... alarmed at this chance of one false alarm per hour (Bonferroni)
     incident_gap_buckets: int = 3  # flagged points of a pattern at most this far apart: one incident
     incident_min_buckets: int = 3  # ... spanning at least this many buckets (or one point scoring >= 3)
     device: str = "auto"
@@ -145,6 +151,10 @@ RANGES: dict[str, tuple[float, float | None, str]] = {
     "model_max_age_hours": (1, None, "[]"),
     "drift_factor": (0, None, "()"),
     "drift_hours": (1, None, "[]"),
+    "trace_p": (0, 1, "()"),
+    "trace_window_s": (1, 3600, "[]"),
+    "trace_step_s": (1, 3600, "[]"),
+    "trace_alpha": (0, 1, "()"),
     "incident_gap_buckets": (1, None, "[]"),
     "incident_min_buckets": (1, None, "[]"),
 }
@@ -182,6 +192,8 @@ def _problems(s: Settings) -> dict[str, str]:
     }
     if "bucket_seconds" not in out and 3600 % s.bucket_seconds:
         out["bucket_seconds"] = "must divide 3600 (1 s .. 1 h)"
+    if "trace_step_s" not in out and 3600 % s.trace_step_s:
+        out["trace_step_s"] = "must divide 3600 (1 s .. 1 h)"
     if s.format not in FORMATS:
         out["format"] = f"unknown trace format; choose one of {', '.join(FORMATS)}"
     if s.threshold_method not in THRESHOLD_METHODS:

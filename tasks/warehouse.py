@@ -110,6 +110,8 @@ CREATE TABLE IF NOT EXISTS anomalies (
     score DOUBLE, direction VARCHAR, kind VARCHAR, model_name VARCHAR, model_version INTEGER,
     run_id VARCHAR, scored_at TIMESTAMP
 );
+-- added later: the service most likely behind an irregular point / an incident's, ranked
+ALTER TABLE anomalies ADD COLUMN IF NOT EXISTS culprit VARCHAR;
 CREATE TABLE IF NOT EXISTS score_runs (
     hour TIMESTAMP NOT NULL, pattern_id INTEGER NOT NULL, status VARCHAR, reason VARCHAR,
     model_version INTEGER, flagged INTEGER, mape_calls DOUBLE
@@ -118,6 +120,7 @@ CREATE TABLE IF NOT EXISTS incidents (
     incident_id VARCHAR, start_ts TIMESTAMP, end_ts TIMESTAMP, patterns INTEGER[], nodes VARCHAR[],
     peak_score DOUBLE, kinds VARCHAR[], points BIGINT
 );
+ALTER TABLE incidents ADD COLUMN IF NOT EXISTS culprits VARCHAR[];
 CREATE OR REPLACE VIEW recent_anomalies AS """
     + RECENT_ANOMALIES_SQL
     + """;

@@ -31,7 +31,8 @@ SELECT strftime(start_ts, '%m-%d %H:%M') AS start, strftime(end_ts, '%H:%M') AS 
        CASE WHEN len(patterns) > 0 THEN 'pattern ' || array_to_string(list_sort(patterns), ',')
             ELSE 'new RPC ' || replace(regexp_replace(nodes[1], '\\|[^|]*$', ''), '|', ':') END AS "where",
        array_to_string(list_sort(kinds), ',') AS kinds, round(peak_score, 1) AS peak_score,
-       CAST(points AS INTEGER) AS points, CAST(len(nodes) AS INTEGER) AS nodes
+       CAST(points AS INTEGER) AS points, CAST(len(nodes) AS INTEGER) AS nodes,
+       array_to_string(coalesce(culprits, [])[:2], ', ') AS suspects
 FROM incidents ORDER BY peak_score DESC, start_ts LIMIT ?
 """
 
@@ -176,7 +177,7 @@ def _evaluate(settings: Settings) -> float:
 
 
 QUERIES = (
-    "SELECT start_ts, end_ts, patterns, kinds, round(peak_score, 1) AS peak, points '\n"
+    "SELECT start_ts, end_ts, patterns, kinds, culprits, round(peak_score, 1) AS peak, points '\n"
     "      'FROM incidents ORDER BY peak_score DESC LIMIT 10",
     "SELECT bucket_ts, pattern_id AS p, kind, callee, interface, feature, round(observed, 1) AS obs, '\n"
     "      'round(expected, 1) AS exp, round(score, 1) AS score FROM recent_anomalies LIMIT 20",

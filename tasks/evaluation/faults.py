@@ -15,13 +15,14 @@ of L buckets catches the fault by chance with probability 1 - (1 - p_s)^L. The e
 of chance catches is the sum over faults (also per `inject_type`); detections above it are what
 the detector really adds.
 
-Culprit (incidents only): a PLACEHOLDER until incidents name their culprit themselves. For each
-detected fault take the first incident (by start) in its window touching the injected service;
-rank the services of that incident's nodes by the sum of the scores of its points (the
-detector's points on its nodes between its start and end) on RPCs where the service is the
-callee, ties broken by the same sum where it is the caller, then by name. `culprit_top1` /
-`culprit_top3`: share of detected faults whose injected service is first / among the first
-three. The naive rule's points score 0, so its ranking falls to the name order.
+Culprit (incidents only): for each detected fault take the first incident (by start) in its
+window touching the injected service. rpcwatch's incidents name their suspects themselves
+(`incidents.culprits`, ranked by the product); services they do not name, and the naive rule's
+incidents (which name none), are ranked after them by the sum of the scores of the incident's
+points on RPCs where the service is the callee, ties broken by the same sum where it is the
+caller, then by name. `culprit_top1` / `culprit_top3`: share of detected faults whose injected
+service is first / among the first three. The naive rule's points score 0, so its ranking falls
+to the name order.
 
 The naive rule is `tasks.evaluation.naive`; its incidents come from the product's rule
 (`tasks.scoring.incidents.incidents_of`). Reads the fault list and the warehouse's `models`,
@@ -46,6 +47,7 @@ from tasks.evaluation.naive import naive_points
 from tasks.keys import split_node_key
 from tasks.models.registry import first_champion_at
 from tasks.scoring.incidents import INCIDENT_COLUMNS, Incident, incidents_of
+from tasks.scoring.trace_scoring import KIND as TRACE_KIND
 from tasks.settings import Settings
 from tasks.warehouse import opened
 
@@ -147,12 +149,29 @@ def _by_type(faults: pd.DataFrame, hits: list[bool], chances: list[float]) -> di
     return out
 
 
+def _cells(points: pd.DataFrame, step: int) -> pd.DataFrame:
+    """Each alarm as the grid cells (of `step` seconds) its interval [bucket_ts, bucket_ts +
+    duration_s) covers, with `raised`: when it was known (the interval's end)."""
+    points = points.assign(bucket_ts=pd.to_datetime(points.bucket_ts)).reset_index(drop=True)
+    if not len(points):
+        return points.assign(raised=points.bucket_ts)
+    duration = points["duration_s"].astype(int) if "duration_s" in points else pd.Series(step, index=points.index)
+    reps = np.maximum(duration.to_numpy() // step, 1)
+    out = points.loc[points.index.repeat(reps)].copy()
+    offset = np.concatenate([np.arange(r) for r in reps]) * step
+    out["raised"] = out.bucket_ts + pd.to_timedelta(duration.loc[out.index].to_numpy(), unit="s")
+    out["bucket_ts"] = out.bucket_ts + pd.to_timedelta(offset, unit="s")
+    return out.reset_index(drop=True)
+
+
 def score_faults(
     name: str, points: pd.DataFrame, faults: pd.DataFrame, buckets: pd.DatetimeIndex, seconds: int
 ) -> FaultScores:
     """Detections, delays, chance level (add-one smoothed) and the fault-free alarm rate of one
-    detector's alarms (bucket_ts, caller, callee: points, or incident starts x RPCs)."""
-    points = points.assign(bucket_ts=pd.to_datetime(points.bucket_ts))  # typed even when empty
+    detector's alarms (bucket_ts, caller, callee, optionally duration_s: points, or incident starts
+    x RPCs) on a grid of `seconds`-long cells (`buckets`: their starts). An alarm covers the cells
+    of its interval; its delay runs from the injection to the interval's end (when it was known)."""
+    points = _cells(points, seconds)
     free = _free_buckets(buckets, faults, seconds)
     free_points = points[points.bucket_ts.isin(set(buckets[free]))]
     n = int(free.sum())
@@ -165,7 +184,7 @@ def score_faults(
         chances.append(1 - (1 - p) ** int(window.sum()))
         hits.append(bool(len(hit)))
         if len(hit):
-            delay = (hit.bucket_ts.min() + pd.Timedelta(seconds=seconds) - f.inject_time).total_seconds()
+            delay = (hit.raised.min() - f.inject_time).total_seconds()
             delays.append(max(0.0, delay))
             per_fault.append(f"after {delays[-1]:.0f} s")
         else:
@@ -180,7 +199,7 @@ def score_faults(
         float(np.median(delays)) if delays else float("nan"),
         int(minutes),
         int(alarmed),
-        len(free_points) / max(minutes, 1),
+        free_points.drop_duplicates(["raised", "caller", "callee"]).shape[0] / max(minutes, 1),
         _by_type(faults, hits, chances),
         per_fault,
     )
@@ -216,7 +235,7 @@ def _starts_in(incident: Incident, fault: Any, seconds: int) -> bool:
 
 
 def culprit_shares(
-    incidents: list[Incident], points: pd.DataFrame, faults: pd.DataFrame, seconds: int
+    incidents: list[Incident], points: pd.DataFrame, faults: pd.DataFrame, seconds: int, step: int | None = None
 ) -> tuple[float | None, float | None]:
     """Share of detected faults whose injected service ranks first / in the first three (None
     when no fault was detected)."""
@@ -224,9 +243,10 @@ def culprit_shares(
     ordered = sorted(incidents, key=lambda i: (pd.Timestamp(i.start_ts), i.incident_id))
     ranks = []
     for f in faults.itertuples():
-        first = next((i for i in ordered if _starts_in(i, f, seconds)), None)
+        first = next((i for i in ordered if _starts_in(i, f, _start_duration(i, seconds, step or seconds))), None)
         if first is not None:
-            ranks.append(rank_services(first, points).index(f.service))
+            ranking = list(dict.fromkeys([*first.culprits, *rank_services(first, points)]))
+            ranks.append(ranking.index(f.service) if f.service in ranking else len(ranking))
     if not ranks:
         return None, None
     return sum(r == 0 for r in ranks) / len(ranks), sum(r < 3 for r in ranks) / len(ranks)
@@ -244,10 +264,17 @@ def _evaluated_range(con: duckdb.DuckDBPyConnection) -> tuple[pd.Timestamp, pd.T
     return pd.Timestamp(first_champion) + pd.Timedelta(hours=1), min(pd.Timestamp(scored_end), pd.Timestamp(data_end))
 
 
-def _starts(incidents: list[Incident]) -> pd.DataFrame:
-    """Incidents as the alert they raise: a row (bucket_ts, caller, callee) per RPC at their first bucket."""
-    rows = {(i.start_ts, *split_node_key(n)[:2]) for i in incidents for n in i.nodes}
-    return pd.DataFrame(sorted(rows), columns=["bucket_ts", "caller", "callee"])
+def _starts(incidents: list[Incident], seconds: int, step: int) -> pd.DataFrame:
+    """Incidents as the alert they raise: a row (bucket_ts, caller, callee, duration_s) per RPC at
+    their first point. A start off the bucket grid is a trace window's (`step` long); one on it is
+    taken as a bucket's, unless the incident holds trace windows only."""
+    rows = {(i.start_ts, *split_node_key(n)[:2], _start_duration(i, seconds, step)) for i in incidents for n in i.nodes}
+    return pd.DataFrame(sorted(rows), columns=["bucket_ts", "caller", "callee", "duration_s"])
+
+
+def _start_duration(incident: Incident, seconds: int, step: int) -> int:
+    on_grid = pd.Timestamp(incident.start_ts).value % (seconds * 10**9) == 0
+    return step if incident.kinds == [TRACE_KIND] or not on_grid else seconds
 
 
 def _our_incidents(con: duckdb.DuckDBPyConnection, start: pd.Timestamp, end: pd.Timestamp) -> list[Incident]:
@@ -285,9 +312,13 @@ def _judge(
     seconds: int,
 ) -> dict[str, FaultScores]:
     """One detector in both units: its points, and its incidents' starts (with the culprit shares)."""
-    by_points = score_faults(f"{name} points", points[["bucket_ts", "caller", "callee"]], faults, buckets, seconds)
-    by_incidents = score_faults(f"{name} incident starts", _starts(incidents), faults, buckets, seconds)
-    by_incidents.culprit_top1, by_incidents.culprit_top3 = culprit_shares(incidents, points, faults, seconds)
+    step = int(buckets.freq.n) if buckets.freq is not None else seconds  # the grid's cell, seconds
+    alarms = points.assign(duration_s=np.where(points.get("kind", "") == TRACE_KIND, step, seconds))
+    by_points = score_faults(
+        f"{name} points", alarms[["bucket_ts", "caller", "callee", "duration_s"]], faults, buckets, step
+    )
+    by_incidents = score_faults(f"{name} incident starts", _starts(incidents, seconds, step), faults, buckets, step)
+    by_incidents.culprit_top1, by_incidents.culprit_top3 = culprit_shares(incidents, points, faults, step)
     return {"points": by_points, "incidents": by_incidents}
 
 
@@ -300,7 +331,8 @@ def evaluate_faults(settings: Settings, faults_path: Path) -> FaultEvaluation:
         start, end = _evaluated_range(con)
         [(seconds,)] = con.execute("SELECT max(bucket_seconds) FROM rpc_series").fetchall()  # as the run bucketed
         ours = con.execute(
-            "SELECT bucket_ts, caller, callee, node, score FROM anomalies WHERE bucket_ts >= ? AND bucket_ts <= ?",
+            "SELECT bucket_ts, caller, callee, node, score, kind FROM anomalies "
+            "WHERE bucket_ts >= ? AND bucket_ts <= ?",
             [start, end],
         ).df()
         our_incidents = _our_incidents(con, start, end)
@@ -314,7 +346,9 @@ def evaluate_faults(settings: Settings, faults_path: Path) -> FaultEvaluation:
         raise ValueError(
             f"{faults_path}: no observable fault between {start} and {end}, the scored range after the first training"
         )
-    buckets = pd.date_range(start, end, freq=f"{seconds}s")
+    # the grid: trace windows step faster than buckets (and the steps divide the buckets)
+    step = min(seconds, settings.trace_step_s) if seconds % settings.trace_step_s == 0 else seconds
+    buckets = pd.date_range(start, end, freq=f"{step}s")
     scores = {
         "rpcwatch": _judge("rpcwatch", ours, our_incidents, faults, buckets, seconds),
         "naive": _judge("naive", naive, naive_incidents, faults, buckets, seconds),
@@ -361,6 +395,6 @@ def fault_report(evaluation: FaultEvaluation) -> str:
         "",
         "by chance: the detector's add-one smoothed alarm rate on the injected service in fault-free buckets, "
         "over each fault's window (buckets taken as independent); alarms: irregular points, or incident "
-        "starts x RPCs; culprit: placeholder ranking by point scores (see tasks.evaluation.faults)",
+        "starts x RPCs; culprit: the incident's own suspects first (see tasks.evaluation.faults)",
     ]
     return "\n".join(lines)

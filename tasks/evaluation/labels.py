@@ -7,9 +7,13 @@ length) for both detectors: rpcwatch's anomalies and the naive rule's points
 (`tasks.evaluation.naive`). Incidents that overlap no event are false alarms; precision is
 event-wise (detected / (detected + false)).
 
+Attack labels (`rpcwatch inject`, kinds `tasks.evaluation.attacks.ATTACK_KINDS`) need no truth
+file: `evaluate_attacks` judges them on incident starts and the services they touch.
+
 Reads the warehouse's `anomalies`, `rpc_series` (naive rule), `trace_patterns`, `score_runs` and
 `forecast_errors`, the labels Parquet and the synthetic truth next to it
-(`truth/trace_templates.parquet`). Writes nothing.
+(`truth/trace_templates.parquet`); for attacks `incidents`, `rpc_series` and `score_runs`, and
+the `fault_list.json` next to the labels. Writes nothing.
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
+from tasks.evaluation.attacks import ATTACK_KINDS, SLACK_S, fault_windows
 from tasks.evaluation.naive import naive_points
-from tasks.keys import node_label
+from tasks.keys import node_label, split_node_key
 from tasks.scoring.incidents import anomaly_points, incidents_of
 from tasks.settings import Settings
 from tasks.warehouse import opened
@@ -194,6 +199,8 @@ def _label_points(points: pd.DataFrame) -> pd.DataFrame:
 def evaluate_labels(settings: Settings, labels_path: Path) -> tuple[Scores, Scores, dict[str, float]]:
     """rpcwatch vs the naive rule on the scored hours; plus forecast MAPE and drift behaviour."""
     labels = pq.read_table(labels_path).to_pandas()
+    if len(labels) and labels.kind.isin(ATTACK_KINDS).all():
+        return evaluate_attacks(settings, labels, Path(labels_path).parent / "fault_list.json")
     truth = Path(labels_path).parent / "truth" / "trace_templates.parquet"
     seconds = settings.bucket_seconds
     with opened(settings.warehouse, read_only=True) as con:
@@ -234,6 +241,81 @@ def _drift_hours(
             hours |= set(pd.date_range(alarm.start.floor("h"), alarm.last.floor("h"), freq="h"))
         out[f"{event.event_id}_alarm_hours"] = float(len(hours))
     return out
+
+
+Touching = tuple[pd.Timestamp, frozenset[str]]  # an incident's start, the services of its nodes
+
+
+def _touching(start: datetime, nodes: list[str]) -> Touching:
+    return pd.Timestamp(start), frozenset(s for n in nodes for s in split_node_key(n)[:2])
+
+
+Window = tuple[pd.Timestamp, pd.Timestamp]
+
+
+def _widened(windows: list[Window], seconds: int) -> list[Window]:
+    """[start - 1 bucket, end + SLACK_S]: where an incident starting counts as caused by the window."""
+    return [(lo - pd.Timedelta(seconds=seconds), hi + pd.Timedelta(seconds=SLACK_S)) for lo, hi in windows]
+
+
+def _score_attacks(
+    name: str, alarms: list[Touching], labels: pd.DataFrame, faults: list[Window], seconds: int, pattern_hours: int
+) -> Scores:
+    """Detected: an incident starts in an attack's widened window touching one of its services;
+    delay: from its start to the first such incident start. False: incidents starting in no widened
+    attack or fault window."""
+    bucket, slack = pd.Timedelta(seconds=seconds), pd.Timedelta(seconds=SLACK_S)
+    windows, per_event, delays = _widened(faults, seconds), {}, []
+    for attack in labels.itertuples():
+        lo, hi = attack.start.tz_convert(None) - bucket, attack.end.tz_convert(None) + slack
+        windows.append((lo, hi))
+        hits = [s for s, services in alarms if lo <= s <= hi and services & set(attack.services)]
+        if hits:
+            delays.append(max(0.0, (min(hits) - attack.start.tz_convert(None)).total_seconds()))
+        per_event[attack.event_id] = f"detected after {delays[-1]:.0f} s" if hits else "missed"
+    false = sum(not any(lo <= s <= hi for lo, hi in windows) for s, _ in alarms)
+    return Scores(
+        name,
+        len(labels),
+        len(delays),
+        len(alarms),
+        len(alarms) - false,
+        false / max(pattern_hours, 1),
+        float(np.median(delays)) if delays else float("nan"),
+        per_event,
+    )
+
+
+def evaluate_attacks(
+    settings: Settings, labels: pd.DataFrame, faults_path: Path
+) -> tuple[Scores, Scores, dict[str, float]]:
+    """Injected attacks against rpcwatch's stored incidents and the naive rule's (the product's rule
+    over its points) on the scored hours, judged by `_score_attacks`; fault windows come from
+    `faults_path` (none if it is absent). Extra: how many fault windows, and how many of rpcwatch's
+    incidents start in one."""
+    faults = fault_windows(faults_path)
+    with opened(settings.warehouse, read_only=True) as con:
+        start, end, pattern_hours = _scored_range(con)
+        [(seconds,)] = con.execute("SELECT max(bucket_seconds) FROM rpc_series").fetchall()
+        seconds = int(seconds or settings.bucket_seconds)
+        rows = con.execute(
+            "SELECT start_ts, nodes FROM incidents WHERE start_ts >= ? AND start_ts < ? ORDER BY start_ts", [start, end]
+        ).fetchall()
+        naive = incidents_of(
+            con,
+            naive_points(con, seconds, start, end),
+            settings.incident_gap_buckets,
+            settings.incident_min_buckets,
+            seconds,
+        )
+    labels = labels[(labels.end.dt.tz_convert(None) >= start) & (labels.start.dt.tz_convert(None) < end)]
+    ours, theirs = [_touching(s, n) for s, n in rows], [_touching(i.start_ts, i.nodes) for i in naive]
+    in_faults = sum(any(lo <= s <= hi for lo, hi in _widened(faults, seconds)) for s, _ in ours)
+    return (
+        _score_attacks("rpcwatch", ours, labels, faults, seconds, pattern_hours),
+        _score_attacks("naive median/MAD", theirs, labels, faults, seconds, pattern_hours),
+        {"fault_windows": float(len(faults)), "rpcwatch_incidents_in_fault_windows": float(in_faults)},
+    )
 
 
 def label_report(ours: Scores, naive: Scores, extra: dict[str, float]) -> str:

@@ -2,9 +2,11 @@
 
 Export (inside the DuckDB writer pool): `pattern_series` rows of one pattern's graph nodes over a
 time range -> `<dir>/pattern-<id>.parquet` plus `<dir>/pattern-<id>.json` (nodes, edges, version,
-graph_hash, range). Training (anywhere, in parallel) reads those files only.
+graph_hash, range), and the calls of its most recent traces for the trace model ->
+`<dir>/pattern-<id>-calls.parquet`. Training (anywhere, in parallel) reads those files only.
 
-Reads `patterns`, `pattern_nodes`, `pattern_edges`, `pattern_series`; writes no table.
+Reads `patterns`, `pattern_nodes`, `pattern_edges`, `pattern_series`, `trace_patterns`, `calls`;
+writes no table.
 """
 
 from __future__ import annotations
@@ -17,9 +19,14 @@ from typing import Any
 
 import duckdb
 import numpy as np
+import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tasks.models.features import CALLS, FEATURES, LATENCIES
+from tasks.patterns.trace_calls import trace_calls
+
+TRACE_MODEL_TRACES = 20_000  # the trace model learns from a pattern's most recent traces
 
 
 @dataclass
@@ -92,9 +99,23 @@ def export_pattern(
         "start": start.isoformat(),
         "end": end.isoformat(),
     }
+    calls = trace_calls(con, [pattern_id], start, end, most=TRACE_MODEL_TRACES).get(pattern_id)
+    if calls is not None:  # the trace model's training traces
+        pq.write_table(pa.Table.from_pandas(calls, preserve_index=False), trace_calls_path(parquet))
     path = folder / f"pattern-{pattern_id}.json"
     path.write_text(json.dumps(meta, indent=1))
     return path
+
+
+def trace_calls_path(series_parquet: Path) -> Path:
+    """Where the export keeps the calls of the pattern's training traces (beside its series)."""
+    return series_parquet.with_name(series_parquet.stem + "-calls.parquet")
+
+
+def load_trace_calls(meta_path: Path) -> pd.DataFrame | None:
+    """The exported calls of the pattern's training traces; None when it had no traces."""
+    path = trace_calls_path(Path(meta_path).with_suffix(".parquet"))
+    return pq.read_table(path).to_pandas() if path.exists() else None
 
 
 def load_pattern(meta_path: Path) -> PatternData:

@@ -48,8 +48,9 @@ from tasks.models.registry import (
     registered_champion,
     setup_mlflow,
 )
-from tasks.models.series import PatternData, load_pattern
+from tasks.models.series import PatternData, load_pattern, load_trace_calls
 from tasks.models.thresholds import Thresholds, calibrate
+from tasks.models.trace_model import TRACE_MODEL_ARTIFACT, TraceModel
 from tasks.settings import Settings
 
 if TYPE_CHECKING:
@@ -58,6 +59,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
+MIN_TRACE_MODEL_TRACES = 50  # a pattern with fewer training traces gets no trace model
 PIP_REQUIREMENTS = ["torch==2.13.0", "torch-geometric==2.8.1", "numpy", "scipy"]
 ARCHITECTURE = "STGCN(temporal gated conv -> GCNConv -> temporal gated conv) x blocks"
 
@@ -256,8 +258,19 @@ def _params(fitted: Fitted, reason: str) -> dict[str, object]:
     }
 
 
-def _log_run(mlflow: ModuleType, fitted: Fitted, folder: Path, reason: str) -> tuple[str, dict[str, str]]:
-    """Params, metrics, plots and the pyfunc model into the active run; (model URI, artifact files)."""
+def fit_trace_model(settings: Settings, meta_path: Path) -> TraceModel | None:
+    """The pattern's trace model from its exported training traces (None with too few of them)."""
+    calls = load_trace_calls(meta_path)
+    if calls is None or calls["trace_id"].nunique() < MIN_TRACE_MODEL_TRACES:
+        return None
+    return TraceModel(settings.trace_p).fit(calls).calibrate(calls, settings.trace_window_s)
+
+
+def _log_run(
+    mlflow: ModuleType, fitted: Fitted, folder: Path, reason: str, trace: TraceModel | None = None
+) -> tuple[str, dict[str, str]]:
+    """Params, metrics, plots and the pyfunc model into the active run (the trace model beside the
+    forecaster, same version); (model URI, artifact files)."""
     mlflow.log_params(_params(fitted, reason))
     mlflow.log_metrics({k: v for k, v in fitted.scores.items() if np.isfinite(v)})
     for epoch, value in enumerate(fitted.result.history):
@@ -265,6 +278,9 @@ def _log_run(mlflow: ModuleType, fitted: Fitted, folder: Path, reason: str) -> t
     for png in _plots(fitted, folder):
         mlflow.log_artifact(str(png), artifact_path="plots")
     artifacts = write_artifacts(folder, fitted.data, fitted.prep, fitted.cfg, fitted.result.model, fitted.thresholds)
+    if trace is not None:
+        artifacts[TRACE_MODEL_ARTIFACT] = str(trace.save(folder / f"{TRACE_MODEL_ARTIFACT}.json"))
+        mlflow.log_metrics({f"trace_{k}": float(v) for k, v in trace.calibration.items()})
     info = mlflow.pyfunc.log_model(
         name="model", python_model=str(MODEL_CODE), artifacts=artifacts, pip_requirements=PIP_REQUIREMENTS
     )
@@ -298,6 +314,7 @@ def train_pattern(
 ) -> TrainOutcome:
     """Everything for one pattern: train, evaluate against baselines, calibrate, log, register."""
     fitted = fit(settings, load_pattern(meta_path), cfg or TrainConfig())
+    trace = fit_trace_model(settings, meta_path)
     data = fitted.data
     mlflow = setup_mlflow(settings)
     client = mlflow.MlflowClient()
@@ -306,7 +323,7 @@ def train_pattern(
         tempfile.TemporaryDirectory() as tmp,
         mlflow.start_run(run_name=f"pattern-{data.pattern_id}-{trained_for:%Y%m%dT%H}") as run,
     ):
-        model_uri, artifacts = _log_run(mlflow, fitted, Path(tmp), reason)
+        model_uri, artifacts = _log_run(mlflow, fitted, Path(tmp), reason, trace)
         decision, why = decide(mlflow, client, fitted)
         tags = _version_tags(fitted, trained_for, (decision, why), run.info.run_id, reason, artifacts)
         version = mlflow.register_model(model_uri, name, tags=tags).version

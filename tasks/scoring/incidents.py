@@ -22,15 +22,15 @@ from tasks.clock import HOUR, naive_utc
 PEAK_SCORE = 3.0  # a run shorter than `incident_min_buckets` is an incident when a point scores this much
 # the product's groups: a pattern's points, or a calling service's novel RPCs
 GROUP_SQL = "coalesce(CAST(pattern_id AS VARCHAR), 'novel:' || caller)"
-INCIDENT_COLUMNS = "incident_id, start_ts, end_ts, patterns, nodes, peak_score, kinds, points"
-# the columns the rule reads: bucket_ts, grp (the group), pattern_id, node, score, kind
+INCIDENT_COLUMNS = "incident_id, start_ts, end_ts, patterns, nodes, peak_score, kinds, points, culprits"
+# the columns the rule reads: bucket_ts, grp (the group), pattern_id, node, score, kind, culprit
 ANOMALY_POINTS_SQL = f"""
-SELECT bucket_ts, pattern_id, node, score, kind, {GROUP_SQL} AS grp FROM anomalies
+SELECT bucket_ts, pattern_id, node, score, kind, culprit, {GROUP_SQL} AS grp FROM anomalies
 WHERE bucket_ts >= $lo AND bucket_ts < $hi"""
 POINTS_VIEW = "incident_points"  # where `incidents_of` registers the points it is given
 GIVEN_POINTS_SQL = f"""
 SELECT CAST(bucket_ts AS TIMESTAMP) AS bucket_ts, CAST(pattern_id AS INTEGER) AS pattern_id, node,
-       CAST(score AS DOUBLE) AS score, kind, grp FROM {POINTS_VIEW}"""
+       CAST(score AS DOUBLE) AS score, kind, CAST(culprit AS VARCHAR) AS culprit, grp FROM {POINTS_VIEW}"""
 
 
 def runs_sql(points_sql: str) -> str:
@@ -49,15 +49,25 @@ runs AS (
 
 def incidents_sql(points_sql: str) -> str:
     """The incidents rows (as the `incidents` table holds them) of the points `points_sql` selects;
-    lists sorted, so that a rebuild gives identical rows."""
+    lists sorted, so that a rebuild gives identical rows; culprits ranked by their points' summed
+    score (ties by name)."""
     return (
         runs_sql(points_sql)
-        + """
-SELECT md5(grp || ':' || CAST(min(bucket_ts) AS VARCHAR))[:12], min(bucket_ts), max(bucket_ts) + $bucket,
-       list_sort(list(DISTINCT pattern_id) FILTER (WHERE pattern_id IS NOT NULL)), list_sort(list(DISTINCT node)),
-       max(score), list_sort(list(DISTINCT kind)), count(*)
-FROM runs GROUP BY grp, run
-HAVING count(DISTINCT bucket_ts) >= $min_buckets OR max(score) >= $peak
+        + """,
+blamed AS (
+    SELECT grp, run, culprit, sum(score) AS weight FROM runs WHERE culprit IS NOT NULL GROUP BY ALL),
+ranked AS (
+    SELECT grp, run, list(culprit ORDER BY weight DESC, culprit) AS culprits FROM blamed GROUP BY ALL),
+kept AS (
+    SELECT grp, run, md5(grp || ':' || CAST(min(bucket_ts) AS VARCHAR))[:12] AS incident_id,
+           min(bucket_ts) AS start_ts, max(bucket_ts) + $bucket AS end_ts,
+           list_sort(list(DISTINCT pattern_id) FILTER (WHERE pattern_id IS NOT NULL)) AS patterns,
+           list_sort(list(DISTINCT node)) AS nodes, max(score) AS peak_score,
+           list_sort(list(DISTINCT kind)) AS kinds, count(*) AS points
+    FROM runs GROUP BY grp, run
+    HAVING count(DISTINCT bucket_ts) >= $min_buckets OR max(score) >= $peak)
+SELECT incident_id, start_ts, end_ts, patterns, nodes, peak_score, kinds, points, coalesce(culprits, [])
+FROM kept LEFT JOIN ranked USING (grp, run)
 """
     )
 
@@ -90,13 +100,22 @@ class Incident:
     peak_score: float
     kinds: list[str]
     points: int
+    culprits: list[str]  # the services most likely behind it, most likely first
 
     @classmethod
     def from_row(cls, row: tuple) -> Incident:
         """An incident from a row of `incidents` (or of `incidents_sql`), columns in table order."""
-        incident_id, start_ts, end_ts, patterns, nodes, peak_score, kinds, points = row
+        incident_id, start_ts, end_ts, patterns, nodes, peak_score, kinds, points, culprits = row
         return cls(
-            incident_id, start_ts, end_ts, list(patterns or []), list(nodes), peak_score, list(kinds), int(points)
+            incident_id,
+            start_ts,
+            end_ts,
+            list(patterns or []),
+            list(nodes),
+            peak_score,
+            list(kinds),
+            int(points),
+            list(culprits or []),
         )
 
 
@@ -113,9 +132,15 @@ def incidents_of(
     con: duckdb.DuckDBPyConnection, points: pd.DataFrame | pa.Table, gap_buckets: int, min_buckets: int, seconds: int
 ) -> list[Incident]:
     """The incident rule over any points: columns bucket_ts, grp (the group runs are formed in),
-    pattern_id (may be null), node, score, kind. Ordered by start, then id."""
+    pattern_id (may be null), node, score, kind, and optionally culprit. Ordered by start, then id."""
     if not len(points):
         return []
+    if "culprit" not in (points.column_names if isinstance(points, pa.Table) else points.columns):
+        points = (
+            points.append_column("culprit", pa.nulls(len(points), pa.string()))
+            if isinstance(points, pa.Table)
+            else points.assign(culprit=None)
+        )
     con.register(POINTS_VIEW, points)
     try:
         rows = con.execute(
@@ -123,10 +148,7 @@ def incidents_of(
         ).fetchall()
     finally:
         con.unregister(POINTS_VIEW)
-    return [
-        Incident(i, start, end, list(p or []), list(n), peak, list(k), count)
-        for i, start, end, p, n, peak, k, count in rows
-    ]
+    return [Incident.from_row(row) for row in rows]
 
 
 def anomaly_points(con: duckdb.DuckDBPyConnection, start: datetime, end: datetime) -> pd.DataFrame:

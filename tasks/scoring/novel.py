@@ -1,5 +1,6 @@
 """RPCs in no pattern graph become anomalies of kind `novel_rpc` (one per novel RPC and bucket,
-scored by its calls). Reads `novel_rpcs`; replaces the hour's `novel_rpc` rows of `anomalies`.
+scored by its calls; the calling service is the suspect: it calls something it never did).
+Reads `novel_rpcs`; replaces the hour's `novel_rpc` rows of `anomalies`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from tasks.scoring.store import ANOMALY_COLUMNS
 NOVEL_SQL = f"""
 INSERT INTO anomalies ({", ".join(ANOMALY_COLUMNS)})
 SELECT bucket_ts, NULL, {node_key_sql()}, caller, callee,
-       interface, 'calls', calls, 0, 0, calls, 'up', 'novel_rpc', NULL, NULL, NULL, ?
+       interface, 'calls', calls, 0, 0, calls, 'up', 'novel_rpc', NULL, NULL, NULL, ?, caller
 FROM novel_rpcs WHERE bucket_ts >= ? AND bucket_ts < ?"""
 
 

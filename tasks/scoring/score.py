@@ -1,6 +1,9 @@
 """Score an hour: each critical pattern's champion forecasts every bucket of the hour from the W
 buckets before it; observed points outside the calibrated band land in `anomalies`.
 
+Each champion's trace model scores the hour's traces of its pattern too; windows holding more
+surprising traces than its calibrated rate allows join the points (`tasks.scoring.trace_scoring`).
+
 Idempotent per (pattern, hour): rescoring replaces. `score_runs` says per pattern what happened
 (scored, or skipped: no champion, graph changed since training, or too little history when no
 series row lies in the model's lead-in before the hour); `forecast_errors` keeps the hour's calls
@@ -33,13 +36,14 @@ from tasks.clock import HOUR, hour_floor, naive_utc
 from tasks.keys import split_node_key
 from tasks.models.baselines import metrics
 from tasks.models.detector import Detector, one_torch_thread
-from tasks.models.features import FEATURES
+from tasks.models.features import COUNTS, FEATURES
 from tasks.models.registry import ChampionRow, champions, model_name
 from tasks.scoring.grid import Columns, Grid, cleaned, fetch_flagged, fetch_series
 from tasks.scoring.incidents import rebuild_incidents
 from tasks.scoring.novel import novel_anomalies
 from tasks.scoring.sequential import Forecast, forecast_sequentially, span_grid
 from tasks.scoring.store import ANOMALY_COLUMNS, AnomalyRow, Scored, store_hour
+from tasks.scoring.trace_scoring import trace_rows
 from tasks.settings import Settings
 from tasks.warehouse import opened
 
@@ -125,6 +129,7 @@ def _anomaly_rows(
                 ready.champion.model_version,
                 ready.champion.run_id,
                 scored_at,
+                callee,
             )
         )
     return out
@@ -168,6 +173,33 @@ def _score_all(
     return scored, skipped
 
 
+def _control_count_tests(settings: Settings, ready: list[Ready]) -> None:
+    """Each count point is one of many tests an hour (buckets x nodes x calls and errors of every
+    ready pattern): Bonferroni brings the per-point level down so that the hour's chance of a
+    false point stays near `trace_alpha`, as the trace windows' does (never above `alarm_p`)."""
+    tests = (3600 // settings.bucket_seconds) * sum(len(r.detector.nodes) for r in ready) * len(COUNTS)
+    for r in ready:
+        r.detector.alarm_p = min(r.detector.thresholds.alarm_p, settings.trace_alpha / max(tests, 1))
+
+
+def _add_trace_rows(
+    con: duckdb.DuckDBPyConnection,
+    settings: Settings,
+    ready: list[Ready],
+    scored: dict[int, Scored],
+    hour: datetime,
+    scored_at: datetime,
+) -> None:
+    """The trace models' alarmed windows join their patterns' forecaster points."""
+    models = {
+        r.champion.pattern_id: (r.champion, r.detector.trace_model)
+        for r in ready
+        if r.detector.trace_model is not None and r.champion.pattern_id in scored
+    }
+    for pid, rows in trace_rows(con, settings, models, hour, scored_at).items():
+        scored[pid].rows.extend(rows)
+
+
 def score_hour(settings: Settings, hour: datetime) -> ScoreReport:
     """Score every critical pattern with a champion for `hour` (idempotent per pattern and hour)."""
     hour = hour_floor(hour)
@@ -178,8 +210,10 @@ def score_hour(settings: Settings, hour: datetime) -> ScoreReport:
         con.execute("BEGIN")
         con.execute("DELETE FROM score_runs WHERE hour = ?", [naive_utc(hour)])
         critical, ready, skipped = _ready_patterns(con, settings)
+        _control_count_tests(settings, ready)
         scored, too_little = _score_all(con, ready, hour, scored_at)
         skipped.update(too_little)
+        _add_trace_rows(con, settings, ready, scored, hour, scored_at)
         report.scored = [pid for pid in critical if pid in scored]
         report.skipped = {pid: skipped[pid] for pid in critical if pid in skipped}
         store_hour(con, hour, scored, report.skipped)

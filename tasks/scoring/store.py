@@ -36,6 +36,7 @@ class AnomalyRow(NamedTuple):
     model_version: int | None
     run_id: str | None
     scored_at: datetime
+    culprit: str | None  # the service most likely behind it
 
 
 ANOMALY_COLUMNS = list(AnomalyRow._fields)

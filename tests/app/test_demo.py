@@ -87,7 +87,8 @@ def _snapshot(settings, incidents=INCIDENTS, anomalies=ANOMALIES):
 def test_incidents_are_listed_strongest_first_with_the_rest_counted(settings):
     text = incidents_text(_snapshot(settings), limit=3)
     lines = text.splitlines()
-    assert lines[0].split() == ["start", "end", "minutes", "where", "kinds", "peak_score", "points", "nodes"]
+    header = ["start", "end", "minutes", "where", "kinds", "peak_score", "points", "nodes", "suspects"]
+    assert lines[0].split() == header
     assert "new RPC svc-user:mysql-users:dumpTable" in lines[2] and "24.0" in lines[2]
     assert "pattern 9" in lines[3] and "pattern 4" in lines[4] and "errors,traffic_spike" in lines[4]
     assert " 18 " in lines[4] and "358" in lines[4]  # 08:51 .. 09:09

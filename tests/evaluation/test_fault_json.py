@@ -32,10 +32,11 @@ def _anomaly(minute: int, caller: str, callee: str, score: float) -> tuple:
 
 
 @pytest.fixture
-def warehouse(settings):
+def warehouse(settings, monkeypatch):
     """One-minute buckets 00:00-01:59 of three steady RPCs (the naive rule flags nothing); the
     first champion trained for 00:00, so 01:00-01:59 is judged (60 buckets); rpcwatch points at
     01:11 (in the first fault's window) and 01:40 (fault-free, touching svc-a), an incident on each."""
+    monkeypatch.setenv("RPCWATCH_TRACE_STEP_S", "60")  # judged on the minutes, as the hand counts are
     with opened(settings.warehouse) as con:
         rows = [(_at(m), c, e, "op", "http", 10, 0, 5.0, 5.0, 5.0, 60) for m in range(120) for c, e in RPCS]
         con.executemany("INSERT INTO rpc_series VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
@@ -51,7 +52,11 @@ def warehouse(settings):
             ("i1", _at(71), _at(72), [1], [_node("gw", "svc-a"), _node("svc-a", "db")], 2.0, ["spike"], 2),
             ("i2", _at(100), _at(101), [1], [_node("gw", "svc-a")], 1.0, ["spike"], 1),
         ]
-        con.executemany("INSERT INTO incidents VALUES (?, ?, ?, ?, ?, ?, ?, ?)", incidents)
+        con.executemany(
+            "INSERT INTO incidents (incident_id, start_ts, end_ts, patterns, nodes, peak_score, kinds, points) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            incidents,
+        )
     return settings
 
 
@@ -129,7 +134,7 @@ def test_windows_are_clipped_to_the_capture_and_last_180_s_otherwise(tmp_path):
 
 def test_culprit_ranking_by_callee_score_then_caller_score():
     nodes = [_node("gw", "svc-a"), _node("svc-a", "db"), _node("gw", "svc-b")]
-    incident = Incident("i", _at(0), _at(2), [1], nodes, 3.0, ["spike"], 3)
+    incident = Incident("i", _at(0), _at(2), [1], nodes, 3.0, ["spike"], 3, [])
     points = pd.DataFrame(
         {
             "bucket_ts": [_at(0), _at(1), _at(1), _at(5)],

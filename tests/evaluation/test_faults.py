@@ -63,7 +63,7 @@ def test_evaluate_on_a_scored_warehouse_counts_only_faults_after_training(traine
     from tasks.scoring.score import score_hour
 
     settings, source, _ = trained
-    settings = copy_home(settings, tmp_path)
+    settings = copy_home(settings, tmp_path).with_(trace_step_s=60)  # one grid: the hand count below
     h4 = START + timedelta(hours=4)
     ingest_hour(settings, h4, [source])
     aggregate_hour(settings, h4)
@@ -109,3 +109,30 @@ def test_evaluate_on_a_scored_warehouse_counts_only_faults_after_training(traine
 
 def _h4(minute: int) -> datetime:
     return datetime(2026, 1, 1, 4) + timedelta(minutes=minute)
+
+
+def test_alarms_cover_their_interval_and_count_from_its_end() -> None:
+    """On a 5 s grid: a bucket's point (60 s) covers 12 cells and is known at its bucket's end; a
+    trace window's point (5 s) one cell."""
+    from tasks.evaluation.faults import score_faults
+
+    inject = pd.Timestamp("2026-01-01 04:20:37")
+    faults = pd.DataFrame(
+        {
+            "inject_time": [inject],
+            "window_end": [inject + pd.Timedelta(seconds=180)],
+            "service": ["b"],
+            "inject_type": ["cpu"],
+        }
+    )
+    grid = pd.date_range("2026-01-01 04:00", "2026-01-01 05:00", freq="5s")
+    bucket = pd.DataFrame(
+        {"bucket_ts": [pd.Timestamp("2026-01-01 04:20")], "caller": ["a"], "callee": ["b"], "duration_s": [60]}
+    )
+    window = bucket.assign(bucket_ts=pd.Timestamp("2026-01-01 04:20:45"), duration_s=5)
+    early = bucket.assign(bucket_ts=pd.Timestamp("2026-01-01 04:19:00"))
+    assert score_faults("b", bucket, faults, grid, 5).per_fault == ["after 23 s"]
+    assert score_faults("w", window, faults, grid, 5).per_fault == ["after 13 s"]
+    assert score_faults("e", early, faults, grid, 5).per_fault == ["missed"]
+    both = score_faults("both", pd.concat([bucket, window]), faults, grid, 5)
+    assert both.per_fault == ["after 13 s"]

@@ -20,7 +20,7 @@ H = datetime(2026, 1, 1, 10)  # naive UTC, as stored
 GAP, SECONDS, MIN_BUCKETS = 3, 60, 3  # the settings' defaults
 
 
-def _point(ts: datetime, group: int | str, score: float = 1.0, feature: str = "calls") -> tuple:
+def _point(ts: datetime, group: int | str, score: float = 1.0, feature: str = "calls", culprit: str = "svc-b") -> tuple:
     """An anomalies row: a pattern's point (int group) or a novel RPC of a calling service (str group)."""
     pid, caller = (group, "svc-a") if isinstance(group, int) else (None, group)
     node = f"{caller}|svc-b|get|rpc"
@@ -42,6 +42,7 @@ def _point(ts: datetime, group: int | str, score: float = 1.0, feature: str = "c
         None,
         None,
         ts,
+        culprit,
     )
 
 
@@ -278,3 +279,16 @@ def test_the_gap_setting_changes_the_shared_rule():
     frame = _frame([(_at(m), "1", 1, "a|b|get|rpc", 1.0) for m in (0, 1, 5, 6)])
     assert _shared(frame, gap_buckets=3) == []  # two runs of 2 buckets, 4 min apart
     assert _shared(frame, gap_buckets=4) == [(_at(0), _at(6), ("a|b|get|rpc",), 1.0)]
+
+
+def test_an_incident_ranks_its_suspects_by_summed_score(settings):
+    points = [
+        _point(H + timedelta(minutes=1), 4, score=2.0, culprit="svc-db"),
+        _point(H + timedelta(minutes=2), 4, score=1.5, culprit="svc-b"),
+        _point(H + timedelta(minutes=3), 4, score=1.5, culprit="svc-b"),
+        _point(H + timedelta(minutes=3), 4, score=0.5, culprit="svc-a"),
+    ]
+    with opened(settings.warehouse) as con:
+        _score(con, H, points)
+        [(culprits,)] = con.execute("SELECT culprits FROM incidents").fetchall()
+    assert culprits == ["svc-b", "svc-db", "svc-a"]  # 3.0, 2.0, 0.5

@@ -1,7 +1,8 @@
 """Commands that show and judge results, read-only: `anomalies` and `summary` (the published
 snapshot, else the warehouse), `evaluate` (anomalies and incidents against injected labels or a
-fault list), `plot` (rpc_series and anomalies of one node, to a PNG), and `replay`, which writes
-span captures back to back as evaluation input (files, no table)."""
+fault list), `plot` (rpc_series and anomalies of one node, to a PNG), `replay`, which writes
+span captures back to back as evaluation input (files, no table), and `inject`, which adds labelled
+attack spans to such a replay (files, no table)."""
 
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         f"{counts['faults']} faults in replay time: {counts['moved']} moved to the start of their capture, "
         f"{counts['unobservable']} unobservable (no capture in their window: listed, not counted)"
     )
-    after = "RPCWATCH_BUCKET_SECONDS=5 RPCWATCH_MIN_TRAIN_HOURS=0.5 \\\n"
+    after = "RPCWATCH_MIN_TRAIN_HOURS=0.5 \\\n"
     run = f"        rpcwatch run --source {args.out} --format spans --mapping {args.mapping}\n"
     print(
         wrote,
@@ -61,6 +62,14 @@ def cmd_replay(args: argparse.Namespace) -> int:
         f"{args.out / 'fault_list.json'}",
         sep="\n",
     )
+    return 0
+
+
+def cmd_inject(args: argparse.Namespace) -> int:
+    from tasks.evaluation.attacks import inject_attacks, inject_report
+
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()] if args.kinds else None
+    print(inject_report(inject_attacks(args.replay, kinds, args.seed), args.replay))
     return 0
 
 
@@ -98,7 +107,9 @@ def _register_anomalies_and_evaluate(add_parser: AddParser) -> None:
     p = add_parser("evaluate", help="event precision/recall/F1 against injected labels, next to a naive rule")
     add_common_options(p, hour=False)
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--labels", type=Path, help="labels.parquet written by `rpcwatch synth --anomalies`")
+    what.add_argument(
+        "--labels", type=Path, help="labels.parquet written by `rpcwatch synth --anomalies` or `rpcwatch inject`"
+    )
     what.add_argument(
         "--faults", type=Path, help="fault_list.json (Nezha layout; `rpcwatch replay` writes one in replay time)"
     )
@@ -107,7 +118,7 @@ def _register_anomalies_and_evaluate(add_parser: AddParser) -> None:
 
 
 def register(add_parser: AddParser) -> None:
-    """anomalies, evaluate, replay, plot and summary, in this order."""
+    """anomalies, evaluate, replay, inject, plot and summary, in this order."""
     _register_anomalies_and_evaluate(add_parser)
 
     p = add_parser("replay", help="span captures with gaps (Nezha TrainTicket days) as one contiguous timeline")
@@ -116,6 +127,16 @@ def register(add_parser: AddParser) -> None:
     p.add_argument("--start", default="2023-01-29T08:00", help="replay time of the first span")
     p.add_argument("--mapping", default="nezha-trainticket", help="span column mapping")
     p.set_defaults(func=cmd_replay)
+
+    p = add_parser("inject", help="add labelled attack traffic (built from its own traces) to a replay folder")
+    p.add_argument("replay", type=Path, help="a folder written by `rpcwatch replay`")
+    p.add_argument(
+        "--kinds",
+        help="comma-separated; default all: lateral_movement,credential_stuffing,"
+        "scraping_amplification,slow_exfiltration",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_inject)
 
     p = add_parser("plot", help="observed vs predicted vs threshold band of one node, irregular points marked")
     add_common_options(p, hour=False)

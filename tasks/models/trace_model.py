@@ -1,0 +1,405 @@
+"""What a normal trace of one pattern looks like, and how surprising each new trace is.
+
+The per-pattern trace model beside the ST-GCN traffic forecaster (same MLflow run, version and
+champion; its artifact `trace_model.json`). After TraceAnomaly / GTrace / TraceVAE:
+
+- **Position.** A call is placed by its RPC and its parent's RPC (`parent > rpc`, roots under
+  ""), so the same RPC called from two places keeps two latency profiles.
+- **Latency, conditioned on structure, on a log scale.** Per position (and per (shape, position)
+  where the shape is common enough) and per feature: client latency `rt`, the callee's own
+  `server` latency, the `gap` between them (network and queueing: a delayed link shows only
+  there) and `self` time, each judged two-sided against its own history's body and heavy tails
+  (`tasks.models.latency_tails`): fail-fast calls that get *faster* count.
+- **Structure.** Per position, how often each child position occurs under it (minutes where a
+  child was rarest left out), and by Good-Turing how often a never-seen child appears. A call that
+  lacks a child that is (nearly) always there, or has one that (nearly) never is, is a structural
+  surprise of -log(probability). A trace's structure score is the *max* over its calls, so a
+  truncated trace cannot look more normal by having fewer calls (TraceVAE's NLL inversion).
+- **Surprising trace.** Its smallest latency tail probability times its number of tests is below
+  `trace_p`, or a structural event is less likely than `trace_p`: a fixed setting, not tuned.
+- **Calibrated rate.** The share of surprising traces in normal traffic, estimated without labels
+  from the training traces cut into windows: windows above the 75th percentile of the per-window
+  rate are left out before pooling (add-one smoothed), so unlabelled incidents in the history
+  (up to a quarter of the windows) do not inflate it. `tasks.scoring.evidence` tests new windows
+  against it.
+- **Blame.** In a surprising trace, the surprising calls with no surprising call below them are
+  where it starts; a slow or fast call whose extra time is mostly one child's passes the blame down
+  to it ("follow the time"). Each blamed call names its callee as culprit (a slow callee, a callee
+  that stopped calling downstream, a delayed link into it), and a missing child its own callee too.
+
+Input rows (one per call, `tasks.patterns.trace_calls.TRACE_CALLS_SQL`): trace_id, call_id,
+parent_call_id, node, parent_node, callee, rt_ms, server_rt_ms, self_ms, shape_id, root_ts.
+Pure pandas/numpy; no tables.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from tasks.keys import edge_key
+from tasks.models.latency_tails import LAT_FEATURES, PARAMS, latency_features, tail_p, tails, unshifted
+
+MIN_SUPPORT = 20  # calls a position needs before its latency is modelled
+SHAPE_MIN_SUPPORT = 50  # ... and a (shape, position) before it gets a profile of its own
+TRIM_QUANTILE = 0.75  # calibration pools the windows up to this quantile of the surprising rate
+FIT_WINDOW_S = 60  # the windows the robust fit compares (one minute of history each)
+FORMAT_VERSION = 2
+TRACE_MODEL_ARTIFACT = "trace_model"  # the artifact (and file stem) in a model version
+FOLLOW_SHARE = 0.5  # blame moves to a child carrying at least this share of its parent's extra time
+
+
+def positions(calls: pd.DataFrame) -> pd.Series:
+    parent = calls["parent_node"].fillna("").astype(str)
+    return pd.Series([edge_key(p, n) for p, n in zip(parent, calls["node"].astype(str))], index=calls.index)
+
+
+def window_index(root_ts: pd.Series, window_s: float) -> np.ndarray:
+    ms = pd.to_datetime(root_ts).to_numpy().astype("datetime64[ms]").astype("int64")
+    return ms // int(window_s * 1e3)
+
+
+@dataclass
+class TraceScores:
+    """Per trace: root time, surprise and whether it counts; per blamed call: node, culprit, weight."""
+
+    traces: pd.DataFrame  # trace_id, root_ts, latency_z, structure_s, surprising
+    blame: pd.DataFrame  # trace_id, node, culprit, weight, kind
+
+
+class TraceModel:
+    """Fit on a pattern's training traces (no labels); `score` new ones.
+
+    `trace_p`: a trace is surprising when one of its latencies is beyond this two-sided tail
+    after a Bonferroni correction over the trace's own tests (so a big trace is not surprising
+    just for being big), or one structural event is less likely than this. `rate`: calibrated
+    share of surprising traces in normal traffic (`calibrate`)."""
+
+    def __init__(self, trace_p: float = 0.01) -> None:
+        self.trace_p = trace_p
+        self.stats: dict[str, list[list[float] | None]] = {}  # key -> per feature tail params (or None)
+        self.n_pos: dict[str, int] = {}  # position -> calls seen
+        self.children: dict[str, dict[str, float]] = {}  # position -> child position -> presence
+        self.novel: dict[str, float] = {}  # position -> chance of a child position never seen under it
+        self.most: dict[str, dict[str, int]] = {}  # position -> child position -> most calls under one call
+        self.rate = 0.0
+        self.calibration: dict[str, float] = {}
+
+    @property
+    def structure_cut(self) -> float:
+        return -math.log(self.trace_p)
+
+    # --- fitting ---------------------------------------------------------------------------------
+    def fit(self, calls: pd.DataFrame) -> TraceModel:
+        calls = calls.reset_index(drop=True)
+        pos = positions(calls)
+        feats = latency_features(calls)
+        windows = window_index(calls["root_ts"], FIT_WINDOW_S)
+        self.n_pos = {str(k): int(v) for k, v in pos.value_counts().items()}
+        self.stats = {}
+        shape_pos = calls["shape_id"].astype(str) + "#" + pos
+        for keys, min_support in ((pos, MIN_SUPPORT), (shape_pos, SHAPE_MIN_SUPPORT)):
+            for key, idx in keys.groupby(keys).groups.items():
+                if len(idx) >= min_support:
+                    idx = np.asarray(idx)
+                    self.stats[str(key)] = [
+                        self._featuretails(feats[idx, f], windows[idx]) for f in range(len(LAT_FEATURES))
+                    ]
+        self.children = self._presence(calls, pos, windows)
+        self.novel = self._novelty(calls, pos)
+        self.most = self._most_repeats(calls, pos)
+        return self
+
+    @staticmethod
+    def _featuretails(values: np.ndarray, windows: np.ndarray) -> list[float] | None:
+        have = ~np.isnan(values)
+        values, windows = values[have], windows[have]
+        if len(values) < MIN_SUPPORT:
+            return None
+        keep = unshifted(values, windows)
+        return tails(values[keep] if keep.sum() >= MIN_SUPPORT else values)
+
+    def _presence(self, calls: pd.DataFrame, pos: pd.Series, windows: np.ndarray) -> dict[str, dict[str, float]]:
+        """Per parent position: the add-half smoothed share of its calls that have each child
+        position, over the windows where that share is not in its lowest quarter (a fault that
+        cut calls off in the history is left out)."""
+        kids = _child_positions(calls, pos).drop_duplicates(["parent_row", "child_pos"])
+        parents = pd.DataFrame({"parent_pos": pos.to_numpy(), "w": windows})
+        totals = parents.groupby(["parent_pos", "w"]).size().rename("total")
+        kids["w"] = windows[kids["parent_row"].to_numpy()] if len(kids) else []
+        present = kids.groupby(["parent_pos", "child_pos", "w"]).size().rename("present").reset_index()
+        out: dict[str, dict[str, float]] = {}
+        for parent, part in present.groupby("parent_pos"):
+            tot = totals.loc[parent]
+            for child, rows in part.groupby("child_pos"):
+                share = rows.set_index("w")["present"].reindex(tot.index, fill_value=0) / tot
+                kept = share >= share.quantile(1 - TRIM_QUANTILE)
+                n_present = rows.set_index("w")["present"].reindex(tot.index, fill_value=0)[kept].sum()
+                out.setdefault(str(parent), {})[str(child)] = float((n_present + 0.5) / (tot[kept].sum() + 1))
+        return out
+
+    @staticmethod
+    def _most_repeats(calls: pd.DataFrame, pos: pd.Series) -> dict[str, dict[str, int]]:
+        """Per parent position and child position: the most calls of the child under one call (fan-out)."""
+        kids = _child_positions(calls, pos)
+        repeats = kids.groupby(["parent_row", "parent_pos", "child_pos"]).size()
+        most = repeats.groupby(level=["parent_pos", "child_pos"]).max()
+        out: dict[str, dict[str, int]] = {}
+        for (parent, child), n in most.items():
+            out.setdefault(str(parent), {})[str(child)] = int(n)
+        return out
+
+    def _novelty(self, calls: pd.DataFrame, pos: pd.Series) -> dict[str, float]:
+        """Per parent position: the chance that a call has a child position never seen under it,
+        by Good-Turing (child positions seen under one call only, over its calls; half a call when
+        none): a parent whose children vary is not surprising for one more variation."""
+        kids = _child_positions(calls, pos).drop_duplicates(["parent_row", "child_pos"])
+        seen = kids.groupby(["parent_pos", "child_pos"]).size()
+        once = seen[seen == 1].groupby(level="parent_pos").size()
+        return {p: float(max(once.get(p, 0), 0.5) / (n + 1)) for p, n in self.n_pos.items()}
+
+    def calibrate(self, calls: pd.DataFrame, window_s: float) -> TraceModel:
+        """The normal share of surprising traces, robust to unlabelled incidents in the history."""
+        traces = self.score(calls).traces
+        if not len(traces):
+            self.rate, self.calibration = 0.5, {"traces": 0}
+            return self
+        per = traces.groupby(window_index(traces["root_ts"], window_s))["surprising"].agg(["sum", "count"])
+        share = per["sum"] / per["count"]
+        kept = per[share <= share.quantile(TRIM_QUANTILE, interpolation="lower")]
+        self.rate = float((kept["sum"].sum() + 1) / (kept["count"].sum() + 2))
+        self.calibration = {
+            "traces": int(len(traces)),
+            "windows": int(len(per)),
+            "windows_kept": int(len(kept)),
+            "raw_rate": float(traces["surprising"].mean()),
+            "rate": self.rate,
+        }
+        return self
+
+    # --- scoring ---------------------------------------------------------------------------------
+    def score(self, calls: pd.DataFrame) -> TraceScores:
+        """Surprise of every trace in `calls` and the calls blamed in the surprising ones."""
+        calls = calls.reset_index(drop=True)
+        if not len(calls):
+            return TraceScores(_empty_traces(), _empty_blame())
+        pos = positions(calls)
+        params = self._params(calls, pos)
+        p_call, feature, tests = self._latency_p(calls, params)
+        structure, missing = self._structure(calls, pos)
+        usual_rt = np.expm1(params[:, 0, 1])  # the call's median client latency, ms
+        extra = np.nan_to_num(calls["rt_ms"].to_numpy(float) - usual_rt)
+        frame = pd.DataFrame(
+            {"trace_id": calls["trace_id"], "root_ts": calls["root_ts"], "p": p_call, "t": tests, "s": structure}
+        )
+        per_trace = frame.groupby("trace_id", sort=False)
+        traces = per_trace.agg(
+            root_ts=("root_ts", "first"), p_min=("p", "min"), tests=("t", "sum"), structure_s=("s", "max")
+        )
+        traces["latency_p"] = np.minimum(traces["p_min"] * np.maximum(traces["tests"], 1), 1.0)
+        traces["surprising"] = (traces["latency_p"] < self.trace_p) | (traces["structure_s"] >= self.structure_cut)
+        # a call counts for blame when it alone would make its trace surprising
+        tests_of_trace = frame["trace_id"].map(traces["tests"]).to_numpy()
+        lat_hit = p_call * np.maximum(tests_of_trace, 1) < self.trace_p
+        struct_hit = structure >= self.structure_cut
+        blame = _blame(calls, lat_hit | struct_hit, lat_hit, feature, missing, extra)
+        out = traces.reset_index()[["trace_id", "root_ts", "latency_p", "structure_s", "surprising"]]
+        return TraceScores(out, blame)
+
+    def _params(self, calls: pd.DataFrame, pos: pd.Series) -> np.ndarray:
+        """[calls, features, PARAMS]: each call's tail parameters (its shape's profile where there
+        is one, else its position's); NaN where unmodelled."""
+        shape_pos = calls["shape_id"].astype(str) + "#" + pos
+        keys = [sp if sp in self.stats else p for sp, p in zip(shape_pos, pos)]
+        uniq = {k: i for i, k in enumerate(dict.fromkeys(keys))}
+        table = np.full((len(uniq), len(LAT_FEATURES), PARAMS), np.nan)
+        for k, i in uniq.items():
+            for f, params in enumerate(self.stats.get(k) or []):
+                if params is not None:
+                    table[i, f] = params
+        return table[np.asarray([uniq[k] for k in keys], dtype=int)]
+
+    def _latency_p(self, calls: pd.DataFrame, params: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per call: the smallest two-sided tail probability over its features (1 where unmodelled),
+        which feature, and how many features were tested."""
+        p = tail_p(latency_features(calls), params)
+        tested = ~np.isnan(p)
+        p = np.where(tested, p, 1.0)
+        return p.min(axis=1), p.argmin(axis=1), tested.sum(axis=1)
+
+    def _structure(self, calls: pd.DataFrame, pos: pd.Series) -> tuple[np.ndarray, pd.DataFrame]:
+        """Per call: -log P of its most surprising child event (a missing usual child, an unusual one
+        present, more calls of a child than ever seen under one call); and the missing children
+        (row, child position, surprise)."""
+        out = np.zeros(len(calls))
+        kids = _child_positions(calls, pos)
+        present = set(zip(kids["parent_row"], kids["child_pos"]))
+        # unusual children: a child position rarely (or never) seen under this parent
+        for row, parent, child in zip(kids["row"], kids["parent_pos"], kids["child_pos"]):
+            seen = self.n_pos.get(parent)
+            if seen is None:
+                continue  # the parent itself is unknown: its own parent reports it
+            q = self.children.get(parent, {}).get(child, self.novel.get(parent, 0.5 / (seen + 1)))
+            out[row] = max(out[row], -math.log(q))
+        # amplification: more calls of a child under one call than ever seen (one e-fold per doubling)
+        repeats = kids.groupby(["parent_row", "parent_pos", "child_pos"]).size()
+        for (row, parent, child), n in repeats.items():
+            most = self.most.get(parent, {}).get(child)
+            if most is not None and n > most:
+                s = math.log(self.n_pos[parent] + 1) + math.log(n / most)
+                out[row] = max(out[row], s)
+        missing = []
+        for row, parent in enumerate(pos):
+            for child, q in self.children.get(parent, {}).items():
+                if q > 1 - self.trace_p and (row, child) not in present:
+                    s = -math.log(1 - q)
+                    out[row] = max(out[row], s)
+                    missing.append((row, child, s))
+        return out, pd.DataFrame(missing, columns=["row", "child_pos", "surprise"])
+
+    # --- persistence -----------------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_VERSION,
+            "trace_p": self.trace_p,
+            "rate": self.rate,
+            "calibration": self.calibration,
+            "n_pos": self.n_pos,
+            "children": self.children,
+            "novel": self.novel,
+            "most": self.most,
+            "stats": self.stats,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> TraceModel:
+        if d.get("format") != FORMAT_VERSION:
+            raise ValueError(f"trace model format {d.get('format')!r}, expected {FORMAT_VERSION}")
+        model = cls(float(d["trace_p"]))
+        model.rate, model.calibration = float(d["rate"]), dict(d["calibration"])
+        model.n_pos, model.children, model.stats = dict(d["n_pos"]), dict(d["children"]), dict(d["stats"])
+        model.novel, model.most = dict(d["novel"]), dict(d["most"])
+        return model
+
+    def save(self, path: Path) -> Path:
+        path.write_text(json.dumps(self.to_json()))
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> TraceModel:
+        return cls.from_json(json.loads(path.read_text()))
+
+
+def _child_positions(calls: pd.DataFrame, pos: pd.Series) -> pd.DataFrame:
+    """Each call that has a parent in its trace: its row, its position, the parent's row and position."""
+    row_of = {(t, c): i for i, (t, c) in enumerate(zip(calls["trace_id"], calls["call_id"]))}
+    rows, parent_rows = [], []
+    for i, (t, p) in enumerate(zip(calls["trace_id"], calls["parent_call_id"])):
+        j = row_of.get((t, p)) if isinstance(p, str) else None
+        if j is not None:
+            rows.append(i)
+            parent_rows.append(j)
+    rows_a, parents_a = np.asarray(rows, dtype=int), np.asarray(parent_rows, dtype=int)
+    return pd.DataFrame(
+        {
+            "row": rows_a,
+            "child_pos": pos.to_numpy()[rows_a] if len(rows_a) else [],
+            "parent_row": parents_a,
+            "parent_pos": pos.to_numpy()[parents_a] if len(parents_a) else [],
+        }
+    )
+
+
+def _blame(
+    calls: pd.DataFrame,
+    hit: np.ndarray,
+    lat_hit: np.ndarray,
+    feature: np.ndarray,
+    missing: pd.DataFrame,
+    extra: np.ndarray,
+) -> pd.DataFrame:
+    """The surprising calls with no surprising call below them, one weight per trace split among
+    them. A slow (or fast) call whose time is mostly one child's extra time passes the blame down
+    to it ("follow the time": a delayed link or a busy callee below a call that looks normal on its
+    own). Each blamed call names its callee as culprit (and a missing child's callee beside it)."""
+    parent_row = _parent_rows(calls)
+    below = np.zeros(len(calls), dtype=bool)  # has a surprising descendant
+    frontier = np.flatnonzero(hit)
+    for _ in range(256):
+        frontier = parent_row[frontier]
+        frontier = frontier[(frontier >= 0) & ~below[frontier]]
+        if not len(frontier):
+            break
+        below[frontier] = True
+    start = np.flatnonzero(hit & ~below)
+    rows = np.where(lat_hit[start], _follow_time(parent_row, extra, start), start)
+    followed = rows != start
+    kind = np.where(followed, "time", np.where(lat_hit[start], np.asarray(LAT_FEATURES)[feature[start]], "structure"))
+    out = pd.DataFrame(
+        {
+            "trace_id": calls["trace_id"].to_numpy()[rows],
+            "node": calls["node"].to_numpy()[rows],
+            "culprit": calls["callee"].to_numpy()[rows],
+            "kind": kind,
+        }
+    )
+    gone = missing[missing["row"].isin(start)]
+    if len(gone):  # the call that vanished: its callee is the other suspect
+        extra_rows = pd.DataFrame(
+            {
+                "trace_id": calls["trace_id"].to_numpy()[gone["row"]],
+                "node": calls["node"].to_numpy()[gone["row"]],
+                "culprit": [split_callee(c) for c in gone["child_pos"]],
+                "kind": "missing",
+            }
+        )
+        out = pd.concat([out, extra_rows], ignore_index=True)
+    out = out.drop_duplicates(["trace_id", "node", "culprit"])
+    out["weight"] = 1.0 / out.groupby("trace_id")["trace_id"].transform("size")
+    return out
+
+
+def _follow_time(parent_row: np.ndarray, extra: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """From each row, down through the child with the largest extra time of the same sign while it
+    carries at least FOLLOW_SHARE of its parent's."""
+    kids = np.flatnonzero(parent_row >= 0)
+    frame = pd.DataFrame({"kid": kids, "parent": parent_row[kids], "extra": extra[kids]})
+    slowest = frame.loc[frame.groupby("parent")["extra"].idxmax()].set_index("parent")["kid"]
+    fastest = frame.loc[frame.groupby("parent")["extra"].idxmin()].set_index("parent")["kid"]
+    up, down = np.full(len(extra), -1), np.full(len(extra), -1)
+    up[slowest.index.to_numpy()], down[fastest.index.to_numpy()] = slowest.to_numpy(), fastest.to_numpy()
+    cur = rows.copy()
+    for _ in range(256):
+        nxt = np.where(extra[cur] > 0, up[cur], down[cur])
+        ok = (nxt >= 0) & (extra[cur] != 0)
+        ok[ok] = extra[nxt[ok]] * np.sign(extra[cur[ok]]) >= FOLLOW_SHARE * np.abs(extra[cur[ok]])
+        if not ok.any():
+            break
+        cur = np.where(ok, nxt, cur)
+    return cur
+
+
+def split_callee(position: str) -> str:
+    from tasks.keys import split_edge_key, split_node_key
+
+    return split_node_key(split_edge_key(position)[1]).callee
+
+
+def _parent_rows(calls: pd.DataFrame) -> np.ndarray:
+    row_of = {(t, c): i for i, (t, c) in enumerate(zip(calls["trace_id"], calls["call_id"]))}
+    pairs = zip(calls["trace_id"], calls["parent_call_id"])
+    return np.asarray([row_of.get((t, p), -1) if isinstance(p, str) else -1 for t, p in pairs], dtype=int)
+
+
+def _empty_traces() -> pd.DataFrame:
+    return pd.DataFrame(columns=["trace_id", "root_ts", "latency_z", "structure_s", "surprising"])
+
+
+def _empty_blame() -> pd.DataFrame:
+    return pd.DataFrame(columns=["trace_id", "node", "culprit", "kind", "weight"])
