@@ -121,6 +121,7 @@ CREATE TABLE IF NOT EXISTS incidents (
     peak_score DOUBLE, kinds VARCHAR[], points BIGINT
 );
 ALTER TABLE incidents ADD COLUMN IF NOT EXISTS culprits VARCHAR[];
+ALTER TABLE incidents ADD COLUMN IF NOT EXISTS evidence VARCHAR;
 CREATE OR REPLACE VIEW recent_anomalies AS """
     + RECENT_ANOMALIES_SQL
     + """;

@@ -22,15 +22,32 @@ from tasks.clock import HOUR, naive_utc
 PEAK_SCORE = 3.0  # a run shorter than `incident_min_buckets` is an incident when a point scores this much
 # the product's groups: a pattern's points, or a calling service's novel RPCs
 GROUP_SQL = "coalesce(CAST(pattern_id AS VARCHAR), 'novel:' || caller)"
-INCIDENT_COLUMNS = "incident_id, start_ts, end_ts, patterns, nodes, peak_score, kinds, points, culprits"
-# the columns the rule reads: bucket_ts, grp (the group), pattern_id, node, score, kind, culprit
+INCIDENT_COLUMNS = "incident_id, start_ts, end_ts, patterns, nodes, peak_score, kinds, points, culprits, evidence"
+# the columns the rule reads: bucket_ts, grp (the group), pattern_id, node, score, kind, culprit,
+# and for the evidence line: feature, observed, expected, threshold
 ANOMALY_POINTS_SQL = f"""
-SELECT bucket_ts, pattern_id, node, score, kind, culprit, {GROUP_SQL} AS grp FROM anomalies
+SELECT bucket_ts, pattern_id, node, score, kind, culprit, feature, observed, expected, threshold,
+       {GROUP_SQL} AS grp FROM anomalies
 WHERE bucket_ts >= $lo AND bucket_ts < $hi"""
 POINTS_VIEW = "incident_points"  # where `incidents_of` registers the points it is given
+OPTIONAL_POINT_COLUMNS = {
+    "culprit": pa.string(),
+    "feature": pa.string(),
+    "observed": pa.float64(),
+    "expected": pa.float64(),
+    "threshold": pa.float64(),
+}  # NULL when not given
 GIVEN_POINTS_SQL = f"""
 SELECT CAST(bucket_ts AS TIMESTAMP) AS bucket_ts, CAST(pattern_id AS INTEGER) AS pattern_id, node,
-       CAST(score AS DOUBLE) AS score, kind, CAST(culprit AS VARCHAR) AS culprit, grp FROM {POINTS_VIEW}"""
+       CAST(score AS DOUBLE) AS score, kind, CAST(culprit AS VARCHAR) AS culprit, CAST(feature AS VARCHAR) AS feature,
+       CAST(observed AS DOUBLE) AS observed, CAST(expected AS DOUBLE) AS expected,
+       CAST(threshold AS DOUBLE) AS threshold, grp FROM {POINTS_VIEW}"""
+# the strongest point in words: "<kind> <feature>: <observed> (expected <e>, threshold <t>) on <node>";
+# ties broken by the text, so that a rebuild gives the same row
+POINT_TEXT_SQL = """(kind || ' ' || coalesce(feature, '') || ': ' || coalesce(CAST(round(observed, 1) AS VARCHAR), '?')
+    || ' (expected ' || coalesce(CAST(round(expected, 1) AS VARCHAR), '?') || ', threshold '
+    || coalesce(CAST(round(threshold, 1) AS VARCHAR), '?') || ') on ' || node)"""
+EVIDENCE_SQL = f"arg_max({POINT_TEXT_SQL}, ({POINT_TEXT_SQL} IS NOT NULL, score, {POINT_TEXT_SQL}))"
 
 
 def runs_sql(points_sql: str) -> str:
@@ -63,10 +80,12 @@ kept AS (
            min(bucket_ts) AS start_ts, max(bucket_ts) + $bucket AS end_ts,
            list_sort(list(DISTINCT pattern_id) FILTER (WHERE pattern_id IS NOT NULL)) AS patterns,
            list_sort(list(DISTINCT node)) AS nodes, max(score) AS peak_score,
-           list_sort(list(DISTINCT kind)) AS kinds, count(*) AS points
+           list_sort(list(DISTINCT kind)) AS kinds, count(*) AS points, """
+        + EVIDENCE_SQL
+        + """ AS evidence
     FROM runs GROUP BY grp, run
     HAVING count(DISTINCT bucket_ts) >= $min_buckets OR max(score) >= $peak)
-SELECT incident_id, start_ts, end_ts, patterns, nodes, peak_score, kinds, points, coalesce(culprits, [])
+SELECT incident_id, start_ts, end_ts, patterns, nodes, peak_score, kinds, points, coalesce(culprits, []), evidence
 FROM kept LEFT JOIN ranked USING (grp, run)
 """
     )
@@ -101,11 +120,12 @@ class Incident:
     kinds: list[str]
     points: int
     culprits: list[str]  # the services most likely behind it, most likely first
+    evidence: str | None = None  # its strongest point in words
 
     @classmethod
     def from_row(cls, row: tuple) -> Incident:
         """An incident from a row of `incidents` (or of `incidents_sql`), columns in table order."""
-        incident_id, start_ts, end_ts, patterns, nodes, peak_score, kinds, points, culprits = row
+        incident_id, start_ts, end_ts, patterns, nodes, peak_score, kinds, points, culprits, evidence = row
         return cls(
             incident_id,
             start_ts,
@@ -116,6 +136,7 @@ class Incident:
             list(kinds),
             int(points),
             list(culprits or []),
+            evidence,
         )
 
 
@@ -132,15 +153,11 @@ def incidents_of(
     con: duckdb.DuckDBPyConnection, points: pd.DataFrame | pa.Table, gap_buckets: int, min_buckets: int, seconds: int
 ) -> list[Incident]:
     """The incident rule over any points: columns bucket_ts, grp (the group runs are formed in),
-    pattern_id (may be null), node, score, kind, and optionally culprit. Ordered by start, then id."""
+    pattern_id (may be null), node, score, kind, and optionally culprit, feature, observed,
+    expected, threshold. Ordered by start, then id."""
     if not len(points):
         return []
-    if "culprit" not in (points.column_names if isinstance(points, pa.Table) else points.columns):
-        points = (
-            points.append_column("culprit", pa.nulls(len(points), pa.string()))
-            if isinstance(points, pa.Table)
-            else points.assign(culprit=None)
-        )
+    points = _with_optional_columns(points)
     con.register(POINTS_VIEW, points)
     try:
         rows = con.execute(
@@ -149,6 +166,17 @@ def incidents_of(
     finally:
         con.unregister(POINTS_VIEW)
     return [Incident.from_row(row) for row in rows]
+
+
+def _with_optional_columns(points: pd.DataFrame | pa.Table) -> pd.DataFrame | pa.Table:
+    """The points with the optional columns they lack added as NULLs."""
+    for name, kind in OPTIONAL_POINT_COLUMNS.items():
+        if isinstance(points, pa.Table):
+            if name not in points.column_names:
+                points = points.append_column(name, pa.nulls(len(points), kind))
+        elif name not in points.columns:
+            points = points.assign(**{name: None})
+    return points
 
 
 def anomaly_points(con: duckdb.DuckDBPyConnection, start: datetime, end: datetime) -> pd.DataFrame:

@@ -281,7 +281,7 @@ def test_the_gap_setting_changes_the_shared_rule():
     assert _shared(frame, gap_buckets=4) == [(_at(0), _at(6), ("a|b|get|rpc",), 1.0)]
 
 
-def test_an_incident_ranks_its_suspects_by_summed_score(settings):
+def test_an_incident_ranks_its_suspects_by_summed_score_and_says_its_strongest_point(settings):
     points = [
         _point(H + timedelta(minutes=1), 4, score=2.0, culprit="svc-db"),
         _point(H + timedelta(minutes=2), 4, score=1.5, culprit="svc-b"),
@@ -290,5 +290,6 @@ def test_an_incident_ranks_its_suspects_by_summed_score(settings):
     ]
     with opened(settings.warehouse) as con:
         _score(con, H, points)
-        [(culprits,)] = con.execute("SELECT culprits FROM incidents").fetchall()
+        [(culprits, evidence)] = con.execute("SELECT culprits, evidence FROM incidents").fetchall()
     assert culprits == ["svc-b", "svc-db", "svc-a"]  # 3.0, 2.0, 0.5
+    assert evidence == "traffic_spike calls: 10.0 (expected 1.0, threshold 2.0) on svc-a|svc-b|get|rpc"
