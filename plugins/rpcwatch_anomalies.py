@@ -56,7 +56,8 @@ async def _login_redirect(request: Request, exc: StarletteHTTPException):
 
 INCIDENTS_SQL = """SELECT strftime(start_ts, '%Y-%m-%d %H:%M') AS start, strftime(end_ts, '%H:%M') AS "end",
     array_to_string(patterns, ', ') AS patterns, array_to_string(kinds, ', ') AS kinds, points,
-    round(peak_score, 1) AS peak_score FROM incidents ORDER BY start_ts DESC LIMIT ?"""
+    round(peak_score, 1) AS peak_score, array_to_string(coalesce(culprits, []), ', ') AS suspects, evidence
+    FROM incidents ORDER BY start_ts DESC LIMIT ?"""
 ANOMALIES_SQL = """SELECT strftime(bucket_ts, '%Y-%m-%d %H:%M') AS bucket, pattern_id AS pattern, kind, caller, callee,
     interface, feature, round(observed, 1) AS observed, round(expected, 1) AS expected, round(score, 2) AS score
     FROM recent_anomalies LIMIT ?"""

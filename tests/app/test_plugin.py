@@ -48,6 +48,7 @@ def test_the_page_and_api_show_published_anomalies(trained, tmp_path, monkeypatc
     page = client.get("/")
     assert page.status_code == 200 and "Incidents" in page.text and "Irregular points" in page.text
     assert "svc-known" in page.text
+    assert "suspects" in page.text and "evidence" in page.text, "incidents name their suspects and evidence"
     rows = client.get("/api/anomalies").json()
     assert isinstance(rows, list) and rows, "the known point is published"
     assert all({"bucket", "kind", "score"} <= set(r) for r in rows)
