@@ -111,9 +111,10 @@ class TraceModel:
                     self.stats[str(key)] = [
                         self._featuretails(feats[idx, f], windows[idx]) for f in range(len(LAT_FEATURES))
                     ]
-        self.children = self._presence(calls, pos, windows)
-        self.novel = self._novelty(calls, pos)
-        self.most = self._most_repeats(calls, pos)
+        kids = _child_positions(calls, pos)
+        self.children = self._presence(kids, pos, windows)
+        self.novel = self._novelty(kids)
+        self.most = self._most_repeats(kids)
         return self
 
     @staticmethod
@@ -125,11 +126,11 @@ class TraceModel:
         keep = unshifted(values, windows)
         return tails(values[keep] if keep.sum() >= MIN_SUPPORT else values)
 
-    def _presence(self, calls: pd.DataFrame, pos: pd.Series, windows: np.ndarray) -> dict[str, dict[str, float]]:
+    def _presence(self, kids: pd.DataFrame, pos: pd.Series, windows: np.ndarray) -> dict[str, dict[str, float]]:
         """Per parent position: the add-half smoothed share of its calls that have each child
         position, over the windows where that share is not in its lowest quarter (a fault that
         cut calls off in the history is left out)."""
-        kids = _child_positions(calls, pos).drop_duplicates(["parent_row", "child_pos"])
+        kids = kids.drop_duplicates(["parent_row", "child_pos"])
         parents = pd.DataFrame({"parent_pos": pos.to_numpy(), "w": windows})
         totals = parents.groupby(["parent_pos", "w"]).size().rename("total")
         kids["w"] = windows[kids["parent_row"].to_numpy()] if len(kids) else []
@@ -145,9 +146,8 @@ class TraceModel:
         return out
 
     @staticmethod
-    def _most_repeats(calls: pd.DataFrame, pos: pd.Series) -> dict[str, dict[str, int]]:
+    def _most_repeats(kids: pd.DataFrame) -> dict[str, dict[str, int]]:
         """Per parent position and child position: the most calls of the child under one call (fan-out)."""
-        kids = _child_positions(calls, pos)
         repeats = kids.groupby(["parent_row", "parent_pos", "child_pos"]).size()
         most = repeats.groupby(level=["parent_pos", "child_pos"]).max()
         out: dict[str, dict[str, int]] = {}
@@ -155,11 +155,11 @@ class TraceModel:
             out.setdefault(str(parent), {})[str(child)] = int(n)
         return out
 
-    def _novelty(self, calls: pd.DataFrame, pos: pd.Series) -> dict[str, float]:
+    def _novelty(self, kids: pd.DataFrame) -> dict[str, float]:
         """Per parent position: the chance that a call has a child position never seen under it,
         by Good-Turing (child positions seen under one call only, over its calls; half a call when
         none): a parent whose children vary is not surprising for one more variation."""
-        kids = _child_positions(calls, pos).drop_duplicates(["parent_row", "child_pos"])
+        kids = kids.drop_duplicates(["parent_row", "child_pos"])
         seen = kids.groupby(["parent_pos", "child_pos"]).size()
         once = seen[seen == 1].groupby(level="parent_pos").size()
         return {p: float(max(once.get(p, 0), 0.5) / (n + 1)) for p, n in self.n_pos.items()}
@@ -298,21 +298,11 @@ class TraceModel:
 
 def _child_positions(calls: pd.DataFrame, pos: pd.Series) -> pd.DataFrame:
     """Each call that has a parent in its trace: its row, its position, the parent's row and position."""
-    row_of = {(t, c): i for i, (t, c) in enumerate(zip(calls["trace_id"], calls["call_id"]))}
-    rows, parent_rows = [], []
-    for i, (t, p) in enumerate(zip(calls["trace_id"], calls["parent_call_id"])):
-        j = row_of.get((t, p)) if isinstance(p, str) else None
-        if j is not None:
-            rows.append(i)
-            parent_rows.append(j)
-    rows_a, parents_a = np.asarray(rows, dtype=int), np.asarray(parent_rows, dtype=int)
+    parent_row = _parent_rows(calls)
+    rows = np.flatnonzero(parent_row >= 0)
+    parents, positions_ = parent_row[rows], pos.to_numpy()
     return pd.DataFrame(
-        {
-            "row": rows_a,
-            "child_pos": pos.to_numpy()[rows_a] if len(rows_a) else [],
-            "parent_row": parents_a,
-            "parent_pos": pos.to_numpy()[parents_a] if len(parents_a) else [],
-        }
+        {"row": rows, "child_pos": positions_[rows], "parent_row": parents, "parent_pos": positions_[parents]}
     )
 
 
@@ -392,6 +382,7 @@ def split_callee(position: str) -> str:
 
 
 def _parent_rows(calls: pd.DataFrame) -> np.ndarray:
+    """Per call: the row of its parent call in the same trace, -1 where there is none."""
     row_of = {(t, c): i for i, (t, c) in enumerate(zip(calls["trace_id"], calls["call_id"]))}
     pairs = zip(calls["trace_id"], calls["parent_call_id"])
     return np.asarray([row_of.get((t, p), -1) if isinstance(p, str) else -1 for t, p in pairs], dtype=int)

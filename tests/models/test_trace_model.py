@@ -6,48 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.keys import node_key
+from helpers import BC
+from helpers import TRACES_START as START
+from helpers import tiny_traces as traces
 from tasks.models.trace_model import TraceModel
-
-AB, BC, BD = (node_key(*pair, "op", "http") for pair in (("A", "B"), ("B", "C"), ("B", "D")))
-START = pd.Timestamp("2026-01-01 00:00:00")
-
-
-def traces(
-    n: int,
-    seed: int,
-    start: pd.Timestamp = START,
-    slow_c: float = 1.0,
-    drop_d: bool = False,
-    fast_b: float = 1.0,
-    c_sigma: float = 0.2,
-) -> pd.DataFrame:
-    """n traces, one every 2 s, lognormal latencies (C around 5 ms, D around 2 ms)."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for i in range(n):
-        t, root = f"{seed}-{i}", start + pd.Timedelta(seconds=2 * i)
-        c = rng.lognormal(np.log(5), c_sigma) * slow_c
-        d = rng.lognormal(np.log(2), 0.2)
-        b = (c + (0 if drop_d else d) + rng.lognormal(np.log(1), 0.2)) * fast_b
-        rows += [(t, "1", None, AB, None, "B", b + 0.5, b, b - c - (0 if drop_d else d), 7, root)]
-        rows += [(t, "2", "1", BC, AB, "C", c + 0.3, c, c, 7, root)]
-        if not drop_d:
-            rows += [(t, "3", "1", BD, AB, "D", d + 0.3, d, d, 7, root)]
-    columns = [
-        "trace_id",
-        "call_id",
-        "parent_call_id",
-        "node",
-        "parent_node",
-        "callee",
-        "rt_ms",
-        "server_rt_ms",
-        "self_ms",
-        "shape_id",
-        "root_ts",
-    ]
-    return pd.DataFrame(rows, columns=columns)
 
 
 @pytest.fixture(scope="module")

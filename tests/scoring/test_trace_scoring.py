@@ -3,20 +3,16 @@ and `trace_patterns`, scored by a trace model, alarmed windows as `anomalies` ro
 
 from __future__ import annotations
 
-import sys
 from datetime import datetime
-from pathlib import Path
 
 import pandas as pd
 
+from helpers import tiny_traces as traces
 from tasks.models.registry import ChampionRow
 from tasks.models.trace_model import TraceModel
 from tasks.patterns.trace_calls import trace_calls
 from tasks.scoring.trace_scoring import FEATURE, KIND, trace_rows
 from tasks.warehouse import opened
-
-sys.path.insert(0, str(Path(__file__).parents[1] / "models"))
-from test_trace_model import traces  # noqa: E402  (the tiny A->B->{C,D} traces)
 
 HOUR = datetime(2026, 1, 1, 1)
 
