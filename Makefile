@@ -48,7 +48,7 @@ trainticket: setup
 	  home=$(TT_HOME)/$$day; rm -rf $$home; \
 	  $(BIN)/rpcwatch replay $(TT)/$$day --out $$home/replay --start $${day}T08:25 && \
 	  RPCWATCH_HOME=$$home $(TT_ENV) $(BIN)/rpcwatch run --source $$home/replay && \
-	  RPCWATCH_HOME=$$home $(TT_ENV) $(BIN)/rpcwatch evaluate --faults $$home/replay/fault_list.json || exit 1; \
+	  RPCWATCH_HOME=$$home $(TT_ENV) $(BIN)/rpcwatch evaluate --faults $$home/replay/fault_list.json --ceiling || exit 1; \
 	done
 	home=$(TT_HOME)/attacks; rm -rf $$home; mkdir -p $$home && \
 	  cp -r $(TT_HOME)/2023-01-29/replay $$home/replay && $(BIN)/rpcwatch inject $$home/replay && \

@@ -252,7 +252,7 @@ def culprit_shares(
     return sum(r == 0 for r in ranks) / len(ranks), sum(r < 3 for r in ranks) / len(ranks)
 
 
-def _evaluated_range(con: duckdb.DuckDBPyConnection) -> tuple[pd.Timestamp, pd.Timestamp]:
+def evaluated_range(con: duckdb.DuckDBPyConnection) -> tuple[pd.Timestamp, pd.Timestamp]:
     """From the end of the first training range to the end of the scored data."""
     first_champion = first_champion_at(con)
     [(scored_end,)] = con.execute(
@@ -328,7 +328,7 @@ def evaluate_faults(settings: Settings, faults_path: Path) -> FaultEvaluation:
     listed = load_faults(faults_path)
     unobservable = listed[~listed.observable].reset_index(drop=True)
     with opened(settings.warehouse, read_only=True) as con:
-        start, end = _evaluated_range(con)
+        start, end = evaluated_range(con)
         [(seconds,)] = con.execute("SELECT max(bucket_seconds) FROM rpc_series").fetchall()  # as the run bucketed
         ours = con.execute(
             "SELECT bucket_ts, caller, callee, node, score, kind FROM anomalies "

@@ -34,9 +34,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
         evaluation = evaluate_faults(settings, args.faults)
         print(json.dumps(evaluation.as_json(), default=str) if args.json else fault_report(evaluation))
+        if args.ceiling:
+            from tasks.evaluation.ceiling import ceiling_report, evaluate_ceiling
+
+            print(ceiling_report(evaluate_ceiling(settings, args.faults)))
     else:
-        if args.json:
-            raise SystemExit("--json goes with --faults only")
+        if args.json or args.ceiling:
+            raise SystemExit("--json and --ceiling go with --faults only")
         from tasks.evaluation.labels import evaluate_labels, label_report
 
         print(label_report(*evaluate_labels(settings, args.labels)))
@@ -114,6 +118,12 @@ def _register_anomalies_and_evaluate(add_parser: AddParser) -> None:
         "--faults", type=Path, help="fault_list.json (Nezha layout; `rpcwatch replay` writes one in replay time)"
     )
     p.add_argument("--json", action="store_true", help="with --faults: one JSON object (detector -> unit -> scores)")
+    p.add_argument(
+        "--ceiling",
+        action="store_true",
+        help="with --faults: also what the traces hold, a label-using check of which faults change their "
+        "service's calls more than fault-free time does (slow: a minute a day of TrainTicket)",
+    )
     p.set_defaults(func=cmd_evaluate)
 
 
