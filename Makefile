@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: setup demo lint test bench trainticket airflow lock clean
+.PHONY: setup demo lint test bench trainticket airflow up down lock clean
 
 setup: $(STAMP)
 
@@ -60,6 +60,15 @@ trainticket: setup
 # (printed at start). AIRFLOW_HOME / AIRFLOW__API__PORT=... in the environment are respected.
 airflow: setup
 	$(BIN)/rpcwatch airflow standalone
+
+# The local stack, detached: Airflow (scheduler, DAG processor, API server with the rpcwatch view) on
+# 127.0.0.1:8080 and an MLflow server on 127.0.0.1:5000, both on the home (RPCWATCH_HOME, default
+# .rpcwatch); prints the URLs and how to log in. `make down` stops both, nothing left running.
+up: setup
+	$(BIN)/rpcwatch up
+
+down: setup
+	$(BIN)/rpcwatch down
 
 # Re-resolve the lock file from pyproject.toml (after changing dependencies).
 lock: setup

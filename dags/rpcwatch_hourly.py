@@ -1,39 +1,81 @@
 """
 ### rpcwatch_hourly
 
-Every hour, for the data interval that just ended: **ingest** the trace files that arrived for
-that hour into the DuckDB warehouse, **validate** them (Great Expectations + DuckDB row checks;
-bad rows to `quarantine`, a bad batch fails here naming file and expectation), **aggregate**
-per-RPC traffic into `rpc_series`, and group requests into RPC-chain **patterns** (trace
-reconstruction, HDBSCAN re-clustering when due, stable pattern ids, per-pattern graphs and series),
-then find the **stale** pattern models and **train** only those (mapped, one task per pattern, on the
-`gpu` queue, reading Parquet exports instead of DuckDB), **record** them, and **score** the hour
-against the champions into `anomalies` and `incidents`.
+**One hour rule:** the run for hour H has logical date H and data interval [H, H+1), however it
+was started: scheduled, caught up, backfilled (`airflow backfill create --dag-id rpcwatch_hourly
+--from-date A --to-date B`), triggered in the UI or the REST API with logical date H, or `airflow
+dags test rpcwatch_hourly H` (the `HourTimetable` of plugins/rpcwatch_hour.py).
 
-Each task is one stage of `tasks.pipeline.STAGES`, the ordered list `rpcwatch run` follows too, and
-the tasks are wired in that order; the last one, **publish**, copies the tables people read into the
-read-only `analytics.duckdb`. DuckDB allows one writer per file, so every task that writes the
-warehouse runs in the one-slot pool `RPCWATCH_AIRFLOW_POOL` (default `rpcwatch_duckdb`). Rerunning
-a run replaces exactly its hour.
+For its hour the run **ingests** the trace files that arrived into the DuckDB warehouse,
+**validates** them (Great Expectations + DuckDB row checks; bad rows to `quarantine`, a bad batch
+fails here naming file and expectation, without retries), **aggregates** per-RPC traffic into
+`rpc_series`, groups requests into RPC-chain **patterns** (trace reconstruction, HDBSCAN
+re-clustering when due, stable pattern ids, per-pattern graphs and series), finds the **stale**
+pattern models and **trains** only those (mapped, one task per pattern, on the `gpu` queue, reading
+Parquet exports instead of DuckDB), **records** them, **scores** the hour against the champions into
+`anomalies` and `incidents`, **publishes** the read-only `analytics.duckdb` and **alerts** on new
+incidents (`RPCWATCH_ALERT_WEBHOOK`). Any task failure is posted there too.
+
+Scheduling: hourly from `RPCWATCH_START` (until `RPCWATCH_END` when set); hours missed while the
+scheduler was down are caught up oldest first, one run at a time. Params rerun a stage's work for
+the hour: `force_ingest`, `recluster`, `force_retrain` (trigger with config, or clear a task).
+Transient failures are retried with exponential backoff; every task has a timeout, the run 2 h.
+The stages publish Assets (`rpcwatch://registry/champions`, `rpcwatch://warehouse/anomalies`,
+`rpcwatch://analytics/snapshot`) that other DAGs may be scheduled on.
+
+Each task is one stage of `tasks.pipeline.STAGES`, the ordered list `rpcwatch run` follows too.
+DuckDB allows one writer per file, so every task that writes the warehouse runs in the one-slot
+pool `RPCWATCH_AIRFLOW_POOL` (default `rpcwatch_duckdb`). Rerunning a run replaces exactly its hour.
 """
 
 from __future__ import annotations
 
-from typing import Any  # stdlib: the DAG file imports nothing heavy when Airflow parses it
+from datetime import timedelta
+from typing import Any  # stdlib and Airflow only: the DAG file imports nothing heavy when parsed
 
 import pendulum
-from airflow.sdk import CronDataIntervalTimetable, dag, get_current_context, task
+from airflow.sdk import Asset, Param, dag, get_current_context, task
+
+from rpcwatch_alerts import RpcwatchFailureNotifier  # dags/: a failed task (after its retries) is posted
+from rpcwatch_hour import HourTimetable  # plugins/ (Airflow puts it on sys.path): the one hour rule
+
+# What the stages publish, for DAGs of other teams to be scheduled on (e.g. `schedule=[SNAPSHOT]`).
+CHAMPIONS = Asset("rpcwatch://registry/champions")  # MLflow champions, mirrored in DuckDB `models`
+ANOMALIES = Asset("rpcwatch://warehouse/anomalies")  # `anomalies` and `incidents`
+SNAPSHOT = Asset("rpcwatch://analytics/snapshot")  # the read-only `analytics.duckdb`
+
+# Transient failures (a held DuckDB lock, MLflow or the trace store unreachable, late files) are
+# retried with exponential backoff (1, 2, 4 min); a failed validation is not (see _stage).
+RETRIES = {"retries": 3, "retry_delay": timedelta(minutes=1), "retry_exponential_backoff": 2.0}
+RETRIES |= {"max_retry_delay": timedelta(minutes=10)}
+
+PARAMS = {
+    "force_ingest": Param(False, type="boolean", description="re-read this hour's files even if unchanged"),
+    "recluster": Param(False, type="boolean", description="re-cluster patterns now, whatever the cadence"),
+    "force_retrain": Param(False, type="boolean", description="retrain every critical pattern's model"),
+}
 
 
 def _stage(name: str, upstream: Any = None) -> Any:
-    """Run pipeline stage `name` for this run's data interval (imports happen here, not at parse time)."""
+    """Run pipeline stage `name` for this run's hour, `data_interval_start` (imports happen here,
+    not at parse time). A failed validation fails the task without retries: the data is wrong,
+    trying again cannot help; the message names file, row and expectation."""
+    from airflow.sdk.exceptions import AirflowFailException
+
     from tasks import pipeline
+    from tasks.ingest.validate import BatchValidationError
     from tasks.settings import load_settings
 
-    hour = get_current_context()["data_interval_start"]
+    context = get_current_context()
+    hour = context["data_interval_start"]
     if hour is None:
         raise RuntimeError("an rpcwatch run needs a data interval (the hour it covers)")
-    return pipeline.stage(name).run(pipeline.Run(load_settings(), hour, say=print), upstream)
+    forced = frozenset(k for k, v in (context.get("params") or {}).items() if k in PARAMS and v)
+    run = pipeline.Run(load_settings(), hour, say=print, forced=forced)
+    try:
+        return pipeline.stage(name).run(run, upstream)
+    except BatchValidationError as exc:
+        raise AirflowFailException(str(exc)) from exc
 
 
 def _check_against_the_stages(produced: list[Any]) -> None:
@@ -47,82 +89,100 @@ def _check_against_the_stages(produced: list[Any]) -> None:
         raise ValueError(f"DAG tasks (task, mapped) {wired} are not the pipeline stages {stages}")
 
 
-def _duckdb_pool() -> str:
-    """The one-slot pool of the warehouse writers, `RPCWATCH_AIRFLOW_POOL` (default `rpcwatch_duckdb`),
-    read when Airflow parses this file: tasks.settings imports only the standard library."""
+def _settings() -> Any:
+    """rpcwatch's settings, read when Airflow parses this file: tasks.settings imports only the
+    standard library."""
     from tasks.settings import load_settings
 
-    return load_settings().airflow_pool
+    return load_settings()
 
 
-@task
+def _hour(value: Any) -> pendulum.DateTime | None:
+    return None if value is None else pendulum.instance(value).in_timezone("UTC")
+
+
+@task(execution_timeout=timedelta(minutes=20))
 def ingest() -> dict:
     """Load this hour's trace files into `calls` (unchanged files are skipped)."""
     return _stage("ingest")
 
 
-@task
+@task(execution_timeout=timedelta(minutes=20))
 def validate(ingested: dict) -> dict:
-    """Run the validation suite; a failed batch-level expectation fails this task."""
+    """Run the validation suite; a failed batch-level expectation fails this task (no retry)."""
     return _stage("validate", ingested)
 
 
-@task
+@task(execution_timeout=timedelta(minutes=10))
 def aggregate(validated: dict) -> dict:
     """Rebuild `rpc_series` for this hour."""
     return _stage("aggregate", validated)
 
 
-@task
+@task(execution_timeout=timedelta(minutes=20))
 def patterns(aggregated: dict) -> dict:
-    """Rebuild traces, assign them to RPC-chain patterns or re-cluster (when the cadence says),
-    and write pattern graphs, per-pattern series and novel RPCs."""
+    """Rebuild traces, assign them to RPC-chain patterns or re-cluster (when the cadence says, or
+    the `recluster` param), and write pattern graphs, per-pattern series and novel RPCs."""
     return _stage("patterns", aggregated)
 
 
-@task
+@task(execution_timeout=timedelta(minutes=10))
 def stale(patterned: dict) -> list[dict]:
     """Decide which critical patterns' models are stale (no champion, graph changed, drift,
-    age) and export each one's series to Parquet, so training never opens DuckDB. Returns one
-    training job (`TrainJob.to_dict()`) per stale pattern."""
+    age, or the `force_retrain` param) and export each one's series to Parquet, so training never
+    opens DuckDB. Returns one training job (`TrainJob.to_dict()`) per stale pattern."""
     return _stage("stale", patterned)
 
 
-@task(queue="gpu", pool="default_pool", retries=1)
+@task(queue="gpu", pool="default_pool", execution_timeout=timedelta(minutes=30))
 def train(job: dict) -> dict:
     """Train one stale pattern's model on the GPU queue (CPU when none), tracked in MLflow.
     Returns its outcome (`TrainOutcome.to_dict()`, or `Skipped.to_dict()` for short history)."""
     return _stage("train", job)
 
 
-@task(trigger_rule="none_failed")  # zero mapped trainings (skipped) still records and says so
+# zero mapped trainings (skipped) still records and says so
+@task(trigger_rule="none_failed", execution_timeout=timedelta(minutes=10), outlets=[CHAMPIONS])
 def record(outcomes: list[dict]) -> int:
     """Mirror the trainings into DuckDB's `models` table (what staleness and scoring read)."""
     return _stage("record", list(outcomes or []))
 
 
-@task(trigger_rule="none_failed")
+@task(trigger_rule="none_failed", execution_timeout=timedelta(minutes=20), outlets=[ANOMALIES])
 def score(recorded: int) -> dict:
-    """Forecast every bucket of the hour with each critical pattern's champion; irregular points
-    go to `anomalies`, related ones to `incidents`, novel RPCs too."""
+    """Forecast every bucket of the hour with each critical pattern's champion and score its traces
+    with the trace models; irregular points go to `anomalies`, related ones to `incidents`."""
     return _stage("score", recorded)
 
 
-@task
+@task(execution_timeout=timedelta(minutes=10), outlets=[SNAPSHOT])
 def publish(scored: dict) -> dict:
     """Publish the analysts' read-only snapshot `analytics.duckdb` (never blocks a run)."""
     return _stage("publish", scored)
 
 
+@task(execution_timeout=timedelta(minutes=5))
+def alert(published: dict) -> dict:
+    """Post the hour's new incidents above `RPCWATCH_ALERT_MIN_SCORE` to `RPCWATCH_ALERT_WEBHOOK`."""
+    return _stage("alert", published)
+
+
+SETTINGS = _settings()
+
+
 @dag(
     dag_id="rpcwatch_hourly",
-    schedule=CronDataIntervalTimetable("0 * * * *", timezone="UTC"),
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
+    schedule=HourTimetable(),
+    start_date=_hour(SETTINGS.start),
+    end_date=_hour(SETTINGS.end),
+    catchup=SETTINGS.catchup,  # True (default): hours missed while down run oldest first, one at a time
     max_active_runs=1,
+    dagrun_timeout=timedelta(hours=2),
+    params=PARAMS,
     tags=["rpcwatch"],
     doc_md=__doc__,
-    default_args={"pool": _duckdb_pool(), "retries": 0},  # every task but `train` writes the warehouse
+    # every task but `train` writes the warehouse: one writer at a time
+    default_args={"pool": SETTINGS.airflow_pool, **RETRIES, "on_failure_callback": RpcwatchFailureNotifier()},
 )
 def rpcwatch_hourly() -> None:
     """The stages in the order of `tasks.pipeline.STAGES`, each taking the previous one's result."""
@@ -138,7 +198,9 @@ def rpcwatch_hourly() -> None:
     recorded = record(outcomes)  # type: ignore[arg-type]
     scored = score(recorded)  # type: ignore[arg-type]
     published = publish(scored)  # type: ignore[arg-type]
-    _check_against_the_stages([ingested, validated, aggregated, patterned, jobs, outcomes, recorded, scored, published])
+    alerted = alert(published)  # type: ignore[arg-type]
+    produced = [ingested, validated, aggregated, patterned, jobs, outcomes, recorded, scored, published, alerted]
+    _check_against_the_stages(produced)
 
 
 hourly = rpcwatch_hourly()

@@ -1,7 +1,12 @@
 """Airflow UI view of rpcwatch's anomalies: a nav entry "rpcwatch anomalies" served by a small
-FastAPI app inside the Airflow API server. It reads `incidents` and the view `recent_anomalies` of
-the published snapshot `analytics.duckdb`, read-only, so it never blocks the pipeline (see
-tasks.publish); it writes nothing.
+FastAPI app inside the Airflow API server. It reads the published snapshot `analytics.duckdb`,
+read-only, so it never blocks the pipeline (see tasks.publish); it writes nothing.
+
+Routes (under `/rpcwatch`): `/` incidents and irregular points, `/incident/<id>` one incident with
+`graph.png` and `forecast.png`, `/api/incidents` and `/api/anomalies` as JSON; all take the filters
+`since` (30m, 6h, 2d, all: counted back from now), `pattern`, `kind`. This file holds only the
+routes and the access check: what they show is built in tasks.app.view (queries, JSON),
+tasks.app.view_html (HTML), tasks.app.view_pictures (pictures).
 
 Access: the API server does not put plugin apps behind its login, so this app does it itself with
 Airflow's own security dependency, on the app (every route, the docs and the OpenAPI schema too).
@@ -13,17 +18,40 @@ Airflow's login page instead."""
 
 from __future__ import annotations
 
-import html
+from dataclasses import replace
+from datetime import UTC, datetime
+from typing import Annotated, Any
 
-import duckdb
 from airflow.api_fastapi.core_api.security import requires_access_dag
 from airflow.plugins_manager import AirflowPlugin
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request, Response
+from fastapi import Path as FastApiPath
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tasks.app.view import (
+    DEFAULT_SINCE,
+    INCIDENT_ID_PATTERN,
+    KIND_PATTERN,
+    SINCE_PATTERN,
+    Filters,
+    find_incident,
+    incident_json,
+    incident_points,
+    list_anomalies,
+    list_incidents,
+    meta,
+    mlflow_url,
+    model_links,
+    open_snapshot,
+    point_json,
+    snapshot_path,
+    window_note,
+)
+from tasks.app.view_html import incident_page, index_page, not_found_page
 
 # The anomalies are this DAG's output: who may read the DAG may read them.
 DAG_ID = "rpcwatch_hourly"
@@ -54,56 +82,85 @@ async def _login_redirect(request: Request, exc: StarletteHTTPException):
     return await http_exception_handler(request, exc)
 
 
-INCIDENTS_SQL = """SELECT strftime(start_ts, '%Y-%m-%d %H:%M') AS start, strftime(end_ts, '%H:%M') AS "end",
-    array_to_string(patterns, ', ') AS patterns, array_to_string(kinds, ', ') AS kinds, points,
-    round(peak_score, 1) AS peak_score, array_to_string(coalesce(culprits, []), ', ') AS suspects, evidence
-    FROM incidents ORDER BY start_ts DESC LIMIT ?"""
-ANOMALIES_SQL = """SELECT strftime(bucket_ts, '%Y-%m-%d %H:%M') AS bucket, pattern_id AS pattern, kind, caller, callee,
-    interface, feature, round(observed, 1) AS observed, round(expected, 1) AS expected, round(score, 2) AS score
-    FROM recent_anomalies LIMIT ?"""
-
-PAGE_STYLE = (
-    "body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse}"
-    "td,th{padding:3px 8px;border-bottom:1px solid #ddd;font-size:13px}"
-)
+def _base(request: Request) -> str:
+    """Where this app is mounted (`/rpcwatch` in the API server): links and pictures are built on it."""
+    return str(request.scope.get("root_path", "")).rstrip("/")
 
 
-def _query(sql: str, limit: int) -> tuple[list[str], list[tuple]]:
-    from tasks.publish import analytics_path
-    from tasks.settings import load_settings
-
-    path = analytics_path(load_settings())
-    if not path.exists():
-        return [], []
-    with duckdb.connect(str(path), read_only=True) as con:
-        cursor = con.execute(sql, [limit])
-        return [d[0] for d in cursor.description], cursor.fetchall()
+def _filters(
+    since: str = Query(DEFAULT_SINCE, pattern=SINCE_PATTERN, description="window back from now: 30m, 6h, 2d or all"),
+    pattern: int | None = Query(None, ge=1, description="only this pattern's"),
+    kind: str | None = Query(None, pattern=KIND_PATTERN, description="only this kind (traffic_spike, novel_rpc, ...)"),
+) -> Filters:
+    return Filters(since=since, pattern=pattern, kind=kind)
 
 
-def _table(title: str, headers: list[str], rows: list[tuple]) -> str:
-    if not headers:
-        return f"<h2>{title}</h2><p>Nothing published yet: the hourly DAG publishes after scoring.</p>"
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape('' if v is None else str(v))}</td>" for v in r) + "</tr>" for r in rows
-    )
-    return f"<h2>{title}</h2><table><tr>{head}</tr>{body}</table>"
+IncidentId = Annotated[str, FastApiPath(pattern=INCIDENT_ID_PATTERN)]
+WindowFilters = Annotated[Filters, Depends(_filters)]
 
 
 @app.get("/", response_class=HTMLResponse)
-def page(limit: int = Query(100, ge=1, le=1000)) -> str:
-    incidents = _table("Incidents", *_query(INCIDENTS_SQL, limit))
-    anomalies = _table("Irregular points, last 6 hours", *_query(ANOMALIES_SQL, limit))
-    return (
-        f"<html><head><title>rpcwatch anomalies</title><style>{PAGE_STYLE}</style></head>"
-        f"<body>{incidents}{anomalies}</body></html>"
-    )
+def page(request: Request, f: WindowFilters, limit: int = Query(100, ge=1, le=1000)) -> str:
+    """Incidents (culprits, RPCs, evidence, a link to each one's page) and irregular points."""
+    f, now = replace(f, limit=limit), datetime.now(UTC)
+    with open_snapshot(snapshot_path()) as con:
+        if con is None:
+            return index_page(_base(request), f, None, [], [], None, now)
+        info, incidents, points = meta(con), list_incidents(con, f, now), list_anomalies(con, f, now)
+    return index_page(_base(request), f, info, incidents, points, window_note(f, info, now), now)
+
+
+@app.get("/incident/{incident_id}", response_class=HTMLResponse)
+def incident(request: Request, incident_id: IncidentId, f: WindowFilters) -> HTMLResponse:
+    """One incident: its facts, model versions (MLflow links), graph and forecast pictures, points."""
+    with open_snapshot(snapshot_path()) as con:
+        found = None if con is None else find_incident(con, incident_id)
+        if con is None or found is None:
+            return HTMLResponse(not_found_page(_base(request), incident_id), status_code=404)
+        points = incident_points(con, found)
+        links = model_links(con, points, mlflow_url())
+    return HTMLResponse(incident_page(_base(request), found, points, links, f.query()))
+
+
+def _picture(incident_id: str, which: str) -> Response:
+    from tasks.app.view_pictures import picture
+
+    png = picture(snapshot_path(), incident_id, which)
+    if png is None:
+        raise StarletteHTTPException(404, f"no incident {incident_id} in the published snapshot")
+    return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=60"})
+
+
+PNG: dict[int | str, dict[str, Any]] = {200: {"content": {"image/png": {}}, "description": "a PNG picture"}}
+
+
+@app.get("/incident/{incident_id}/graph.png", response_class=Response, responses=PNG)
+def graph_picture(incident_id: IncidentId) -> Response:
+    """The pattern's graph, the incident's RPCs coloured, its most likely culprit outlined (PNG)."""
+    return _picture(incident_id, "graph")
+
+
+@app.get("/incident/{incident_id}/forecast.png", response_class=Response, responses=PNG)
+def forecast_picture(incident_id: IncidentId) -> Response:
+    """The strongest RPC's actual series around the incident with the forecast, the band that does
+    not alarm (table `forecasts`) and the irregular points (PNG)."""
+    return _picture(incident_id, "forecast")
+
+
+@app.get("/api/incidents")
+def incidents(f: WindowFilters, limit: int = Query(100, ge=1, le=10000)) -> list[dict]:
+    """Incidents going on in the window, newest first."""
+    f, now = replace(f, limit=limit), datetime.now(UTC)
+    with open_snapshot(snapshot_path()) as con:
+        return [] if con is None else [incident_json(i) for i in list_incidents(con, f, now)]
 
 
 @app.get("/api/anomalies")
-def anomalies(limit: int = Query(100, ge=1, le=10000)) -> list[dict]:
-    headers, rows = _query(ANOMALIES_SQL, limit)
-    return [dict(zip(headers, r)) for r in rows]
+def anomalies(f: WindowFilters, limit: int = Query(100, ge=1, le=10000)) -> list[dict]:
+    """Irregular points in the window, newest first."""
+    f, now = replace(f, limit=limit), datetime.now(UTC)
+    with open_snapshot(snapshot_path()) as con:
+        return [] if con is None else [point_json(p) for p in list_anomalies(con, f, now)]
 
 
 @app.get("/openapi.json", include_in_schema=False)

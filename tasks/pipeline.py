@@ -35,13 +35,15 @@ class Run:
     sources: list[Path] | None = None  # default: the settings' incoming folder
     fmt_name: str | None = None  # default: the settings' format
     say: Callable[[str], None] = log.info  # the DAG prints into the task log
+    # work to redo whatever the hour's state says: force_ingest, recluster, force_retrain
+    forced: frozenset[str] = frozenset()
 
 
 def ingest(run: Run, _: Any = None) -> dict:
     """Load this hour's trace files into `calls` (unchanged files are skipped)."""
     from tasks.ingest.stage import ingest_hour
 
-    report = ingest_hour(run.settings, run.hour, run.sources, run.fmt_name)
+    report = ingest_hour(run.settings, run.hour, run.sources, run.fmt_name, force="force_ingest" in run.forced)
     for bad in report.failed_files:
         run.say(f"file failed: {bad.error}")
     run.say(
@@ -80,7 +82,7 @@ def patterns(run: Run, _: Any = None) -> dict:
     write pattern graphs, per-pattern series and novel RPCs."""
     from tasks.patterns.stage import patterns_hour
 
-    report = patterns_hour(run.settings, run.hour)
+    report = patterns_hour(run.settings, run.hour, force="recluster" in run.forced)
     for line in report.lines():
         run.say(line)
     return {
@@ -98,7 +100,7 @@ def stale(run: Run, _: Any = None) -> list[dict[str, Any]]:
     exported to Parquet so that training never opens DuckDB. One `TrainJob.to_dict()` per pattern."""
     from tasks.models.retrain import plan_training
 
-    jobs = plan_training(run.settings, run.hour)
+    jobs = plan_training(run.settings, run.hour, force="force_retrain" in run.forced)
     for job in jobs:
         run.say(f"pattern {job.pattern_id} is stale: {', '.join(job.reasons)}")
     if not jobs:
@@ -156,6 +158,13 @@ def publish(run: Run, _: Any = None) -> dict:
     return {"path": str(path)}
 
 
+def alert(run: Run, _: Any = None) -> dict:
+    """Post the hour's new incidents above the alert severity to the webhook (none set: nothing)."""
+    from tasks.alerts.webhook import alert_new_incidents
+
+    return {"posted": alert_new_incidents(run.settings, run.hour, say=run.say)}
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
@@ -173,6 +182,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("record", record),
     Stage("score", score),
     Stage("publish", publish),
+    Stage("alert", alert),
 )
 
 
@@ -191,12 +201,16 @@ def run_hour(
     """Every stage of `STAGES` for one hour, in order; returns each stage's result by name. A failed
     batch-level validation (or any stage's error) stops the hour."""
     from tasks.failpoints import crash_point
+    from tasks.progress import progress as progress_bar
 
     run = Run(settings, hour, sources, fmt_name)
     results: dict[str, Any] = {}
     previous: Any = None  # the previous stage's result (a list of jobs before the mapped `train`)
     for s in STAGES:
-        previous = [s.run(run, item) for item in previous] if s.mapped else s.run(run, previous)
+        if s.mapped:  # e.g. one training per stale pattern: a bar at a terminal
+            previous = [s.run(run, item) for item in progress_bar(previous, s.name, unit="job")]
+        else:
+            previous = s.run(run, previous)
         results[s.name] = previous
         if s.name in CRASH_AFTER:
             crash_point(s.name)

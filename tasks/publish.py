@@ -9,6 +9,12 @@ snapshot. Readers open it read-only.
 A staging file is removed when its publish fails, and by the next publish when its process died
 (kill -9) before the swap: publish holds the warehouse's write lock, so no other publish can be
 writing one.
+
+The snapshot is written in an older storage format than the warehouse (`SNAPSHOT_STORAGE_VERSION`):
+analysts open it with the DuckDB CLI, and the CLI on PyPI (`duckdb-cli` 1.5.6) reads files up to
+DuckDB 1.5's format only, while this DuckDB (2.0) writes its own by default. Pinning the snapshot's
+format keeps the warehouse and the pipeline on DuckDB 2.0 (no downgrade); every published column
+type (lists, timestamps, unsigned integers) and the view exist in that format.
 """
 
 from __future__ import annotations
@@ -24,11 +30,13 @@ from tasks.warehouse import RECENT_ANOMALIES_SQL, opened
 
 PUBLISHED = (
     "anomalies",
+    "forecasts",
     "incidents",
     "patterns",
     "pattern_nodes",
     "pattern_edges",
     "pattern_history",
+    "pattern_series",
     "models",
     "score_runs",
     "reconstruction",
@@ -37,6 +45,12 @@ PUBLISHED = (
     "ingest_log",
     "clustering_runs",
 )
+# The snapshot's on-disk format (ATTACH's STORAGE_VERSION): DuckDB 2.0 writes storage version 69 by
+# default, which DuckDB 1.5 and the `duckdb-cli` 1.5.x on PyPI refuse ("can only read versions between
+# 64 and 68"); "v1.5.0" writes 68. Raise it once the CLIs people use read newer files. Readers on the
+# DuckDB 1.4 line (issue 13 notes its extensions install offline; issue 14 may revisit) need "v1.4.0"
+# (67), which holds every published table too.
+SNAPSHOT_STORAGE_VERSION = "v1.5.0"
 STAGING_GLOB = ".analytics-*"  # a staging file and its DuckDB write-ahead log (.wal)
 
 
@@ -52,7 +66,8 @@ def _remove_staging(folder: Path) -> None:
 
 def _write_snapshot(con: duckdb.DuckDBPyConnection, staging: Path, now: datetime) -> None:
     """Copy the published tables and the view into a new DuckDB file at `staging`."""
-    con.execute("ATTACH ? AS snapshot", [str(staging)])  # DuckDB binds ATTACH's path: no path in SQL text
+    # DuckDB binds ATTACH's path and options: no path in SQL text
+    con.execute("ATTACH ? AS snapshot (STORAGE_VERSION ?)", [str(staging), SNAPSHOT_STORAGE_VERSION])
     try:
         for table in PUBLISHED:  # names from the constant above, never from input
             con.execute(f"CREATE TABLE snapshot.{table} AS SELECT * FROM main.{table}")

@@ -1,7 +1,8 @@
 """One settings object for rpcwatch, read from `RPCWATCH_*` environment variables.
 
 Everything lives under one home folder (default `./.rpcwatch`): the DuckDB warehouse, MLflow's
-sqlite database and artifacts, and Airflow's home.
+sqlite database and artifacts, and Airflow's home. Alerts (tasks.alerts) post to a webhook only when
+`RPCWATCH_ALERT_WEBHOOK` is set; its value is a secret, never shown in messages or `repr`.
 """
 
 from __future__ import annotations
@@ -9,16 +10,19 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 PREFIX = "RPCWATCH_"
 KNOWN_RPC_TYPES = ("rpc", "http", "mq", "mc", "db", "userDefined", "span", "UNKNOWN")
 FORMATS = ("alibaba-v2022", "alibaba-v2021", "spans")
 THRESHOLD_METHODS = ("quantile", "pot")
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")  # what forecast.device / torch.device take
+URL_SETTINGS = ("alert_webhook", "airflow_url", "mlflow_url")  # http(s) URLs, checked alike
+SECRET_SETTINGS = ("alert_webhook",)  # a webhook URL is its own password: errors never echo it
 
 
 @dataclass(frozen=True)
@@ -67,8 +71,21 @@ class Settings:
     incident_min_buckets: int = 3  # ... spanning at least this many buckets (or one point scoring >= 3)
     device: str = "auto"
     airflow_pool: str = "rpcwatch_duckdb"
+    # the hourly DAG: first hour to process (hours since then that never ran are caught up, oldest
+    # first) and, optionally, the last (a bounded replay or backfill); set `start` when deploying
+    start: datetime = datetime(2026, 1, 1, tzinfo=UTC)
+    end: datetime | None = None
+    catchup: bool = True  # False: a scheduler back from downtime runs only the latest hour (said in the UI)
     # default: sqlite under the home (set in __post_init__; `with_(home=...)` moves it along)
     mlflow_tracking_uri: str | None = None
+    # alerts (tasks.alerts): new incidents and task failures posted to a Slack/Teams webhook;
+    # None (the default): alerts are off. A secret, so kept out of repr.
+    alert_webhook: str | None = field(default=None, repr=False)
+    # an incident is posted when its peak score (distance from the forecast in band widths) reaches
+    # this; 3.0 is the incident rule's own "far out" level (tasks.scoring.incidents.PEAK_SCORE)
+    alert_min_score: float = 3.0
+    airflow_url: str = "http://127.0.0.1:8080"  # where alert links point: the Airflow UI ...
+    mlflow_url: str = "http://127.0.0.1:5000"  # ... and the MLflow UI, as the people alerted reach them
 
     def __post_init__(self) -> None:
         if self.mlflow_tracking_uri is None:
@@ -109,11 +126,20 @@ def _parse(kind: str, raw: str) -> object:
         return Path(raw).expanduser()
     if "datetime" in kind:
         return parse_utc(raw)
+    if kind == "bool":
+        return _parse_bool(raw)
     if kind.startswith("int"):
         return int(raw)
     if kind.startswith("float"):
         return float(raw)
     return raw
+
+
+def _parse_bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value not in ("true", "false", "1", "0", "yes", "no"):
+        raise ValueError(f"not a boolean: {raw!r} (expected true or false)")
+    return value in ("true", "1", "yes")
 
 
 def parse_utc(text: str) -> datetime:
@@ -157,6 +183,7 @@ RANGES: dict[str, tuple[float, float | None, str]] = {
     "trace_alpha": (0, 1, "()"),
     "incident_gap_buckets": (1, None, "[]"),
     "incident_min_buckets": (1, None, "[]"),
+    "alert_min_score": (0, None, "[]"),
 }
 
 
@@ -183,6 +210,21 @@ def _home_problem(home: Path) -> str | None:
     return None
 
 
+def _url_problem(url: str) -> str | None:
+    """Why `url` is not a plain http(s) URL, or None. Characters that end a link in Slack or
+    markdown (`<`, `>`, `|`, quotes, spaces) are refused: alert links are built from these URLs."""
+    if re.search(r"[\s<>|\"'`]", url):
+        return "must be an http(s) URL without spaces, quotes, <, > or |"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 -- raises ValueError on a bad port
+    except ValueError:
+        return "must be an http(s) URL"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "must be an http(s) URL (http://host[:port]/...)"
+    return None
+
+
 def _problems(s: Settings) -> dict[str, str]:
     """Every setting checked: field name -> what is wrong with its value."""
     out = {
@@ -205,6 +247,15 @@ def _problems(s: Settings) -> dict[str, str]:
             out[name] = "must not be empty"
     if why := _home_problem(s.home):
         out["home"] = why
+    for name in ("start", "end"):
+        value = getattr(s, name)
+        if value is not None and value != value.replace(minute=0, second=0, microsecond=0):
+            out[name] = "must be a whole hour, e.g. 2026-01-01T03:00"
+    if s.end is not None and "start" not in out and s.end < s.start:
+        out["end"] = "must not be before RPCWATCH_START"
+    for name in URL_SETTINGS:
+        if (url := getattr(s, name)) is not None and (why := _url_problem(url)):
+            out[name] = why
     return out
 
 
@@ -229,5 +280,6 @@ def load_settings(env: dict[str, str] | None = None, **overrides: Any) -> Settin
     settings = Settings(**values)
     problems = _problems(settings)
     for name in (f.name for f in fields(Settings) if f.name in problems):  # the first, in field order
-        raise ValueError(f"{PREFIX}{name.upper()}={shown.get(name, getattr(settings, name))}: {problems[name]}")
+        value = "(hidden)" if name in SECRET_SETTINGS else shown.get(name, getattr(settings, name))
+        raise ValueError(f"{PREFIX}{name.upper()}={value}: {problems[name]}")
     return settings

@@ -112,6 +112,13 @@ CREATE TABLE IF NOT EXISTS anomalies (
 );
 -- added later: the service most likely behind an irregular point / an incident's, ranked
 ALTER TABLE anomalies ADD COLUMN IF NOT EXISTS culprit VARCHAR;
+-- added later (older homes gain it here): the forecast and the band of observed values that would not
+-- alarm, of every scored bucket, node and feature (calls; latency where the forecaster judges it);
+-- NULL bound: that side never alarms
+CREATE TABLE IF NOT EXISTS forecasts (
+    pattern_id INTEGER NOT NULL, bucket_ts TIMESTAMP NOT NULL, node VARCHAR NOT NULL,
+    feature VARCHAR NOT NULL, expected DOUBLE, lower DOUBLE, upper DOUBLE, model_version INTEGER
+);
 CREATE TABLE IF NOT EXISTS score_runs (
     hour TIMESTAMP NOT NULL, pattern_id INTEGER NOT NULL, status VARCHAR, reason VARCHAR,
     model_version INTEGER, flagged INTEGER, mape_calls DOUBLE

@@ -3,11 +3,13 @@ Plain helpers (paths, the start hour, copying a home) live in `helpers.py`."""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from helpers import START
+from helpers import START, Receiver
 from tasks.settings import Settings, load_settings
 
 
@@ -63,3 +65,14 @@ def trained(tmp_path_factory):
         patterns_hour(settings, hour)
     outcomes = train_stale(settings, START + timedelta(hours=3))
     return settings, source, outcomes
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    """A webhook receiver on 127.0.0.1 (a real HTTP server in a thread)."""
+    server = Receiver()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()

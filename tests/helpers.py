@@ -3,9 +3,12 @@ synthetic hour, the shared real data, a private copy of a home, tiny traces for 
 
 from __future__ import annotations
 
+import json
 import shutil
 from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -27,7 +30,8 @@ def shared_file(*parts: str) -> Path:
 
 
 def copy_home(settings: Settings, tmp_path: Path) -> Settings:
-    """A private copy of a home (warehouse, MLflow db; artifacts stay where the registry says)."""
+    """A private copy of a home (warehouse, MLflow db and artifacts; opening its registry re-addresses
+    the artifacts to the copy, tasks.models.registry.relocate_artifacts)."""
 
     home = tmp_path / "home"
     shutil.copytree(settings.home, home)
@@ -139,3 +143,54 @@ def tiny_traces(
         "root_ts",
     ]
     return pd.DataFrame(rows, columns=columns)
+
+
+class Receiver(ThreadingHTTPServer):
+    """A webhook: records every request; answers `status` (with `location` for a redirect)."""
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.requests: list[dict[str, Any]] = []
+        self.status = 200
+        self.location: str | None = None
+
+    @property
+    def port(self) -> int:
+        return int(self.server_address[1])
+
+    def url(self, path: str = "/services/T0001/B0002/s3cretT0ken") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    @property
+    def posted(self) -> list[dict[str, Any]]:
+        return [r["json"] for r in self.requests if r["method"] == "POST"]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: Receiver
+
+    def _record(self, method: str) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.server.requests.append(
+            {
+                "method": method,
+                "path": self.path,
+                "type": self.headers.get("Content-Type"),
+                "json": json.loads(body) if body else None,
+            }
+        )
+        self.send_response(self.server.status)
+        if self.server.location:
+            self.send_header("Location", self.server.location)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def do_POST(self) -> None:
+        self._record("POST")
+
+    def do_GET(self) -> None:
+        self._record("GET")
+
+    def log_message(self, *args: Any) -> None:  # quiet test output
+        pass

@@ -45,7 +45,7 @@ def _snapshot(settings) -> dict[str, tuple]:
 
 def _run(env, source: Path, hour) -> subprocess.CompletedProcess:
     env = dict(env, RPCWATCH_SOURCE=str(source))
-    result = dag_test(env, "rpcwatch_hourly", hour + timedelta(hours=1))
+    result = dag_test(env, "rpcwatch_hourly", hour)  # the one hour rule: logical date H processes H
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     return result
 
@@ -55,6 +55,7 @@ def test_dag_file_is_light_and_wired(airflow):
     settings, env = airflow
     probe = f"""
 import importlib.util, json, sys
+sys.path.insert(0, r"{REPO / "dags"}")  # as Airflow's DAG processor puts the DAG folder on sys.path
 spec = importlib.util.spec_from_file_location("d", r"{REPO / "dags" / "rpcwatch_hourly.py"}")
 module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)
 heavy = sorted(m for m in {HEAVY!r} if m in sys.modules)
@@ -74,8 +75,8 @@ print(json.dumps({{"heavy": heavy,
     assert facts["pools"] == ["default_pool", "rpcwatch_duckdb"]
     assert facts["queues"]["train"] == "gpu" and facts["pool_of"]["train"] == "default_pool"
     assert facts["upstream"] == {name: names[i - 1 : i] for i, name in enumerate(names)}, "wired in the stages' order"
-    assert names[-2:] == ["score", "publish"]
-    assert facts["timetable"] == "CronDataIntervalTimetable"
+    assert names[-3:] == ["score", "publish", "alert"]
+    assert facts["timetable"] == "HourTimetable"
 
 
 @pytest.mark.airflow
@@ -101,14 +102,18 @@ def test_two_hours_through_the_dag_match_the_manifest_and_rerun_is_identical(air
 
 
 @pytest.mark.airflow
-def test_a_bad_batch_fails_the_validate_task_with_its_message(airflow, synth_copy):
+def test_a_bad_batch_fails_the_validate_task_with_its_message_and_is_posted(airflow, synth_copy, receiver):
     settings, env = airflow
     source, _ = synth_copy
     (source / "dt=2026-01-01" / "hour=00" / "zz-broken.parquet").write_bytes(b"not parquet")
-    result = dag_test(dict(env, RPCWATCH_SOURCE=str(source)), "rpcwatch_hourly", START + timedelta(hours=1))
+    env = dict(env, RPCWATCH_SOURCE=str(source), RPCWATCH_ALERT_WEBHOOK=receiver.url())
+    result = dag_test(env, "rpcwatch_hourly", START)
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert "expect_file_to_be_readable" in output and "zz-broken.parquet" in output
+    assert "AirflowFailException" in output and "up_for_retry" not in output.lower(), "bad data is not retried"
+    [failure] = receiver.posted  # the DAG's failure notifier, called by Airflow for the failed task
+    assert "validate" in failure["text"] and "zz-broken.parquet" in failure["text"]
 
 
 @pytest.mark.airflow

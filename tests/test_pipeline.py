@@ -12,7 +12,7 @@ import duckdb
 from helpers import REPO, START
 from tasks.publish import analytics_path
 
-STAGES = ["ingest", "validate", "aggregate", "patterns", "stale", "train", "record", "score", "publish"]
+STAGES = ["ingest", "validate", "aggregate", "patterns", "stale", "train", "record", "score", "publish", "alert"]
 
 
 def test_the_stage_list_ends_with_publish():
@@ -39,7 +39,8 @@ def test_run_hour_publishes_the_analysts_snapshot(settings, synth_source):
 def test_the_dag_tasks_are_the_pipeline_stages_in_order(tmp_path):
     """Parse the DAG file (no Airflow metadata db needed) and walk its tasks from the root."""
     probe = f"""
-import importlib.util, json
+import importlib.util, json, sys
+sys.path.insert(0, r"{REPO / "dags"}")  # as Airflow's DAG processor puts the DAG folder on sys.path
 spec = importlib.util.spec_from_file_location("d", r"{REPO / "dags" / "rpcwatch_hourly.py"}")
 module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)
 d = module.hourly
@@ -47,6 +48,7 @@ print(json.dumps({{t.task_id: sorted(t.downstream_task_ids) for t in d.tasks}}))
 """
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RPCWATCH_", "AIRFLOW"))}
     env.update(AIRFLOW_HOME=str(tmp_path / "airflow"), AIRFLOW__CORE__LOAD_EXAMPLES="False")
+    env.update(AIRFLOW__CORE__PLUGINS_FOLDER=str(REPO / "plugins"))  # the HourTimetable
     out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     downstream = json.loads(out.stdout.strip().splitlines()[-1])

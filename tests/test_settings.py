@@ -50,6 +50,12 @@ def test_bad_settings_are_named(env, message):
         ("DRIFT_FACTOR", "0", "must be > 0"),
         ("FORMAT", "zipkin", "unknown trace format"),
         ("AIRFLOW_POOL", " ", "must not be empty"),
+        ("ALERT_MIN_SCORE", "-1", "must be >= 0"),
+        ("ALERT_MIN_SCORE", "nan", "finite"),
+        ("AIRFLOW_URL", "ftp://airflow.example", r"http\(s\) URL"),
+        ("AIRFLOW_URL", "airflow.example:8080", r"http\(s\) URL"),
+        ("MLFLOW_URL", "http://mlflow:port", r"http\(s\) URL"),
+        ("MLFLOW_URL", "http://mlflow.example/x|click", "without spaces, quotes, <, > or |"),
     ],
 )
 def test_every_bad_setting_is_refused_naming_its_variable(name, value, message):
@@ -97,3 +103,31 @@ def test_every_numeric_setting_has_a_range():
 
     numeric = {f.name for f in fields(Settings) if str(f.type).startswith(("int", "float"))}
     assert numeric == set(RANGES)
+
+
+def test_alerts_are_off_by_default_and_read_from_the_env():
+    s = load_settings(env={})
+    assert s.alert_webhook is None and s.alert_min_score == 3.0
+    assert (s.airflow_url, s.mlflow_url) == ("http://127.0.0.1:8080", "http://127.0.0.1:5000")
+    assert load_settings(env={"RPCWATCH_ALERT_WEBHOOK": ""}).alert_webhook is None, "empty: off"
+    s = load_settings(
+        env={
+            "RPCWATCH_ALERT_WEBHOOK": "https://hooks.slack.com/services/T0/B0/s3cret",
+            "RPCWATCH_ALERT_MIN_SCORE": "5",
+            "RPCWATCH_AIRFLOW_URL": "https://airflow.example.com",
+            "RPCWATCH_MLFLOW_URL": "https://mlflow.example.com:5443/",
+        }
+    )
+    assert s.alert_webhook == "https://hooks.slack.com/services/T0/B0/s3cret" and s.alert_min_score == 5.0
+    assert (s.airflow_url, s.mlflow_url) == ("https://airflow.example.com", "https://mlflow.example.com:5443/")
+    assert "s3cret" not in repr(s), "the webhook is a secret: not in repr"
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["file:///etc/passwd?token=s3cret", "javascript:alert('s3cret')", "hooks.example/s3cret", "https://h/s3cret x"],
+)
+def test_a_bad_webhook_is_refused_without_showing_it(url):
+    with pytest.raises(ValueError, match=r"^RPCWATCH_ALERT_WEBHOOK=\(hidden\): must be an http\(s\) URL") as err:
+        load_settings(env={"RPCWATCH_ALERT_WEBHOOK": url})
+    assert "s3cret" not in str(err.value)

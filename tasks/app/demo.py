@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from tasks.app.airflow_env import airflow_env, dag_test, prepare_airflow
+from tasks.app.airflow_env import login_hint
 from tasks.app.report import hour_summary, model_table, table
+from tasks.app.stack import stack_env
 from tasks.keys import rpc_label
 from tasks.patterns.stage import pattern_table
 from tasks.publish import analytics_path
@@ -24,6 +25,7 @@ DEMO_START = datetime(2026, 1, 1, tzinfo=UTC)
 DAG_ID = "rpcwatch_hourly"
 DRIFT_MIN_HOURS = 8  # synth injects its slow drift event only from this many hours on
 TOP_INCIDENTS = 15
+RUN_TIMEOUT_S = 600  # one hour's DAG run, at most
 
 INCIDENTS_SQL = """
 SELECT strftime(start_ts, '%m-%d %H:%M') AS start, strftime(end_ts, '%H:%M') AS "end",
@@ -83,25 +85,38 @@ def _synthesize(settings: Settings, hours: int, spans_per_hour: int, seed: int) 
     return summary.rows_per_hour
 
 
+def demo_settings(settings: Settings, hours: int) -> Settings:
+    """The demo's schedule: exactly its synthetic hours (caught up in order by the scheduler)."""
+    last = DEMO_START + timedelta(hours=hours - 1)
+    return settings.with_(source=settings.incoming, start=DEMO_START, end=last, catchup=True)
+
+
 def _run_dag(settings: Settings, hours: int) -> list[str]:
-    """`airflow dags test` once per hour, in order; returns the hours whose run failed."""
-    env = airflow_env(settings.with_(source=settings.incoming))
-    print(f"2/4 preparing Airflow (AIRFLOW_HOME={env['AIRFLOW_HOME']}) and running `{DAG_ID}` per hour")
-    prepare_airflow(env, settings.airflow_pool)
-    failed = []
-    log_dir = settings.home / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    for i in range(hours):
-        hour = DEMO_START + timedelta(hours=i)
-        started = time.perf_counter()
-        result = dag_test(env, DAG_ID, hour + timedelta(hours=1))
-        log_file = log_dir / f"dags-test-{hour:%Y%m%dT%H}.log"
-        log_file.write_text(result.stdout + result.stderr)
-        state = "success" if result.returncode == 0 else f"FAILED (see {log_file})"
-        print(f"    hour {hour:%Y-%m-%d %H:00}: airflow dags test {state} in {time.perf_counter() - started:.1f} s")
-        if result.returncode:
-            failed.append(f"{hour:%Y-%m-%dT%H:00}")
-    return failed
+    """The local stack (`make up`), then the real scheduler runs `rpcwatch_hourly` for each
+    synthetic hour, oldest first; returns the hours whose run failed. The stack stays up."""
+    from tasks.app.stack import AirflowApi, down, up
+
+    demo = demo_settings(settings, hours)
+    print("2/4 the local stack (Airflow scheduler, DAG processor, API server; MLflow), then one DAG run per hour")
+    down(demo, say=lambda line: None)  # a previous demo's stack on this home
+    for old in demo.airflow_home.glob("airflow.db*"):  # its runs would count as done: start afresh
+        old.unlink()
+    up(demo, say=lambda line: print("    " + line))
+    api = AirflowApi.of(demo)
+    api.wait_parsed()
+    api.unpause()  # catch-up: the scheduler runs each hour of [start, end] in order, one at a time
+    started = time.perf_counter()
+
+    def finished(run: dict) -> None:
+        hour = run["logical_date"][:13].replace("T", " ")
+        print(f"    hour {hour}:00: {run['state']} ({time.perf_counter() - started:.0f} s since the first run)")
+
+    dates = [(DEMO_START + timedelta(hours=i)).strftime("%Y-%m-%dT%H:%M:%SZ") for i in range(hours)]
+    runs = api.wait_for(dates, timeout_s=RUN_TIMEOUT_S * hours, finished=finished)
+    # paused again: a stack started later without the demo's RPCWATCH_END would catch up every hour
+    # since RPCWATCH_START, and the demo's data ends here
+    api.unpause(paused=True)
+    return [r["logical_date"][:16] for r in runs if r["state"] != "success"]
 
 
 def _summarise(settings: Settings, manifest_rows: dict[str, int], hours: int) -> bool:
@@ -203,7 +218,7 @@ def _next_steps(settings: Settings, snapshot: Path, example: ExampleNode | None)
     """How to look further: DuckDB queries on the snapshot, CLI commands, MLflow and Airflow UIs."""
     home = "" if settings.home.resolve() == Path(".rpcwatch").resolve() else f" --home {settings.home}"
     rpcwatch = ".venv/bin/rpcwatch"
-    airflow = f"{rpcwatch} airflow{home} standalone" if home else "make airflow"
+    env = stack_env(demo_settings(settings, 1))
     print(f"""
 Next:
   query the anomalies in DuckDB (a read-only snapshot, replaced after each run, never blocks one):
@@ -215,10 +230,12 @@ Next:
                                       PNG under {settings.home}/plots)
   the evaluation again:              {rpcwatch} evaluate{home} --labels {settings.incoming / "labels.parquet"}
   patterns / stale models:           {rpcwatch} patterns{home}   {rpcwatch} stale{home}
-  compare model versions in MLflow:  .venv/bin/mlflow ui --backend-store-uri {settings.mlflow_tracking_uri}
-                                     (then http://127.0.0.1:5000: experiment 'rpcwatch', models 'rpcwatch-pattern-<id>',
-                                      alias 'champion'; each run has metrics of model vs baselines and forecast PNGs)
-  the Airflow UI on these runs:      {airflow}   (then http://localhost:8080; nav entry 'rpcwatch anomalies')
+  compare model versions in MLflow:  {settings.mlflow_url}  (experiment 'rpcwatch', models 'rpcwatch-pattern-<id>',
+                                     aliases 'champion' / 'challenger'; tick two versions, Compare)
+  the runs, their task logs, and the incidents with pictures (still running):
+    {login_hint(env)}
+    {env["AIRFLOW__API__BASE_URL"]}/rpcwatch/?since=all   (nav entry 'rpcwatch anomalies')
+  stop the stack:                    make down   ({rpcwatch} down{home})
   one hour without Airflow:          {rpcwatch} run{home} --hour 2026-01-01T01:00 --source {settings.incoming}""")
 
 

@@ -36,6 +36,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tasks.ingest.formats import SpanMapping, quote_identifier
+from tasks.progress import progress as progress_bar
 
 RUN_GAP_S = 30  # files further apart than this belong to different runs
 FAULT_WINDOW_S = 180  # a fault's window: its injection plus this (clipped to its capture)
@@ -219,7 +220,7 @@ def replay_days(
             runs = find_runs(day, mapping)
             place(runs, cursor)
             day_dropped = 0
-            for run in runs:
+            for run in progress_bar(runs, f"{day.name} captures", unit="capture"):
                 written, gone = _write_run(con, run, mapping, out)
                 rows, day_dropped = rows + written, day_dropped + gone
             day_faults = _replay_faults(day, runs, mapping)

@@ -3,7 +3,9 @@
 `mlflow.pyfunc.load_model("models:/rpcwatch-pattern-<id>@champion").predict(frame)` takes the
 pattern's recent series (columns bucket_ts, node, calls, errors, rt_mean, rt_p95; at least W
 buckets) and returns the next bucket's expected values per node (columns node, calls, rt_mean,
-rt_p95, errors). Reads only the version's artifact files; no tables.
+rt_p95, errors). Reads only the version's artifact files; no tables. Each version is logged with
+this as its signature (`tasks.models.training.signature`: counts as long, latencies as double, as
+`pattern_series` holds them) and the pattern's last W buckets as its input example.
 """
 
 from __future__ import annotations

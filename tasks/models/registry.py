@@ -12,15 +12,19 @@ it is trusted).
   registry (reads the registry, writes only the cache folder).
 - `registry_mirror`: the registry as `models` rows (reads the registry; `tasks.models.retrain`
   writes them into `models` when it reconciles the mirror).
+- `setup_mlflow`: the experiment, marked as model training for MLflow 3's UI; on the embedded store
+  it re-addresses the artifacts of a home that was moved or copied (`relocate_artifacts`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import logging
 import shutil
+import sqlite3
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -42,6 +46,11 @@ log = logging.getLogger(__name__)
 EXPERIMENT = "rpcwatch"
 MODEL_PREFIX = "rpcwatch-pattern-"
 CHAMPION = "champion"
+CHALLENGER = "challenger"  # alias: the newest version that did not beat the champion (none once a newer one wins)
+# MLflow 3's UI opens an experiment without this tag in its GenAI (traces) view; this value opens the
+# model-training view: runs, their metrics side by side, Compare (the key and values are the UI's)
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 ARTIFACTS_TAG = "artifacts_sha256"  # model-version tag: JSON {artifact file name: sha256 hex}
 
 
@@ -103,19 +112,85 @@ def tracking_uri(settings: Settings) -> str:
 
 def setup_mlflow(settings: Settings) -> ModuleType:
     """The `mlflow` module pointed at the settings' tracking server, experiment `rpcwatch` created
-    (artifacts under the home when the tracking store is sqlite) and set."""
+    (artifacts under the home when the tracking store is sqlite), marked as model training, and set.
+    A home that was moved or copied has its artifacts re-addressed first (`relocate_artifacts`)."""
     import mlflow
 
     uri = tracking_uri(settings)
     mlflow.set_tracking_uri(uri)
-    if mlflow.get_experiment_by_name(EXPERIMENT) is None:
+    experiment = mlflow.get_experiment_by_name(EXPERIMENT)
+    if experiment is None:
         location = None
         if uri.startswith("sqlite"):
             settings.mlflow_artifacts.mkdir(parents=True, exist_ok=True)
             location = settings.mlflow_artifacts.resolve().as_uri()
-        mlflow.create_experiment(EXPERIMENT, artifact_location=location)
+        mlflow.create_experiment(EXPERIMENT, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+    else:
+        if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:  # created before the tag existed
+            mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        relocate_artifacts(settings, experiment.artifact_location)
     mlflow.set_experiment(EXPERIMENT)
     return mlflow
+
+
+# Where the embedded store (sqlite) records artifact URIs. MLflow resolves a local artifact location
+# to an absolute `file://` URI when it creates the experiment, and copies it into every run, logged
+# model and model version (a relative location would be resolved against the working directory,
+# and `mlflow-artifacts:` URIs need a tracking *server*). So the home's URIs are absolute and are
+# re-addressed when the home is found elsewhere. The team deployment's `mlflow server
+# --artifacts-destination` records `mlflow-artifacts:/...` URIs instead: portable as they are.
+_ARTIFACT_URI_COLUMNS = (
+    ("experiments", "artifact_location"),
+    ("runs", "artifact_uri"),
+    ("logged_models", "artifact_location"),
+    ("model_versions", "storage_location"),
+    ("model_versions", "source"),
+)
+
+
+def _home_database(settings: Settings) -> Path | None:
+    """The sqlite file of the embedded store when it lives in the home (None: another store)."""
+    uri = tracking_uri(settings)
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri.removeprefix("sqlite:///")).resolve()
+    return db if db.parent == settings.home.resolve() else None
+
+
+def relocate_artifacts(settings: Settings, recorded: str | None = None) -> int:
+    """Re-address the artifact URIs of a home that was moved or copied: every URI under the
+    experiment's `recorded` artifact root (`file://<old home>/mlartifacts`; read from the store when
+    not given) is rewritten under this home's `mlartifacts`, in one sqlite transaction (idempotent:
+    a second process finds nothing to rewrite). Only for the embedded store in the home, and only
+    when the root is such a folder. `setup_mlflow` calls it; call it before serving a moved home's
+    store with `mlflow server`/`mlflow ui`. Returns the URIs rewritten."""
+    db = _home_database(settings)
+    if db is None or not db.exists():
+        return 0
+    if recorded is None:
+        with contextlib.closing(sqlite3.connect(db, timeout=30)) as con:
+            try:
+                row = con.execute("SELECT artifact_location FROM experiments WHERE name = ?", [EXPERIMENT]).fetchone()
+            except sqlite3.OperationalError:  # an empty database: nothing recorded yet
+                return 0
+        if row is None or row[0] is None:
+            return 0
+        recorded = str(row[0])
+    here = settings.mlflow_artifacts.resolve().as_uri()
+    if recorded == here or not recorded.startswith("file:") or not recorded.endswith("/mlartifacts"):
+        return 0
+    changed = 0
+    with contextlib.closing(sqlite3.connect(db, timeout=30)) as con, con:
+        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        for table, column in _ARTIFACT_URI_COLUMNS:
+            if table in tables:  # names from the constant above, never from input
+                changed += con.execute(
+                    f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
+                    f"WHERE {column} = ? OR substr({column}, 1, ?) = ?",
+                    [here, len(recorded) + 1, recorded, len(recorded) + 1, recorded + "/"],
+                ).rowcount
+    log.warning("the home moved: %s artifact URIs re-addressed from %s to %s", changed, recorded, here)
+    return changed
 
 
 def registered_champion(client: MlflowClient, name: str) -> ModelVersion | None:

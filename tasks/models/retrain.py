@@ -189,6 +189,9 @@ def train_stale(
     settings: Settings, hour: datetime, force: bool = False, patterns: list[int] | None = None
 ) -> list[dict[str, Any]]:
     """Plan, train and record in a row (the CLI's `rpcwatch train`); the outcomes as `to_dict()`s."""
-    outcomes = [train_job(settings, job) for job in plan_training(settings, hour, force, patterns)]
+    from tasks.progress import progress as progress_bar
+
+    jobs = plan_training(settings, hour, force, patterns)
+    outcomes = [train_job(settings, job) for job in progress_bar(jobs, "training", unit="pattern")]
     record_outcomes(settings, outcomes)
     return [o.to_dict() for o in outcomes]

@@ -12,7 +12,8 @@ in no pattern graph (`novel_rpcs`) become anomalies of kind `novel_rpc`. Related
 are grouped into `incidents`.
 
 Reads `patterns`, `models` (the champions), `pattern_series`, `anomalies` (earlier flags),
-`novel_rpcs`; writes `anomalies`, `score_runs`, `forecast_errors` (`tasks.scoring.store`),
+`novel_rpcs`; writes `anomalies`, `forecasts` (the forecast and non-alarm band of every scored
+point, `tasks.scoring.forecasts`), `score_runs`, `forecast_errors` (`tasks.scoring.store`),
 `incidents` (`tasks.scoring.incidents`).
 
 Cost: the series and earlier flags of many patterns are read in one query (`tasks.scoring.grid`),
@@ -38,6 +39,7 @@ from tasks.models.baselines import metrics
 from tasks.models.detector import Detector, one_torch_thread
 from tasks.models.features import COUNTS, FEATURES
 from tasks.models.registry import ChampionRow, champions, model_name
+from tasks.scoring.forecasts import forecast_columns
 from tasks.scoring.grid import Columns, Grid, cleaned, fetch_flagged, fetch_series
 from tasks.scoring.incidents import rebuild_incidents
 from tasks.scoring.novel import novel_anomalies
@@ -147,11 +149,13 @@ def _score_pattern(
     targets = np.arange(detector.lead, grid.size)
     forecast = forecast_sequentially(detector, values, targets, cleaned(values, flagged))
     mape = metrics(forecast.expected, forecast.observed)["mape_calls"]
+    version = ready.champion.model_version
     return Scored(
-        ready.champion.model_version,
+        version,
         _anomaly_rows(ready, grid.buckets, targets, forecast, scored_at),
         mape if np.isfinite(mape) else None,
         detector.thresholds.calibrated_mape_calls,
+        forecast_columns(detector, grid.buckets[targets], forecast.observed, forecast.expected, version),
     )
 
 

@@ -59,6 +59,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from tasks.progress import progress as progress_bar
 from tasks.synth.events import EVENT_KINDS, LABEL_SCHEMA, Event, plan_events, write_labels
 from tasks.synth.spans import SpanDictionaries, Unit, hour_spans, span_table, trace_ids
 from tasks.synth.system import Template, build_templates, day_factor, expected_spans
@@ -236,7 +237,7 @@ def _write_spans(plan: _Plan, out: Path, progress: Callable[[str], None] | None)
         pq.ParquetWriter(truth_path, TRUTH_SCHEMA, compression="zstd") as truth,
     ):
         output = _Output(out, pool, truth)
-        for h in range(plan.params.hours):
+        for h in progress_bar(range(plan.params.hours), "synthetic hours", unit="h"):
             epoch_hour = plan.start_hour + h
             n_spans = _write_hour(plan, epoch_hour, output)
             if progress is not None:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import html
 import importlib.util
 import json
 import os
 import re
+from datetime import UTC, datetime, timedelta
 
 from helpers import REPO, START, add_anomaly, copy_home
 from tasks.app.airflow_env import airflow_cli, airflow_env
+from tasks.keys import node_key, split_node_key
 from tasks.publish import publish
 from tasks.scoring.score import score_hour
 
@@ -29,34 +32,273 @@ def test_airflow_loads_the_plugin(settings):
     assert "rpcwatch anomalies" in json.dumps(ours)
 
 
-def test_the_page_and_api_show_published_anomalies(trained, tmp_path, monkeypatch):
-    from datetime import timedelta
-
+def _client(module):
     from fastapi.testclient import TestClient
 
+    # Airflow's real login is checked over HTTP in test_plugin_auth.py; here the access check is
+    # replaced so that the pages themselves can be tested without an API server.
+    module.app.dependency_overrides[module.require_read_access] = lambda: None
+    return TestClient(module.app, raise_server_exceptions=False)
+
+
+def test_the_page_and_api_show_published_anomalies(trained, tmp_path, monkeypatch):
     settings = copy_home(trained[0], tmp_path)
     score_hour(settings, START + timedelta(hours=3))
     # a known irregular point after whatever scoring found: the newest row the page and the API show
     add_anomaly(settings, START.replace(tzinfo=None) + timedelta(hours=3, minutes=59), caller="svc-known")
     publish(settings)
     monkeypatch.setenv("RPCWATCH_HOME", str(settings.home))
-    module = _module()
-    # Airflow's real login is checked over HTTP in test_plugin_auth.py; here the access check is
-    # replaced so that the page itself can be tested without an API server.
-    module.app.dependency_overrides[module.require_read_access] = lambda: None
-    client = TestClient(module.app, raise_server_exceptions=False)
-    page = client.get("/")
+    client = _client(_module())
+    page = client.get("/", params={"since": "all"})  # the synthetic hours lie in 2026-01-01, not now
     assert page.status_code == 200 and "Incidents" in page.text and "Irregular points" in page.text
     assert "svc-known" in page.text
-    assert "suspects" in page.text and "evidence" in page.text, "incidents name their suspects and evidence"
-    rows = client.get("/api/anomalies").json()
+    assert "<th>culprit</th>" in page.text, "points name their culprit (incidents: see the hand-made tests below)"
+    rows = client.get("/api/anomalies", params={"since": "all"}).json()
     assert isinstance(rows, list) and rows, "the known point is published"
-    assert all({"bucket", "kind", "score"} <= set(r) for r in rows)
+    assert all({"bucket", "kind", "score", "threshold", "culprit"} <= set(r) for r in rows)
     assert (rows[0]["bucket"], rows[0]["caller"], rows[0]["kind"]) == ("2026-01-01 03:59", "svc-known", "traffic_spike")
-    for route in ("/", "/api/anomalies"):
+    for route in ("/", "/api/anomalies", "/api/incidents"):
         for limit in (-1, 0):
             reply = client.get(route, params={"limit": limit})
             assert reply.status_code == 422, (route, limit, reply.status_code, reply.text[:200])
+
+
+# --- the view on a small hand-made snapshot: times relative to now, a hostile service name ----------
+
+HOSTILE = '<script>alert("x")</script>$\\frac{1}{0}$|svc'  # HTML, matplotlib math and the key separator
+NOW = datetime.now(UTC).replace(tzinfo=None, second=0, microsecond=0)
+ENTRY, CALL, DB = (
+    node_key("USER", "svc-front", "/api/pay", "http"),
+    node_key("svc-front", HOSTILE, "pay", "rpc"),
+    node_key(HOSTILE, "db-pay", "insert", "db"),
+)
+NOVEL = ("svc-cart", "svc-secrets", "dumpKeys")
+
+
+def _point(ts, pattern, node, caller, callee, interface, kind, observed, expected, threshold, culprit):
+    score = abs(observed - expected) / max(abs(threshold - expected), 1)
+    direction = "up" if observed > expected else "down"
+    model = (f"rpcwatch-pattern-{pattern}", 3) if pattern is not None else (None, None)
+    return (
+        ts,
+        pattern,
+        node,
+        caller,
+        callee,
+        interface,
+        "calls",
+        observed,
+        expected,
+        threshold,
+        score,
+        direction,
+        kind,
+        *model,
+        culprit,
+    )
+
+
+def _hand_made_home(tmp_path, monkeypatch, shift=timedelta(0)):
+    """A published home: pattern 1 (entry -> the hostile service -> its db) with a 6-minute spike on
+    the hostile RPC ending 20 min before now, a new RPC 10 min before now, a drop in pattern 2 three
+    days ago (all moved back by `shift`). Incidents made by the product's rule. Returns the settings."""
+    from tasks.scoring.incidents import INCIDENT_COLUMNS, INCIDENTS_SQL, PEAK_SCORE
+    from tasks.settings import load_settings
+    from tasks.warehouse import opened
+
+    settings = load_settings(env={}, home=tmp_path / "home")
+    now = NOW - shift
+    spike = [now - timedelta(minutes=26 - i) for i in range(6)]
+    points = [
+        _point(t, 1, CALL, "svc-front", HOSTILE, "pay", "traffic_spike", 90.0, 20.0, 40.0, HOSTILE) for t in spike
+    ]
+    points += [
+        _point(now - timedelta(minutes=10), None, node_key(*NOVEL, "rpc"), *NOVEL, "novel_rpc", 40.0, 0, 0, "svc-cart")
+    ]
+    old = now - timedelta(days=3)
+    points += [
+        _point(
+            old + timedelta(minutes=i),
+            2,
+            node_key("USER", "svc-b", "/b", "http"),
+            "USER",
+            "svc-b",
+            "/b",
+            "traffic_drop",
+            1.0,
+            30.0,
+            10.0,
+            "svc-b",
+        )
+        for i in range(4)
+    ]
+    columns = (
+        "bucket_ts, pattern_id, node, caller, callee, interface, feature, observed, expected, threshold, "
+        "score, direction, kind, model_name, model_version, culprit"
+    )
+    series = [
+        (now - timedelta(minutes=m), "svc-front", HOSTILE, "pay", "rpc", 90 if 21 <= m <= 26 else 20, 0, 60)
+        for m in range(1, 90)
+    ]
+    with opened(settings.warehouse) as con:
+        con.executemany(f"INSERT INTO anomalies ({columns}) VALUES ({', '.join('?' * 16)})", points)
+        con.executemany(
+            "INSERT INTO rpc_series (bucket_ts, caller, callee, interface, rpc_type, calls, errors, "
+            "bucket_seconds) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            series,
+        )
+        for node in (ENTRY, CALL, DB):
+            caller, callee, interface, rpc_type = split_node_key(node)
+            con.execute(
+                "INSERT INTO pattern_nodes VALUES (1, 1, ?, ?, ?, ?, ?, 1.0, 100)",
+                [node, caller, callee, interface, rpc_type],
+            )
+        con.executemany("INSERT INTO pattern_edges VALUES (1, 1, ?, ?, 100)", [(ENTRY, CALL), (CALL, DB)])
+        con.execute(
+            "INSERT INTO models (pattern_id, model_name, model_version, pattern_version, decision, "
+            "recorded_at) VALUES (1, 'rpcwatch-pattern-1', 3, 1, 'champion', ?)",
+            [now],
+        )
+        params = {
+            "lo": old - timedelta(hours=1),
+            "hi": NOW + timedelta(hours=1),
+            "gap": timedelta(minutes=3),
+            "bucket": timedelta(minutes=1),
+            "min_buckets": 3,
+            "peak": PEAK_SCORE,
+        }
+        con.execute(f"INSERT INTO incidents ({INCIDENT_COLUMNS}) " + INCIDENTS_SQL, params)
+    publish(settings)
+    monkeypatch.setenv("RPCWATCH_HOME", str(settings.home))
+    return settings
+
+
+def _incidents(client, **params):
+    reply = client.get("/api/incidents", params={"since": "all", **params})
+    assert reply.status_code == 200, reply.text[:300]
+    return reply.json()
+
+
+def test_incidents_name_culprits_rpcs_evidence_and_link_their_page(tmp_path, monkeypatch):
+    _hand_made_home(tmp_path, monkeypatch)
+    client = _client(_module())
+    incidents = _incidents(client)
+    assert len(incidents) == 3, incidents
+    spike = next(i for i in incidents if i["patterns"] == [1])
+    assert spike["culprits"] == [HOSTILE] and spike["rpcs"] == [f"svc-front → {HOSTILE} : pay"]
+    assert spike["evidence"].startswith("traffic_spike calls: 90.0 (expected 20.0, threshold 40.0) on svc-front →")
+    novel = next(i for i in incidents if "novel_rpc" in i["kinds"])
+    assert novel["summary"] == "new RPC svc-cart → svc-secrets : dumpKeys (in no pattern's graph)"
+    page = client.get("/", params={"since": "all"})
+    assert page.status_code == 200
+    text = page.text
+    assert "new RPC svc-cart → svc-secrets : dumpKeys" in text
+    assert f"/incident/{spike['incident_id']}?since=all" in text and f"/incident/{novel['incident_id']}" in text
+    assert "<script>" not in text and html.escape(HOSTILE) in text, "data is escaped, never markup"
+    assert text.count(html.escape(HOSTILE)) >= 3, "as culprit, in the RPCs, in the points"
+
+
+def test_filters_leave_fewer_rows(tmp_path, monkeypatch):
+    _hand_made_home(tmp_path, monkeypatch)
+    client = _client(_module())
+    every = _incidents(client)
+    assert len(_incidents(client, since="6h")) == len(every) - 1, "the 3-day-old drop is outside 6 hours"
+    assert [i["patterns"] for i in _incidents(client, pattern=1)] == [[1]]
+    assert [i["kinds"] for i in _incidents(client, kind="novel_rpc")] == [["novel_rpc"]]
+    points = client.get("/api/anomalies", params={"since": "all"}).json()
+    drops = client.get("/api/anomalies", params={"since": "all", "kind": "traffic_drop"}).json()
+    recent = client.get("/api/anomalies", params={"since": "2d"}).json()
+    assert len(points) == 11 and len(drops) == 4 and len(recent) == 7
+    assert {p["kind"] for p in drops} == {"traffic_drop"}
+    assert len(client.get("/api/anomalies", params={"since": "all", "limit": 2}).json()) == 2
+    page_all = client.get("/", params={"since": "all"}).text
+    page_two = client.get("/", params={"since": "all", "pattern": 2}).text
+    assert page_two.count("details →") == 1 < page_all.count("details →") == 3
+    for bad in ({"since": "5x"}, {"since": "-1h"}, {"kind": "DROP TABLE"}, {"pattern": 0}, {"since": "0m"}):
+        for route in ("/", "/api/incidents", "/api/anomalies"):
+            assert client.get(route, params=bad).status_code == 422, (route, bad)
+
+
+def test_the_window_counts_from_now_and_old_data_says_so(tmp_path, monkeypatch):
+    """The newest data is 5 days old: the last 2 days hold nothing, the page says so and offers all."""
+    _hand_made_home(tmp_path, monkeypatch, shift=timedelta(days=5))
+    client = _client(_module())
+    assert _incidents(client, since="2d") == [] and len(_incidents(client)) == 3
+    page = client.get("/", params={"since": "2d"}).text
+    assert "older than the window" in page and "Show all" in page and "since=all" in page
+    assert "older than the window" not in client.get("/", params={"since": "all"}).text
+    assert "older than the window" in client.get("/").text, "the default window (24h) counts from now too"
+
+
+def test_an_incident_page_with_its_graph_forecast_and_model_link(tmp_path, monkeypatch):
+    monkeypatch.setenv("RPCWATCH_MLFLOW_URL", "http://mlflow.example:5000/")
+    _hand_made_home(tmp_path, monkeypatch)
+    client = _client(_module())
+    spike = next(i for i in _incidents(client) if i["patterns"] == [1])
+    page = client.get(f"/incident/{spike['incident_id']}")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    text = page.text
+    assert "http://mlflow.example:5000/#/models/rpcwatch-pattern-1/versions/3" in text and "champion" in text
+    assert f"/incident/{spike['incident_id']}/graph.png" in text and "/forecast.png" in text
+    assert "<script>" not in text and html.escape(HOSTILE) in text
+    for picture in ("graph.png", "forecast.png"):
+        reply = client.get(f"/incident/{spike['incident_id']}/{picture}")
+        assert reply.status_code == 200 and reply.headers["content-type"] == "image/png", picture
+        assert reply.content[:8] == b"\x89PNG\r\n\x1a\n" and len(reply.content) > 15_000, (picture, len(reply.content))
+    novel = next(i for i in _incidents(client) if "novel_rpc" in i["kinds"])
+    page = client.get(f"/incident/{novel['incident_id']}").text
+    assert "new RPC svc-cart → svc-secrets : dumpKeys" in page and "without a model" in page
+    for picture in ("graph.png", "forecast.png"):
+        assert client.get(f"/incident/{novel['incident_id']}/{picture}").headers["content-type"] == "image/png"
+    assert client.get("/incident/0123456789ab").status_code == 404
+    assert client.get("/incident/0123456789ab/graph.png").status_code == 404
+    assert client.get("/incident/not-an-id").status_code == 422
+    assert client.get("/incident/%3Cscript%3E/forecast.png").status_code == 422
+
+
+def test_the_forecast_picture_draws_the_band_of_every_bucket_from_forecasts(tmp_path, monkeypatch):
+    from tasks.app import plots
+    from tasks.warehouse import opened
+
+    settings = _hand_made_home(tmp_path, monkeypatch)
+    drawn = []
+    band = plots._band
+    monkeypatch.setattr(plots, "_band", lambda ax, b, bucket: drawn.append(b) or band(ax, b, bucket))
+    client = _client(_module())
+    spike = next(i for i in _incidents(client) if i["patterns"] == [1])
+    route = f"/incident/{spike['incident_id']}/forecast.png"
+    assert client.get(route).status_code == 200 and not drawn, "no forecasts rows: the flagged buckets' band"
+    buckets = [NOW - timedelta(minutes=m) for m in range(1, 60)]
+    with opened(settings.warehouse) as con:
+        con.executemany(
+            "INSERT INTO forecasts VALUES (1, ?, ?, 'calls', 20.0, 8.0, 40.0, 3)", [(t, CALL) for t in buckets]
+        )
+    publish(settings)
+    reply = client.get(route)
+    assert reply.status_code == 200 and reply.headers["content-type"] == "image/png"
+    assert reply.content[:8] == b"\x89PNG\r\n\x1a\n" and len(reply.content) > 15_000
+    [shown] = drawn
+    assert len(shown.times) >= 50 and set(shown.lower) == {8.0} and set(shown.upper) == {40.0}
+
+
+def test_nothing_published_yet(settings, monkeypatch):
+    monkeypatch.setenv("RPCWATCH_HOME", str(settings.home))
+    client = _client(_module())
+    assert "Nothing published yet" in client.get("/").text
+    assert client.get("/api/incidents").json() == [] and client.get("/api/anomalies").json() == []
+    assert client.get("/incident/0123456789ab").status_code == 404
+
+
+PROTECTED = (
+    "/",
+    "/api/anomalies",
+    "/api/incidents",
+    "/incident/0123456789ab",
+    "/incident/0123456789ab/graph.png",
+    "/incident/0123456789ab/forecast.png",
+    "/docs",
+    "/openapi.json",
+)
 
 
 def test_every_route_requires_a_login():
@@ -64,11 +306,18 @@ def test_every_route_requires_a_login():
     from fastapi.testclient import TestClient
 
     client = TestClient(_module().app, raise_server_exceptions=False)
-    for route in ("/", "/api/anomalies", "/docs", "/openapi.json", "/redoc", "/docs/oauth2-redirect"):
+    for route in (*PROTECTED, "/redoc", "/docs/oauth2-redirect"):
         reply = client.get(route, follow_redirects=False)
         assert reply.status_code in (401, 404), (route, reply.status_code, reply.text[:200])
-        if route in ("/", "/api/anomalies", "/docs", "/openapi.json"):
+        if route in PROTECTED:
             assert reply.status_code == 401, (route, reply.status_code)
+
+
+def test_every_route_of_the_app_is_in_the_login_checks():
+    """A new route must join PROTECTED here and ROUTES in test_plugin_auth.py."""
+    paths = {getattr(r, "path", "") for r in _module().app.routes}
+    listed = {re.sub(r"0123456789ab", "{incident_id}", p) for p in PROTECTED}
+    assert paths <= listed, paths - listed
 
 
 def test_access_is_checked_on_the_pipeline_dag():

@@ -28,7 +28,17 @@ httpx = pytest.importorskip("httpx")
 
 pytestmark = pytest.mark.airflow
 
-ROUTES = ["/rpcwatch/", "/rpcwatch/api/anomalies", "/rpcwatch/docs", "/rpcwatch/openapi.json"]
+INCIDENT = "0123456789ab"  # the one incident the server's snapshot holds (see `server`)
+ROUTES = [
+    "/rpcwatch/",
+    "/rpcwatch/api/anomalies",
+    "/rpcwatch/api/incidents",
+    f"/rpcwatch/incident/{INCIDENT}",
+    f"/rpcwatch/incident/{INCIDENT}/graph.png",
+    f"/rpcwatch/incident/{INCIDENT}/forecast.png",
+    "/rpcwatch/docs",
+    "/rpcwatch/openapi.json",
+]
 START_TIMEOUT_S = 240
 STOP_TIMEOUT_S = 30
 HTTP_TIMEOUT_S = 30
@@ -100,11 +110,26 @@ def _log_tail(log: Path, lines: int = 40) -> str:
     return "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) if log.exists() else ""
 
 
+def _publish_one_incident(settings) -> None:
+    """A published snapshot holding one incident (INCIDENT), so that its page and pictures exist."""
+    from tasks.publish import publish
+    from tasks.warehouse import opened
+
+    with opened(settings.warehouse) as con:
+        con.execute(
+            "INSERT INTO incidents VALUES (?, TIMESTAMP '2026-01-01 00:00', TIMESTAMP '2026-01-01 00:05', [1], "
+            "['svc-a|svc-b|get|rpc'], 4.0, ['traffic_spike'], 5, ['svc-b'], 'traffic_spike calls: 9.0')",
+            [INCIDENT],
+        )
+    publish(settings)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """(base URL, passwords by user name) of a running API server; stopped after the module."""
     root = tmp_path_factory.mktemp("apiserver")
     settings = load_settings(env={}, home=root / "home")
+    _publish_one_incident(settings)
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("RPCWATCH_", "AIRFLOW"))}
     passwords = root / "passwords.json"
     env = airflow_env(settings, base=clean)
@@ -177,6 +202,19 @@ def _refused(reply: httpx.Response) -> bool:
     return reply.is_redirect and "/login" in reply.headers.get("location", "")
 
 
+def test_every_route_of_the_view_is_in_routes():
+    """A route added to the view must join ROUTES, so that the tests here check it needs a login."""
+    import importlib.util
+
+    from helpers import REPO
+
+    spec = importlib.util.spec_from_file_location("rpcwatch_anomalies", REPO / "plugins" / "rpcwatch_anomalies.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    paths = {"/rpcwatch" + r.path for r in module.app.routes}
+    assert paths <= {r.replace(INCIDENT, "{incident_id}") for r in ROUTES}, paths
+
+
 def test_airflow_itself_needs_a_login(server):
     base, _ = server
     assert _get(f"{base}/api/v2/dags").status_code == 401
@@ -217,12 +255,19 @@ def test_a_bearer_token_opens_every_route(server, admin_token, route):
     base, _ = server
     reply = _get(f"{base}{route}", headers={"Authorization": f"Bearer {admin_token}"})
     assert reply.status_code == 200, (route, reply.status_code, reply.text[:300])
-    if route.endswith("/api/anomalies"):
+    if route.endswith(("/api/anomalies", "/api/incidents")):
         assert isinstance(reply.json(), list)
+    if route.endswith("/api/incidents"):
+        every = _get(f"{base}{route}", params={"since": "all"}, headers={"Authorization": f"Bearer {admin_token}"})
+        assert [i["incident_id"] for i in every.json()] == [INCIDENT]
+    if route.endswith(".png"):
+        assert reply.headers["content-type"] == "image/png" and reply.content[:4] == b"\x89PNG"
     if route.endswith("/openapi.json"):
-        assert "/api/anomalies" in reply.json()["paths"]
+        assert {"/api/anomalies", "/api/incidents", "/incident/{incident_id}/graph.png"} <= set(reply.json()["paths"])
     if route == "/rpcwatch/":
         assert "Incidents" in reply.text
+    if route.endswith(f"/incident/{INCIDENT}"):
+        assert f"/rpcwatch/incident/{INCIDENT}/graph.png" in reply.text, "links are built on the mount point"
     if route.endswith("/docs"):
         assert "/rpcwatch/openapi.json" in reply.text
 
@@ -242,7 +287,7 @@ def test_a_viewer_may_read_the_anomalies(server):
     assert _get(f"{base}/rpcwatch/api/anomalies", headers=headers).status_code == 200
 
 
-@pytest.mark.parametrize("route", ["/rpcwatch/", "/rpcwatch/api/anomalies"])
+@pytest.mark.parametrize("route", ["/rpcwatch/", "/rpcwatch/api/anomalies", "/rpcwatch/api/incidents"])
 @pytest.mark.parametrize("limit", ["-1", "0"])
 def test_limit_below_one_is_a_client_error(server, admin_token, route, limit):
     base, _ = server

@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import duckdb
+import pytest
 
 from helpers import START, copy_home
 from scoring_reference import per_bucket_forecast
@@ -184,3 +185,52 @@ def test_a_pattern_without_lead_in_history_is_skipped_as_too_little_history(trai
     ]
     assert _q(settings, "SELECT count(*) FROM anomalies WHERE pattern_id = ?", [pid]) == [(0,)]
     assert _q(settings, "SELECT count(*) FROM forecast_errors WHERE pattern_id = ?", [pid]) == [(0,)]
+
+
+def test_forecasts_hold_every_scored_point_with_the_band_the_flags_use(trained, tmp_path):
+    settings = copy_home(trained[0], tmp_path)
+    pid = trained[2][0]["pattern_id"]
+    node = _q(settings, "SELECT node FROM pattern_nodes WHERE pattern_id = ? AND caller = 'USER' LIMIT 1", [pid])[0][0]
+    start, end = (H3 + timedelta(minutes=20)).replace(tzinfo=None), (H3 + timedelta(minutes=30)).replace(tzinfo=None)
+    with duckdb.connect(str(settings.warehouse)) as con:
+        con.execute(
+            "UPDATE pattern_series SET calls = calls * 6 WHERE pattern_id = ? AND node = ? AND bucket_ts >= ? "
+            "AND bucket_ts < ?",
+            [pid, node, start, end],
+        )
+    report = score_hour(settings, H3)
+    h3 = H3.replace(tzinfo=None)
+    per_pattern = _q(
+        settings,
+        "SELECT pattern_id, count(DISTINCT bucket_ts), count(DISTINCT node), min(bucket_ts), max(bucket_ts), "
+        "count(*) FILTER (WHERE feature = 'calls' AND (lower IS NULL OR upper IS NULL)), "
+        "count(*) FILTER (WHERE lower > expected OR upper < expected) FROM forecasts GROUP BY 1",
+    )
+    nodes = dict(_q(settings, "SELECT pattern_id, count(DISTINCT node) FROM pattern_nodes GROUP BY 1"))
+    assert sorted(r[0] for r in per_pattern) == sorted(report.scored)
+    for p, buckets, n, first, last, open_calls, outside in per_pattern:
+        assert (buckets, n, first, last) == (60, nodes[p], h3, h3 + timedelta(minutes=59)), p
+        assert open_calls == 0 and outside == 0, "calls are two-sided; lower <= expected <= upper"
+    assert {f for (f,) in _q(settings, "SELECT DISTINCT feature FROM forecasts")} <= {"calls", "rt_mean", "rt_p95"}
+    # every traffic point lies outside its bucket's band, the flagged buckets' threshold is its edge
+    traffic = _q(
+        settings,
+        "SELECT a.observed, a.threshold, f.lower, f.upper, a.direction FROM anomalies a JOIN forecasts f "
+        "USING (pattern_id, bucket_ts, node, feature) WHERE a.kind IN ('traffic_spike', 'traffic_drop')",
+    )
+    assert len(traffic) >= 8
+    for observed, threshold, lower, upper, direction in traffic:
+        assert observed > upper if direction == "up" else observed < lower
+        assert threshold == pytest.approx(upper if direction == "up" else lower)
+    inside, unflagged = _q(
+        settings,
+        "SELECT count(*) FILTER (WHERE s.calls BETWEEN f.lower AND f.upper), count(*) FROM forecasts f "
+        "JOIN pattern_series s USING (pattern_id, bucket_ts, node) WHERE f.feature = 'calls' AND NOT EXISTS "
+        "(SELECT 1 FROM anomalies a WHERE a.pattern_id = f.pattern_id AND a.bucket_ts = f.bucket_ts "
+        "AND a.node = f.node AND a.feature = 'calls')",
+    )[0]
+    assert unflagged > 100 and inside >= 0.95 * unflagged, (inside, unflagged)
+    rows = "SELECT count(*), sum(hash(pattern_id, bucket_ts, node, feature, expected, lower, upper)) FROM forecasts"
+    before = _q(settings, rows)
+    score_hour(settings, H3)
+    assert _q(settings, rows) == before, "rescoring the hour replaces its rows with the same rows"

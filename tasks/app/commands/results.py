@@ -2,7 +2,8 @@
 snapshot, else the warehouse), `evaluate` (anomalies and incidents against injected labels or a
 fault list), `plot` (rpc_series and anomalies of one node, to a PNG), `replay`, which writes
 span captures back to back as evaluation input (files, no table), and `inject`, which adds labelled
-attack spans to such a replay (files, no table)."""
+attack spans to such a replay (files, no table). `sql` (SQL on the published snapshot) lives in
+`tasks.app.commands.sql` and is registered here, after them."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
+from tasks.app.commands import sql
 from tasks.app.commands.common import AddParser, add_common_options, parse_since, say_source, settings_from
 from tasks.settings import parse_utc
 
@@ -128,7 +130,7 @@ def _register_anomalies_and_evaluate(add_parser: AddParser) -> None:
 
 
 def register(add_parser: AddParser) -> None:
-    """anomalies, evaluate, replay, inject, plot and summary, in this order."""
+    """anomalies, evaluate, replay, inject, plot, summary and sql, in this order."""
     _register_anomalies_and_evaluate(add_parser)
 
     p = add_parser("replay", help="span captures with gaps (Nezha TrainTicket days) as one contiguous timeline")
@@ -159,3 +161,5 @@ def register(add_parser: AddParser) -> None:
     p = add_parser("summary", help="per-hour table of what the warehouse holds")
     add_common_options(p, hour=False)
     p.set_defaults(func=cmd_summary)
+
+    sql.register(add_parser)

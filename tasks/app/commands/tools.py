@@ -1,5 +1,6 @@
 """Commands that run bigger things: `demo` (synthetic hours through the Airflow DAG, then the
-report; writes everything the pipeline writes) and `airflow` (the Airflow CLI on rpcwatch's home)."""
+report; writes everything the pipeline writes), `airflow` (the Airflow CLI on rpcwatch's home), and
+`up` / `down` (the local stack: Airflow and MLflow servers, tasks.app.stack)."""
 
 from __future__ import annotations
 
@@ -29,8 +30,30 @@ def cmd_airflow(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_up(args: argparse.Namespace) -> int:
+    from tasks.app.stack import up
+
+    up(settings_from(args))
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from tasks.app.stack import down
+
+    down(settings_from(args))
+    return 0
+
+
+def cmd_backfill(args: argparse.Namespace) -> int:
+    from tasks.app.stack import backfill
+    from tasks.settings import parse_utc
+
+    backfill(settings_from(args), parse_utc(args.first), parse_utc(args.last))
+    return 0
+
+
 def register(add_parser: AddParser) -> None:
-    """demo and airflow, in this order."""
+    """demo, airflow, up and down, in this order."""
     p = add_parser(
         "demo",
         help="synthetic hours with injected anomalies through the Airflow DAG, then incidents and the evaluation",
@@ -45,3 +68,17 @@ def register(add_parser: AddParser) -> None:
     add_common_options(p, hour=False)
     p.add_argument("airflow_args", nargs=argparse.REMAINDER, help="arguments for airflow")
     p.set_defaults(func=cmd_airflow)
+
+    p = add_parser("up", help="start Airflow (scheduler, DAG processor, API server) and an MLflow server, detached")
+    add_common_options(p, hour=False)
+    p.set_defaults(func=cmd_up)
+
+    p = add_parser("down", help="stop what `rpcwatch up` started; nothing is left running")
+    add_common_options(p, hour=False)
+    p.set_defaults(func=cmd_down)
+
+    p = add_parser("backfill", help="have the scheduler run hours FROM..TO (inclusive) in order, as live runs would")
+    add_common_options(p, hour=False)
+    p.add_argument("--from", dest="first", required=True, help="first hour, e.g. 2026-01-01T00:00")
+    p.add_argument("--to", dest="last", required=True, help="last hour (inclusive), e.g. 2026-01-01T03:00")
+    p.set_defaults(func=cmd_backfill)

@@ -1,0 +1,151 @@
+"""Posting to a webhook, and the hourly alert on new incidents.
+
+`post_json` uses urllib (no extra dependency). A Slack or Teams webhook URL carries its secret in
+the path, so its errors name only the host. Redirects are refused: urllib would follow a 30x to a
+POST with a GET without the body, and report success for a message nobody got.
+
+`alert_new_incidents` is the pipeline's `alert` step: the incidents that started in the hour with a
+peak score of at least `RPCWATCH_ALERT_MIN_SCORE`, strongest first, as one message. Reads
+`incidents` and `models` (read-only); writes nothing. It imports no heavy module at import time,
+so the failure notifier (dags/rpcwatch_alerts.py) can use `post_json` from any task process.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from tasks.alerts.messages import clean, incidents_payload
+from tasks.clock import HOUR, hour_floor, naive_utc
+from tasks.settings import Settings
+
+if TYPE_CHECKING:
+    import duckdb
+
+    from tasks.scoring.incidents import Incident
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_S = 10.0
+# incident columns in table order (tasks.scoring.incidents.INCIDENT_COLUMNS, repeated so that this
+# module imports nothing heavy); the values come in as bound parameters only
+NEW_INCIDENTS_SQL = """
+SELECT incident_id, start_ts, end_ts, patterns, nodes, peak_score, kinds, points, culprits, evidence
+FROM incidents
+WHERE start_ts >= $start AND start_ts < $end AND peak_score >= $min_score
+ORDER BY peak_score DESC, start_ts, incident_id"""
+# each pattern's champion: the newest version whose decision is `champion` (as tasks.models.registry)
+CHAMPION_VERSIONS_SQL = """
+SELECT pattern_id, max(model_version) FROM models
+WHERE decision = 'champion' AND model_version IS NOT NULL AND list_contains($patterns, pattern_id)
+GROUP BY pattern_id"""
+
+
+class WebhookError(RuntimeError):
+    """A webhook did not take a message. The message names the host, never the URL."""
+
+
+def host_of(url: str) -> str:
+    """`host[:port]` of a URL: what errors and logs may show of a webhook."""
+    try:
+        parts = urlsplit(url)
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        return "?"
+    return f"{host or '?'}:{port}" if port else host or "?"
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> None:
+        return None  # urllib then raises HTTPError for the 30x itself
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
+
+
+def post_json(url: str, payload: dict[str, Any], timeout_s: float = DEFAULT_TIMEOUT_S) -> int:
+    """POST `payload` as JSON; returns the HTTP status (2xx). Anything else, or no answer within
+    `timeout_s`, raises WebhookError naming the host."""
+    host = host_of(url)
+    if urlsplit(url).scheme not in ("http", "https"):
+        raise WebhookError(f"webhook at {host}: not an http(s) URL")
+    body = json.dumps(payload).encode()
+    headers = {"Content-Type": "application/json; charset=utf-8", "User-Agent": "rpcwatch"}
+    try:
+        request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+        with _OPENER.open(request, timeout=timeout_s) as answer:
+            return int(answer.status)
+    except urllib.error.HTTPError as err:
+        err.close()
+        raise WebhookError(f"webhook at {host} answered HTTP {err.code} {clean(err.reason, 80)}") from None
+    except urllib.error.URLError as err:  # refused, unknown host, TLS
+        raise WebhookError(f"webhook at {host} could not be reached: {clean(err.reason, 200)}") from None
+    except (OSError, http.client.HTTPException) as err:  # timed out, connection dropped, bad answer
+        raise WebhookError(f"webhook at {host} failed: {type(err).__name__} {clean(err, 200)}") from None
+    except ValueError:  # a malformed URL: its text (with the secret) would be in the message
+        raise WebhookError(f"webhook at {host}: not a valid URL") from None
+
+
+def _naive_utc(value: datetime) -> datetime:
+    """As DuckDB's TIMESTAMPs hold it; a naive value is UTC already."""
+    return naive_utc(value) if value.tzinfo else value
+
+
+def new_incidents(
+    con: duckdb.DuckDBPyConnection, hour_start: datetime, hour_end: datetime, min_score: float
+) -> list[Incident]:
+    """Incidents that started in [hour_start, hour_end) with peak score >= `min_score`, strongest
+    first (ties: earliest, then by id)."""
+    from tasks.scoring.incidents import Incident
+
+    params = {"start": _naive_utc(hour_start), "end": _naive_utc(hour_end), "min_score": float(min_score)}
+    return [Incident.from_row(row) for row in con.execute(NEW_INCIDENTS_SQL, params).fetchall()]
+
+
+def champion_versions(con: duckdb.DuckDBPyConnection, pattern_ids: Sequence[int]) -> dict[int, int]:
+    """pattern id -> its champion's model version, for those of `pattern_ids` that have one."""
+    if not pattern_ids:
+        return {}
+    rows = con.execute(CHAMPION_VERSIONS_SQL, {"patterns": [int(p) for p in pattern_ids]}).fetchall()
+    return {int(pattern_id): int(version) for pattern_id, version in rows}
+
+
+def alert_new_incidents(
+    settings: Settings,
+    hour: datetime,
+    say: Callable[[str], None] = log.info,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> int:
+    """Post the incidents that started in `hour` with peak score >= `alert_min_score`, strongest
+    first, as one message to `alert_webhook`. Returns how many were posted: 0 when there are none
+    or no webhook is set (the warehouse is not opened then), saying which."""
+    if not settings.alert_webhook:
+        say("alerts are off (RPCWATCH_ALERT_WEBHOOK is not set): nothing posted")
+        return 0
+    from tasks.warehouse import opened
+
+    start = hour_floor(hour)
+    with opened(settings.warehouse, read_only=True) as con:
+        found = new_incidents(con, start, start + HOUR, settings.alert_min_score)
+        champions = champion_versions(con, sorted({p for incident in found for p in incident.patterns}))
+    if not found:
+        say(f"no incident started at {start:%Y-%m-%d %H:00} UTC with peak score >= {settings.alert_min_score:g}")
+        return 0
+    payload = incidents_payload(
+        found,
+        champions,
+        hour=(start, start + HOUR),
+        min_score=settings.alert_min_score,
+        airflow_url=settings.airflow_url,
+        mlflow_url=settings.mlflow_url,
+    )
+    post_json(settings.alert_webhook, payload, timeout_s)
+    say(f"posted {len(found)} new incident(s) to the webhook at {host_of(settings.alert_webhook)}")
+    return len(found)
