@@ -42,6 +42,7 @@ def airflow_env(settings: Settings, base: dict[str, str] | None = None) -> dict[
     if not (explicit and _in_airflow_cfg(home, "database", "sql_alchemy_conn")):
         env.setdefault("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", f"sqlite:///{home / 'airflow.db'}")
     env.setdefault("AIRFLOW__LOGGING__LOGGING_LEVEL", "WARNING")
+    env.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # bar redraws in task logs help nobody
     # `airflow standalone` / `airflow api-server` on a dev machine: loopback only, one API worker,
     # 4 LocalExecutor processes (Airflow's defaults: 0.0.0.0, 4 API workers, 32 task processes forked
     # at once; the DAG's tasks queue on a one-slot pool anyway), and a real login, not all-admins.
