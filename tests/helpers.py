@@ -194,3 +194,23 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, *args: Any) -> None:  # quiet test output
         pass
+
+
+def synthetic_pattern(pid: int, rng: np.random.Generator, steps: int = 360, nodes: int | None = None) -> Any:
+    """A pattern's series for the forecaster (a `tasks.models.series.PatternData`): a random call tree
+    of `nodes` (default 5-25) RPCs, `steps` 60 s buckets of Poisson traffic with a slow trend, lognormal
+    latencies (none where a bucket had no calls), errors at 1 % of the calls."""
+    from tasks.models.series import PatternData
+
+    n = int(rng.integers(5, 26)) if nodes is None else nodes
+    edges = [(int(rng.integers(0, i)), i) for i in range(1, n)]
+    base = rng.lognormal(np.log(20), 1.0, size=n)
+    trend = 1 + 0.3 * np.sin(np.linspace(0, np.pi, steps))[:, None]
+    values = np.zeros((steps, n, 4))
+    values[:, :, 0] = rng.poisson(base * trend)
+    values[:, :, 3] = rng.poisson(base * trend * 0.01)
+    rt = rng.lognormal(np.log(rng.uniform(2, 80, size=n)), 0.2, size=(steps, n))
+    values[:, :, 1] = np.where(values[:, :, 0] > 0, rt, np.nan)
+    values[:, :, 2] = np.where(values[:, :, 0] > 0, rt * 2.5, np.nan)
+    buckets = np.arange(np.datetime64("2026-01-01T00:00"), steps, dtype="datetime64[m]").astype("datetime64[s]")
+    return PatternData(pid, 1, f"g{pid}", [f"n{i}" for i in range(n)], edges, buckets, values, 60)

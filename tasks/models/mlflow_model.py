@@ -4,7 +4,7 @@
 pattern's recent series (columns bucket_ts, node, calls, errors, rt_mean, rt_p95; at least W
 buckets) and returns the next bucket's expected values per node (columns node, calls, rt_mean,
 rt_p95, errors). Reads only the version's artifact files; no tables. Each version is logged with
-this as its signature (`tasks.models.training.signature`: counts as long, latencies as double, as
+this as its signature (`tasks.models.tracking.signature`: counts as long, latencies as double, as
 `pattern_series` holds them) and the pattern's last W buckets as its input example.
 """
 

@@ -18,7 +18,8 @@ from tasks.models.registry import (
     relocate_artifacts,
     setup_mlflow,
 )
-from tasks.models.training import AIRFLOW_CONTEXT, TRACE_METRICS, launch_tags, move_aliases
+from tasks.models.tracking import AIRFLOW_CONTEXT, launch_tags, move_aliases
+from tasks.models.training import TRACE_METRICS
 from tasks.settings import Settings
 
 
