@@ -56,8 +56,20 @@ FOLLOW_SHARE = 0.5  # blame moves to a child carrying at least this share of its
 
 
 def positions(calls: pd.DataFrame) -> pd.Series:
-    parent = calls["parent_node"].fillna("").astype(str)
-    return pd.Series([edge_key(p, n) for p, n in zip(parent, calls["node"].astype(str))], index=calls.index)
+    codes, names = position_codes(calls)
+    return pd.Series(names[codes], index=calls.index)
+
+
+def position_codes(calls: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Per call the code of its position, and the positions by code (an object array of `edge_key`s):
+    each distinct (parent node, node) pair is keyed once, not once per call."""
+    parent_codes, parents = pd.factorize(calls["parent_node"].fillna("").astype(str), use_na_sentinel=False)
+    node_codes, nodes = pd.factorize(calls["node"].astype(str), use_na_sentinel=False)
+    width = max(len(nodes), 1)
+    codes, pairs = pd.factorize(parent_codes.astype(np.int64) * width + node_codes)
+    names = np.empty(len(pairs), dtype=object)
+    names[:] = [edge_key(parents[k // width], nodes[k % width]) for k in pairs]
+    return codes, names
 
 
 def window_index(root_ts: pd.Series, window_s: float) -> np.ndarray:
@@ -189,10 +201,11 @@ class TraceModel:
         calls = calls.reset_index(drop=True)
         if not len(calls):
             return TraceScores(_empty_traces(), _empty_blame())
-        pos = positions(calls)
-        params = self._params(calls, pos)
+        pos_codes, pos_names = position_codes(calls)
+        parent_row = _parent_rows(calls)
+        params = self._params(calls, pos_codes, pos_names)
         p_call, feature, tests = self._latency_p(calls, params)
-        structure, missing = self._structure(calls, pos)
+        structure, missing = self._structure(pos_codes, pos_names, parent_row)
         usual_rt = np.expm1(params[:, 0, 1])  # the call's median client latency, ms
         extra = np.nan_to_num(calls["rt_ms"].to_numpy(float) - usual_rt)
         frame = pd.DataFrame(
@@ -205,25 +218,32 @@ class TraceModel:
         traces["latency_p"] = np.minimum(traces["p_min"] * np.maximum(traces["tests"], 1), 1.0)
         traces["surprising"] = (traces["latency_p"] < self.trace_p) | (traces["structure_s"] >= self.structure_cut)
         # a call counts for blame when it alone would make its trace surprising
-        tests_of_trace = frame["trace_id"].map(traces["tests"]).to_numpy()
+        tests_of_trace = per_trace["t"].transform("sum").to_numpy()
         lat_hit = p_call * np.maximum(tests_of_trace, 1) < self.trace_p
         struct_hit = structure >= self.structure_cut
-        blame = _blame(calls, lat_hit | struct_hit, lat_hit, feature, missing, extra)
+        blame = _blame(calls, lat_hit | struct_hit, lat_hit, feature, missing, extra, parent_row)
         out = traces.reset_index()[["trace_id", "root_ts", "latency_p", "structure_s", "surprising"]]
         return TraceScores(out, blame)
 
-    def _params(self, calls: pd.DataFrame, pos: pd.Series) -> np.ndarray:
+    def _params(self, calls: pd.DataFrame, pos_codes: np.ndarray, pos_names: np.ndarray) -> np.ndarray:
         """[calls, features, PARAMS]: each call's tail parameters (its shape's profile where there
-        is one, else its position's); NaN where unmodelled."""
-        shape_pos = calls["shape_id"].astype(str) + "#" + pos
-        keys = [sp if sp in self.stats else p for sp, p in zip(shape_pos, pos)]
+        is one, else its position's); NaN where unmodelled. Keyed once per distinct (shape, position)."""
+        shape_codes, shapes = pd.factorize(calls["shape_id"], use_na_sentinel=False)
+        shape_names = pd.Series(shapes, dtype=calls["shape_id"].dtype).astype(str).to_numpy(dtype=object)
+        width = max(len(pos_names), 1)
+        pair_codes, pairs = pd.factorize(shape_codes.astype(np.int64) * width + pos_codes)
+        keys = []
+        for k in pairs:
+            shape, pos = shape_names[k // width], pos_names[k % width]
+            shape_pos = shape + "#" + pos if isinstance(shape, str) else None  # a missing shape: none
+            keys.append(shape_pos if shape_pos in self.stats else pos)
         uniq = {k: i for i, k in enumerate(dict.fromkeys(keys))}
         table = np.full((len(uniq), len(LAT_FEATURES), PARAMS), np.nan)
         for k, i in uniq.items():
             for f, params in enumerate(self.stats.get(k) or []):
                 if params is not None:
                     table[i, f] = params
-        return table[np.asarray([uniq[k] for k in keys], dtype=int)]
+        return table[np.asarray([uniq[k] for k in keys], dtype=int)[pair_codes]]
 
     def _latency_p(self, calls: pd.DataFrame, params: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per call: the smallest two-sided tail probability over its features (1 where unmodelled),
@@ -233,35 +253,81 @@ class TraceModel:
         p = np.where(tested, p, 1.0)
         return p.min(axis=1), p.argmin(axis=1), tested.sum(axis=1)
 
-    def _structure(self, calls: pd.DataFrame, pos: pd.Series) -> tuple[np.ndarray, pd.DataFrame]:
+    def _structure(
+        self, pos_codes: np.ndarray, pos_names: np.ndarray, parent_row: np.ndarray
+    ) -> tuple[np.ndarray, pd.DataFrame]:
         """Per call: -log P of its most surprising child event (a missing usual child, an unusual one
         present, more calls of a child than ever seen under one call); and the missing children
-        (row, child position, surprise)."""
-        out = np.zeros(len(calls))
-        kids = _child_positions(calls, pos)
-        present = set(zip(kids["parent_row"], kids["child_pos"]))
+        (row, child position, surprise). The model is looked up once per distinct (parent position,
+        child position) pair; the calls are handled as arrays."""
+        out = np.zeros(len(pos_codes))
+        width = max(len(pos_names), 1)
+        rows = np.flatnonzero(parent_row >= 0)  # the calls with a parent in their trace
+        parents = parent_row[rows]
+        pair_codes, pairs = pd.factorize(pos_codes[parents].astype(np.int64) * width + pos_codes[rows])
         # unusual children: a child position rarely (or never) seen under this parent
-        for row, parent, child in zip(kids["row"], kids["parent_pos"], kids["child_pos"]):
+        unusual = np.full(len(pairs), -np.inf)
+        most = np.full(len(pairs), -1, dtype=np.int64)  # -1: no fan-out known for the pair
+        for i, k in enumerate(pairs):
+            parent, child = pos_names[k // width], pos_names[k % width]
             seen = self.n_pos.get(parent)
-            if seen is None:
-                continue  # the parent itself is unknown: its own parent reports it
-            q = self.children.get(parent, {}).get(child, self.novel.get(parent, 0.5 / (seen + 1)))
-            out[row] = max(out[row], -math.log(q))
+            if seen is not None:  # else the parent itself is unknown: its own parent reports it
+                q = self.children.get(parent, {}).get(child, self.novel.get(parent, 0.5 / (seen + 1)))
+                unusual[i] = -math.log(q)
+            most_calls = self.most.get(parent, {}).get(child)
+            if most_calls is not None:
+                most[i] = most_calls
+        out[rows] = np.maximum(out[rows], unusual[pair_codes])
         # amplification: more calls of a child under one call than ever seen (one e-fold per doubling)
-        repeats = kids.groupby(["parent_row", "parent_pos", "child_pos"]).size()
-        for (row, parent, child), n in repeats.items():
-            most = self.most.get(parent, {}).get(child)
-            if most is not None and n > most:
-                s = math.log(self.n_pos[parent] + 1) + math.log(n / most)
-                out[row] = max(out[row], s)
-        missing = []
-        for row, parent in enumerate(pos):
+        groups, counts = np.unique(parents.astype(np.int64) * max(len(pairs), 1) + pair_codes, return_counts=True)
+        group_rows, group_pairs = groups // max(len(pairs), 1), groups % max(len(pairs), 1)
+        over = (most[group_pairs] >= 0) & (counts > most[group_pairs])
+        for row, pair, n in zip(group_rows[over], group_pairs[over], counts[over]):
+            parent = pos_names[pairs[pair] // width]
+            s = math.log(self.n_pos[parent] + 1) + math.log(int(n) / int(most[pair]))
+            out[row] = max(out[row], s)
+        missing = self._missing(pos_codes, pos_names, rows, parents, out)
+        return out, missing
+
+    def _missing(
+        self, pos_codes: np.ndarray, pos_names: np.ndarray, rows: np.ndarray, parents: np.ndarray, out: np.ndarray
+    ) -> pd.DataFrame:
+        """The usual children (present with probability above 1 - trace_p) each call lacks, by row
+        and then in the model's order; raises `out` to their surprise."""
+        width = max(len(pos_names), 1)
+        code_of = {name: i for i, name in enumerate(pos_names)}
+        want_child: list[str] = []  # per parent position in turn: its usual children, in the model's order
+        want_code: list[int] = []
+        want_s: list[float] = []
+        start, count = np.zeros(width, dtype=int), np.zeros(width, dtype=int)
+        for u, parent in enumerate(pos_names):
+            start[u] = len(want_child)
             for child, q in self.children.get(parent, {}).items():
-                if q > 1 - self.trace_p and (row, child) not in present:
-                    s = -math.log(1 - q)
-                    out[row] = max(out[row], s)
-                    missing.append((row, child, s))
-        return out, pd.DataFrame(missing, columns=["row", "child_pos", "surprise"])
+                if q > 1 - self.trace_p:
+                    want_child.append(child)
+                    want_code.append(code_of.get(child, -1))
+                    want_s.append(-math.log(1 - q))
+            count[u] = len(want_child) - start[u]
+        per_row = count[pos_codes]
+        total = int(per_row.sum())
+        if not total:
+            return pd.DataFrame([], columns=["row", "child_pos", "surprise"])
+        row = np.repeat(np.arange(len(pos_codes)), per_row)
+        first = np.cumsum(per_row) - per_row
+        want = np.repeat(start[pos_codes], per_row) + np.arange(total) - np.repeat(first, per_row)
+        codes = np.asarray(want_code, dtype=np.int64)[want]
+        present_keys = np.sort(parents.astype(np.int64) * width + pos_codes[rows])
+        keys = row.astype(np.int64) * width + codes
+        present = np.zeros(total, dtype=bool)
+        if len(present_keys):
+            at = np.minimum(np.searchsorted(present_keys, keys), len(present_keys) - 1)
+            present = (codes >= 0) & (present_keys[at] == keys)
+        row, want = row[~present], want[~present]
+        surprise = np.asarray(want_s, dtype=float)[want]
+        np.maximum.at(out, row, surprise)
+        if not len(row):
+            return pd.DataFrame([], columns=["row", "child_pos", "surprise"])
+        return pd.DataFrame({"row": row, "child_pos": np.asarray(want_child, dtype=object)[want], "surprise": surprise})
 
     # --- persistence -----------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
@@ -313,12 +379,12 @@ def _blame(
     feature: np.ndarray,
     missing: pd.DataFrame,
     extra: np.ndarray,
+    parent_row: np.ndarray,
 ) -> pd.DataFrame:
     """The surprising calls with no surprising call below them, one weight per trace split among
     them. A slow (or fast) call whose time is mostly one child's extra time passes the blame down
     to it ("follow the time": a delayed link or a busy callee below a call that looks normal on its
     own). Each blamed call names its callee as culprit (and a missing child's callee beside it)."""
-    parent_row = _parent_rows(calls)
     below = np.zeros(len(calls), dtype=bool)  # has a surprising descendant
     frontier = np.flatnonzero(hit)
     for _ in range(256):
@@ -333,9 +399,9 @@ def _blame(
     kind = np.where(followed, "time", np.where(lat_hit[start], np.asarray(LAT_FEATURES)[feature[start]], "structure"))
     out = pd.DataFrame(
         {
-            "trace_id": calls["trace_id"].to_numpy()[rows],
-            "node": calls["node"].to_numpy()[rows],
-            "culprit": calls["callee"].to_numpy()[rows],
+            "trace_id": _take(calls, "trace_id", rows),
+            "node": _take(calls, "node", rows),
+            "culprit": _take(calls, "callee", rows),
             "kind": kind,
         }
     )
@@ -343,8 +409,8 @@ def _blame(
     if len(gone):  # the call that vanished: its callee is the other suspect
         extra_rows = pd.DataFrame(
             {
-                "trace_id": calls["trace_id"].to_numpy()[gone["row"]],
-                "node": calls["node"].to_numpy()[gone["row"]],
+                "trace_id": _take(calls, "trace_id", gone["row"].to_numpy()),
+                "node": _take(calls, "node", gone["row"].to_numpy()),
                 "culprit": [split_callee(c) for c in gone["child_pos"]],
                 "kind": "missing",
             }
@@ -353,6 +419,11 @@ def _blame(
     out = out.drop_duplicates(["trace_id", "node", "culprit"])
     out["weight"] = 1.0 / out.groupby("trace_id")["trace_id"].transform("size")
     return out
+
+
+def _take(calls: pd.DataFrame, column: str, rows: np.ndarray) -> np.ndarray:
+    """`calls[column].to_numpy()[rows]`, converting only those rows."""
+    return calls[column].iloc[rows].to_numpy()
 
 
 def _follow_time(parent_row: np.ndarray, extra: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -382,10 +453,34 @@ def split_callee(position: str) -> str:
 
 
 def _parent_rows(calls: pd.DataFrame) -> np.ndarray:
-    """Per call: the row of its parent call in the same trace, -1 where there is none."""
-    row_of = {(t, c): i for i, (t, c) in enumerate(zip(calls["trace_id"], calls["call_id"]))}
-    pairs = zip(calls["trace_id"], calls["parent_call_id"])
-    return np.asarray([row_of.get((t, p), -1) if isinstance(p, str) else -1 for t, p in pairs], dtype=int)
+    """Per call: the row of its parent call in the same trace, -1 where there is none (the last call
+    with that trace_id and call_id where there are several; a parent_call_id that is not a text is
+    no parent)."""
+    n = len(calls)
+    parent_ids = calls["parent_call_id"]
+    if isinstance(parent_ids.dtype, pd.StringDtype):
+        has_parent = parent_ids.notna().to_numpy()
+    elif parent_ids.dtype == object:
+        has_parent = np.fromiter((isinstance(p, str) for p in parent_ids.to_numpy()), dtype=bool, count=n)
+    else:
+        has_parent = np.zeros(n, dtype=bool)
+    trace_codes, _ = pd.factorize(calls["trace_id"], use_na_sentinel=False)
+    id_codes, ids = pd.factorize(pd.concat([calls["call_id"], parent_ids], ignore_index=True))
+    call_codes, parent_codes = id_codes[:n], id_codes[n:]
+    width = len(ids) + 1
+    known = np.flatnonzero(call_codes >= 0)
+    call_keys = trace_codes[known].astype(np.int64) * width + call_codes[known]
+    order = np.argsort(call_keys, kind="stable")
+    sorted_keys = call_keys[order]
+    out = np.full(n, -1, dtype=int)
+    asking = np.flatnonzero(has_parent & (parent_codes >= 0))
+    if not len(asking) or not len(sorted_keys):
+        return out
+    keys = trace_codes[asking].astype(np.int64) * width + parent_codes[asking]
+    at = np.searchsorted(sorted_keys, keys, side="right") - 1  # the last call with that key
+    found = (at >= 0) & (sorted_keys[np.maximum(at, 0)] == keys)
+    out[asking[found]] = known[order[at[found]]]
+    return out
 
 
 def _empty_traces() -> pd.DataFrame:

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import math
+from collections import Counter
+
 import numpy as np
 import pandas as pd
 import pytest
 
-from helpers import BC
+from helpers import AB, BC
 from helpers import TRACES_START as START
 from helpers import tiny_traces as traces
-from tasks.models.trace_model import TraceModel
+from tasks.keys import edge_key, node_key
+from tasks.models.latency_tails import LAT_FEATURES, PARAMS, latency_features, tail_p
+from tasks.models.trace_model import TraceModel, TraceScores, _blame
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +88,103 @@ def test_a_call_repeated_more_than_ever_is_an_amplification(model: TraceModel) -
     scored = model.score(pd.concat([batch, extra], ignore_index=True)).traces
     assert scored["surprising"].all()
     assert (scored["structure_s"] > np.log(1800)).all()
+
+
+def reference_score(model: TraceModel, calls: pd.DataFrame) -> TraceScores:
+    """`TraceModel.score` written the straightforward way, call by call (dict lookups per row): what
+    the vectorised one must reproduce exactly."""
+    calls = calls.reset_index(drop=True)
+    n = len(calls)
+    parent_node = calls["parent_node"].fillna("").astype(str)
+    pos = [edge_key(p, c) for p, c in zip(parent_node, calls["node"].astype(str))]
+    row_of = {(t, c): i for i, (t, c) in enumerate(zip(calls["trace_id"], calls["call_id"]))}
+    pairs = zip(calls["trace_id"], calls["parent_call_id"])
+    parent_row = np.asarray([row_of.get((t, p), -1) if isinstance(p, str) else -1 for t, p in pairs], dtype=int)
+    params = np.full((n, len(LAT_FEATURES), PARAMS), np.nan)
+    for row, (shape, p) in enumerate(zip(calls["shape_id"].astype(str), pos)):
+        key = f"{shape}#{p}" if f"{shape}#{p}" in model.stats else p
+        for f, values in enumerate(model.stats.get(key) or []):
+            if values is not None:
+                params[row, f] = values
+    p_all = tail_p(latency_features(calls), params)
+    tested = ~np.isnan(p_all)
+    p_all = np.where(tested, p_all, 1.0)
+    p_call, feature, tests = p_all.min(axis=1), p_all.argmin(axis=1), tested.sum(axis=1)
+    structure = np.zeros(n)
+    kids = [(row, pos[row], int(parent_row[row])) for row in range(n) if parent_row[row] >= 0]
+    present = {(parent, child) for _, child, parent in kids}
+    for row, child, parent in kids:
+        seen = model.n_pos.get(pos[parent])
+        if seen is not None:
+            q = model.children.get(pos[parent], {}).get(child, model.novel.get(pos[parent], 0.5 / (seen + 1)))
+            structure[row] = max(structure[row], -math.log(q))
+    for (parent, child), count in Counter((parent, child) for _, child, parent in kids).items():
+        most = model.most.get(pos[parent], {}).get(child)
+        if most is not None and count > most:
+            s = math.log(model.n_pos[pos[parent]] + 1) + math.log(count / most)
+            structure[parent] = max(structure[parent], s)
+    missing = []
+    for row, p in enumerate(pos):
+        for child, q in model.children.get(p, {}).items():
+            if q > 1 - model.trace_p and (row, child) not in present:
+                structure[row] = max(structure[row], -math.log(1 - q))
+                missing.append((row, child, -math.log(1 - q)))
+    extra = np.nan_to_num(calls["rt_ms"].to_numpy(float) - np.expm1(params[:, 0, 1]))
+    frame = pd.DataFrame(
+        {"trace_id": calls["trace_id"], "root_ts": calls["root_ts"], "p": p_call, "t": tests, "s": structure}
+    )
+    traces = frame.groupby("trace_id", sort=False).agg(
+        root_ts=("root_ts", "first"), p_min=("p", "min"), tests=("t", "sum"), structure_s=("s", "max")
+    )
+    traces["latency_p"] = np.minimum(traces["p_min"] * np.maximum(traces["tests"], 1), 1.0)
+    traces["surprising"] = (traces["latency_p"] < model.trace_p) | (traces["structure_s"] >= model.structure_cut)
+    lat_hit = p_call * np.maximum(frame["trace_id"].map(traces["tests"]).to_numpy(), 1) < model.trace_p
+    hit = lat_hit | (structure >= model.structure_cut)
+    missing_frame = pd.DataFrame(missing, columns=["row", "child_pos", "surprise"])
+    blame = _blame(calls, hit, lat_hit, feature, missing_frame, extra, parent_row)
+    return TraceScores(traces.reset_index()[["trace_id", "root_ts", "latency_p", "structure_s", "surprising"]], blame)
+
+
+def mixed_batch() -> pd.DataFrame:
+    """A few hundred traces with every kind of event: normal, slow C, fast B, missing D, fan-out
+    repeats of C, a never-seen child (and a grandchild under it, whose parent position is unknown),
+    a rare shape, a call whose parent is not in its trace, a duplicated call id."""
+    parts = [
+        traces(150, seed=31),
+        traces(30, seed=32, slow_c=8.0),
+        traces(20, seed=33, slow_c=3.0, c_sigma=0.5),
+        traces(20, seed=34, fast_b=0.02),
+        traces(20, seed=35, drop_d=True),
+        traces(20, seed=36).assign(shape_id=8),
+    ]
+    fan = traces(15, seed=37)
+    repeats = fan[fan["node"] == BC]
+    parts += [fan] + [repeats.assign(call_id=f"2-{i}", rt_ms=repeats["rt_ms"] * (1 + i)) for i in range(1 + 15 % 4)]
+    novel = traces(15, seed=38)
+    roots = novel[novel["parent_call_id"].isna()]
+    be, ef = node_key("B", "E", "op", "http"), node_key("E", "F", "op", "http")
+    parts += [novel, roots.assign(call_id="4", parent_call_id="1", node=be, parent_node=AB, callee="E")]
+    parts += [roots.assign(call_id="5", parent_call_id="4", node=ef, parent_node=be, callee="F")]
+    odd = traces(10, seed=39)
+    parts += [odd.assign(parent_call_id=odd["parent_call_id"].where(odd["call_id"] != "3", "9"))]  # D's parent gone
+    dup = traces(10, seed=40)
+    parts += [dup, dup[dup["call_id"] == "1"]]  # the root twice: children belong to the last one
+    return pd.concat(parts, ignore_index=True).sort_values(["root_ts", "trace_id"], kind="stable")
+
+
+def test_score_matches_the_call_by_call_reference() -> None:
+    history = pd.concat([traces(1800, seed=30), traces(30, seed=41).assign(shape_id=8)], ignore_index=True)
+    model = TraceModel(trace_p=0.01).fit(history).calibrate(history, window_s=30)
+    batch = mixed_batch()
+    got, want = model.score(batch), reference_score(model, batch)
+    pd.testing.assert_frame_equal(got.traces, want.traces)
+    pd.testing.assert_frame_equal(got.blame, want.blame)
+    order = ["trace_id", "node", "culprit", "kind"]
+    pd.testing.assert_frame_equal(
+        got.blame.sort_values(order).reset_index(drop=True), want.blame.sort_values(order).reset_index(drop=True)
+    )
+    assert batch["trace_id"].nunique() == len(got.traces) >= 300
+    assert 0.1 < got.traces["surprising"].mean() < 0.9
+    assert {"missing", "structure", "rt"} <= set(got.blame["kind"])
+    assert (got.traces["structure_s"] > np.log(1800)).any()  # the fan-out
+    assert {"C", "D", "E"} <= set(got.blame["culprit"])
