@@ -196,16 +196,23 @@ def _stop_groups(pgids: list[int]) -> None:
 
 def backfill(settings: Settings, first: datetime, last: datetime, say: Callable[[str], None] = print) -> None:
     """Ask the scheduler for the hours first..last (inclusive, by logical date = the hour processed),
-    oldest first, one run at a time (`airflow backfill create`; runs already there are kept)."""
+    oldest first, one run at a time; runs already there are kept. Through the stack's REST API when
+    it runs (its API server writes Airflow's db, so no second writer fights the scheduler for a
+    SQLite lock), else with `airflow backfill create` on the db directly."""
     from tasks.app.airflow_env import airflow_cli
 
     first, last = hour_floor(first), hour_floor(last)
     if last < first:
         raise ValueError(f"backfill: --to {last:%Y-%m-%dT%H:00} is before --from {first:%Y-%m-%dT%H:00}")
-    env = stack_env(settings)
-    prepare_airflow(env, settings.airflow_pool)
-    args = ["--dag-id", DAG_ID, "--from-date", first.isoformat(), "--to-date", last.isoformat()]
-    airflow_cli(env, "backfill", "create", *args, "--max-active-runs", "1", "--reprocess-behavior", "none")
+    if running(settings).get("api-server"):
+        body: dict[str, object] = {"dag_id": DAG_ID, "from_date": first.isoformat(), "to_date": last.isoformat()}
+        body |= {"max_active_runs": 1, "reprocess_behavior": "none", "run_backwards": False}
+        AirflowApi.of(settings).call("POST", "/api/v2/backfills", body, retries=5)
+    else:
+        env = stack_env(settings)
+        prepare_airflow(env, settings.airflow_pool)
+        args = ["--dag-id", DAG_ID, "--from-date", first.isoformat(), "--to-date", last.isoformat()]
+        airflow_cli(env, "backfill", "create", *args, "--max-active-runs", "1", "--reprocess-behavior", "none")
     hours = int((last - first).total_seconds() // 3600) + 1
     say(f"backfill of {hours} hour(s) {first:%Y-%m-%dT%H:00} .. {last:%Y-%m-%dT%H:00} handed to the scheduler")
     if not running(settings).get("scheduler"):
@@ -228,12 +235,21 @@ class AirflowApi:
         passwords = env.get("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE", "")
         return cls(env["AIRFLOW__API__BASE_URL"], Path(passwords))
 
-    def call(self, method: str, path: str, body: object = None, auth: bool = True) -> Any:
+    def call(self, method: str, path: str, body: object = None, auth: bool = True, retries: int = 0) -> Any:
+        """One request; a server error (e.g. Airflow's SQLite db locked by the scheduler for a moment)
+        is retried `retries` times, 2 s apart."""
         headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {self.token}"} if auth else {})
         data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.base + path, data=data, method=method, headers=headers)
-        with urllib.request.urlopen(request, timeout=60) as response:  # noqa: S310 (the stack's own URL)
-            return json.load(response)
+        for attempt in range(retries + 1):
+            request = urllib.request.Request(self.base + path, data=data, method=method, headers=headers)
+            try:
+                with urllib.request.urlopen(request, timeout=60) as response:  # noqa: S310 (the stack's own URL)
+                    return json.load(response)
+            except urllib.error.HTTPError as err:
+                if err.code < 500 or attempt == retries:
+                    raise
+            time.sleep(2)
+        raise AssertionError("unreachable")
 
     def runs(self) -> list[dict[str, Any]]:
         return list(self.call("GET", f"/api/v2/dags/{DAG_ID}/dagRuns?order_by=logical_date&limit=1000")["dag_runs"])
