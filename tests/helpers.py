@@ -20,6 +20,20 @@ from tasks.settings import Settings
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 START = datetime(2026, 1, 1, tzinfo=UTC)
+# the columns of a pattern's trace calls, as tasks.patterns.trace_calls returns them
+TRACE_CALL_COLUMNS = [
+    "trace_id",
+    "call_id",
+    "parent_call_id",
+    "node",
+    "parent_node",
+    "callee",
+    "rt_ms",
+    "server_rt_ms",
+    "self_ms",
+    "shape_id",
+    "root_ts",
+]
 
 
 def shared_file(*parts: str) -> Path:
@@ -129,20 +143,7 @@ def tiny_traces(
         rows += [(t, "2", "1", BC, AB, "C", c + 0.3, c, c, 7, root)]
         if not drop_d:
             rows += [(t, "3", "1", BD, AB, "D", d + 0.3, d, d, 7, root)]
-    columns = [
-        "trace_id",
-        "call_id",
-        "parent_call_id",
-        "node",
-        "parent_node",
-        "callee",
-        "rt_ms",
-        "server_rt_ms",
-        "self_ms",
-        "shape_id",
-        "root_ts",
-    ]
-    return pd.DataFrame(rows, columns=columns)
+    return pd.DataFrame(rows, columns=TRACE_CALL_COLUMNS)
 
 
 class Receiver(ThreadingHTTPServer):

@@ -23,30 +23,22 @@ from __future__ import annotations
 
 import argparse
 import resource
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from tasks.keys import node_key
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared helpers (a script, not a test)
+from helpers import TRACE_CALL_COLUMNS  # noqa: E402
 from tasks.models.trace_model import TraceModel
 
 TARGET_SECONDS = 60.0
 HOUR = np.datetime64("2026-01-02T10:00:00", "ms")
-COLUMNS = [
-    "trace_id",
-    "call_id",
-    "parent_call_id",
-    "node",
-    "parent_node",
-    "callee",
-    "rt_ms",
-    "server_rt_ms",
-    "self_ms",
-    "shape_id",
-    "root_ts",
-]
 SHAPE_SHARES = np.array([0.6, 0.3, 0.1])
 SLOW_SHARE, MISSING_SHARE, NOVEL_SHARE = 0.01, 0.003, 0.002
 
@@ -158,7 +150,7 @@ def trace_calls(pattern: Pattern, n: int, start: np.datetime64, rng: np.random.G
     t = frame.pop("t").to_numpy()
     frame.insert(0, "trace_id", tid_all[t])
     frame["root_ts"] = pd.to_datetime(start + root_ms[t].astype("timedelta64[ms]"))
-    return frame[COLUMNS]
+    return frame[TRACE_CALL_COLUMNS]
 
 
 def _missing_and_novel(frame: pd.DataFrame, n: int, rng: np.random.Generator) -> pd.DataFrame:
