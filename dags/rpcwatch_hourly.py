@@ -11,8 +11,9 @@ For its hour the run **ingests** the trace files that arrived into the DuckDB wa
 fails here naming file and expectation, without retries), **aggregates** per-RPC traffic into
 `rpc_series`, groups requests into RPC-chain **patterns** (trace reconstruction, HDBSCAN
 re-clustering when due, stable pattern ids, per-pattern graphs and series), finds the **stale**
-pattern models and **trains** only those (mapped, one task per pattern, on the `gpu` queue, reading
-Parquet exports instead of DuckDB), **records** them, **scores** the hour against the champions into
+pattern models and **trains** only those (mapped over `RPCWATCH_TRAIN_SHARDS` shards of similar
+cost, each a task on the `gpu` queue training its patterns stacked on a GPU, reading Parquet exports
+instead of DuckDB), **records** them, **scores** the hour against the champions into
 `anomalies` and `incidents`, **publishes** the read-only `analytics.duckdb` and **alerts** on new
 incidents (`RPCWATCH_ALERT_WEBHOOK`). Any task failure is posted there too.
 
@@ -129,22 +130,24 @@ def patterns(aggregated: dict) -> dict:
 @task(execution_timeout=timedelta(minutes=10))
 def stale(patterned: dict) -> list[dict]:
     """Decide which critical patterns' models are stale (no champion, graph changed, drift,
-    age, or the `force_retrain` param) and export each one's series to Parquet, so training never
-    opens DuckDB. Returns one training job (`TrainJob.to_dict()`) per stale pattern."""
+    age, or the `force_retrain` param), export each one's series to Parquet, so training never
+    opens DuckDB, and split them into at most `RPCWATCH_TRAIN_SHARDS` shards of similar cost.
+    Returns one `TrainShard.to_dict()` per shard."""
     return _stage("stale", patterned)
 
 
-@task(queue="gpu", pool="default_pool", execution_timeout=timedelta(minutes=30))
-def train(job: dict) -> dict:
-    """Train one stale pattern's model on the GPU queue (CPU when none), tracked in MLflow.
-    Returns its outcome (`TrainOutcome.to_dict()`, or `Skipped.to_dict()` for short history)."""
-    return _stage("train", job)
+@task(queue="gpu", pool="default_pool", execution_timeout=timedelta(minutes=60))
+def train(shard: dict) -> list[dict]:
+    """Train one shard of stale patterns on the GPU queue (stacked there; one by one on a CPU),
+    each tracked in MLflow. Returns each pattern's outcome (`TrainOutcome.to_dict()`, or
+    `Skipped.to_dict()` for short history)."""
+    return _stage("train", shard)
 
 
 # zero mapped trainings (skipped) still records and says so
 @task(trigger_rule="none_failed", execution_timeout=timedelta(minutes=10), outlets=[CHAMPIONS])
-def record(outcomes: list[dict]) -> int:
-    """Mirror the trainings into DuckDB's `models` table (what staleness and scoring read)."""
+def record(outcomes: list[list[dict]]) -> int:
+    """Mirror each shard's trainings into DuckDB's `models` table (what staleness and scoring read)."""
     return _stage("record", list(outcomes or []))
 
 
@@ -193,13 +196,13 @@ def rpcwatch_hourly() -> None:
     validated = validate(ingested)  # type: ignore[arg-type]
     aggregated = aggregate(validated)  # type: ignore[arg-type]
     patterned = patterns(aggregated)  # type: ignore[arg-type]
-    jobs = stale(patterned)  # type: ignore[arg-type]
-    outcomes = train.expand(job=jobs)  # one training per stale pattern's job
+    shards = stale(patterned)  # type: ignore[arg-type]
+    outcomes = train.expand(shard=shards)  # one training task per shard of stale patterns
     recorded = record(outcomes)  # type: ignore[arg-type]
     scored = score(recorded)  # type: ignore[arg-type]
     published = publish(scored)  # type: ignore[arg-type]
     alerted = alert(published)  # type: ignore[arg-type]
-    produced = [ingested, validated, aggregated, patterned, jobs, outcomes, recorded, scored, published, alerted]
+    produced = [ingested, validated, aggregated, patterned, shards, outcomes, recorded, scored, published, alerted]
     _check_against_the_stages(produced)
 
 

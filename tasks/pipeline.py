@@ -4,7 +4,7 @@ follow, so the two cannot drift apart; publishing the analysts' snapshot is a st
 
 A stage takes the run (`Run`: settings, hour, where the trace files are, where its lines go) and the
 previous stage's result, and returns a JSON-able result (the DAG hands it on as XCom). `train` is
-mapped: it runs once per job that `stale` planned (the DAG maps its task over them). This module
+mapped: it runs once per shard of stale patterns that `stale` planned (the DAG maps its task over them). This module
 imports nothing heavy at import time: the DAG file reads `STAGES` when Airflow parses it.
 
 Each stage's docstring says which tables it writes (`calls`, `rpc_series`, the pattern tables,
@@ -97,39 +97,42 @@ def patterns(run: Run, _: Any = None) -> dict:
 
 def stale(run: Run, _: Any = None) -> list[dict[str, Any]]:
     """Which critical patterns' models are stale (no champion, graph changed, drift, age), each
-    exported to Parquet so that training never opens DuckDB. One `TrainJob.to_dict()` per pattern."""
-    from tasks.models.retrain import plan_training
+    exported to Parquet so that training never opens DuckDB, split into at most `train_shards`
+    shards of similar cost. One `TrainShard.to_dict()` per shard."""
+    from tasks.models.retrain import plan_shards
 
-    jobs = plan_training(run.settings, run.hour, force="force_retrain" in run.forced)
-    for job in jobs:
-        run.say(f"pattern {job.pattern_id} is stale: {', '.join(job.reasons)}")
-    if not jobs:
+    shards = plan_shards(run.settings, run.hour, force="force_retrain" in run.forced)
+    for shard in shards:
+        for job in shard.jobs:
+            run.say(f"pattern {job.pattern_id} is stale: {', '.join(job.reasons)} (shard {shard.index})")
+    if not shards:
         run.say("nothing is stale this hour: no model will be trained")
-    return [job.to_dict() for job in jobs]
+    return [shard.to_dict() for shard in shards]
 
 
-def train(run: Run, job: dict[str, Any]) -> dict[str, Any]:
-    """Train one stale pattern's model (GPU when there is one), tracked in MLflow. Takes a
-    `TrainJob.to_dict()`, returns the `to_dict()` of its `TrainOutcome` or `Skipped`."""
-    from tasks.models.jobs import Skipped, TrainJob
-    from tasks.models.retrain import train_job
+def train(run: Run, shard: dict[str, Any]) -> list[dict[str, Any]]:
+    """Train one shard of stale patterns (stacked on a GPU when there is one), each tracked in
+    MLflow. Takes a `TrainShard.to_dict()`, returns the `to_dict()` of each `TrainOutcome` or `Skipped`."""
+    from tasks.models.jobs import Skipped, TrainShard
+    from tasks.models.retrain import train_shard
 
-    outcome = train_job(run.settings, TrainJob.from_dict(job))
-    if isinstance(outcome, Skipped):
-        run.say(outcome.reason)
-    else:
+    outcomes = train_shard(run.settings, TrainShard.from_dict(shard))
+    for o in outcomes:
         run.say(
-            f"pattern {outcome.pattern_id}: version {outcome.model_version} -> {outcome.decision} ({outcome.reason})"
+            o.reason
+            if isinstance(o, Skipped)
+            else f"pattern {o.pattern_id}: v{o.model_version} -> {o.decision} ({o.reason})"
         )
-    return outcome.to_dict()
+    return [outcome.to_dict() for outcome in outcomes]
 
 
-def record(run: Run, outcomes: Iterable[dict[str, Any]] | None) -> int:
-    """Mirror the trainings into DuckDB's `models` table (what staleness and scoring read)."""
+def record(run: Run, outcomes: Iterable[list[dict[str, Any]]] | None) -> int:
+    """Mirror the trainings into DuckDB's `models` table (what staleness and scoring read); takes
+    each shard's outcomes."""
     from tasks.models.jobs import outcome_from_dict
     from tasks.models.retrain import record_outcomes
 
-    n = record_outcomes(run.settings, [outcome_from_dict(o) for o in outcomes or []])
+    n = record_outcomes(run.settings, [outcome_from_dict(o) for shard in outcomes or [] for o in shard])
     run.say(f"{n} model(s) recorded" if n else "no model trained this hour")
     return n
 
@@ -205,10 +208,10 @@ def run_hour(
 
     run = Run(settings, hour, sources, fmt_name)
     results: dict[str, Any] = {}
-    previous: Any = None  # the previous stage's result (a list of jobs before the mapped `train`)
+    previous: Any = None  # the previous stage's result (a list of shards before the mapped `train`)
     for s in STAGES:
-        if s.mapped:  # e.g. one training per stale pattern: a bar at a terminal
-            previous = [s.run(run, item) for item in progress_bar(previous, s.name, unit="job")]
+        if s.mapped:  # e.g. one training per shard of stale patterns: a bar at a terminal
+            previous = [s.run(run, item) for item in progress_bar(previous, s.name, unit="shard")]
         else:
             previous = s.run(run, previous)
         results[s.name] = previous

@@ -70,6 +70,11 @@ class Settings:
     incident_gap_buckets: int = 3  # flagged points of a pattern at most this far apart: one incident
     incident_min_buckets: int = 3  # ... spanning at least this many buckets (or one point scoring >= 3)
     device: str = "auto"
+    # retraining: the stale patterns of an hour are split into this many training tasks (shards of
+    # similar cost), each training its patterns stacked on a GPU (`batch_training` auto) or one by one
+    train_shards: int = 4
+    train_max_epochs: int = 200  # each model's epoch budget (early stopping usually ends it sooner)
+    batch_training: str = "auto"  # on | off | auto (on where the device is a GPU)
     airflow_pool: str = "rpcwatch_duckdb"
     # the hourly DAG: first hour to process (hours since then that never ran are caught up, oldest
     # first) and, optionally, the last (a bounded replay or backfill); set `start` when deploying
@@ -184,6 +189,8 @@ RANGES: dict[str, tuple[float, float | None, str]] = {
     "incident_gap_buckets": (1, None, "[]"),
     "incident_min_buckets": (1, None, "[]"),
     "alert_min_score": (0, None, "[]"),
+    "train_shards": (1, 1024, "[]"),
+    "train_max_epochs": (1, None, "[]"),  # Airflow maps at most 1,024 tasks
 }
 
 
@@ -240,6 +247,8 @@ def _problems(s: Settings) -> dict[str, str]:
         out["format"] = f"unknown trace format; choose one of {', '.join(FORMATS)}"
     if s.threshold_method not in THRESHOLD_METHODS:
         out["threshold_method"] = "must be quantile or pot"
+    if s.batch_training not in ("on", "off", "auto"):
+        out["batch_training"] = "must be on, off or auto"
     if not DEVICE_PATTERN.fullmatch(s.device):
         out["device"] = "must be auto, cpu, cuda, cuda:N or mps"
     for name in ("airflow_pool", "span_mapping"):

@@ -8,9 +8,12 @@
   baselines. `thresholds`: calibrated thresholds. No tables.
 - `registry`: model names, the champion lookup (reads `models`), MLflow set-up, the verified
   artifact cache and the registry as `models` rows.
-- `jobs`: `TrainJob`, `TrainOutcome`, `Skipped`: what plan, train and record hand each other.
-- `training`: one pattern trained, evaluated, logged and registered (MLflow), the champion policy,
-  the artifact files. No tables.
+- `jobs`: `TrainJob`, `TrainShard`, `TrainOutcome`, `Skipped`: what plan, train and record hand
+  each other. `shards`: the stale patterns split into training shards of similar cost.
+- `fitting`: a pattern's model and no-graph twin trained, evaluated and calibrated; many at once
+  (`batched`: stacked parameters, padded graphs) on a GPU. No tables.
+- `training`: fitted patterns logged and registered (MLflow), the champion policy, the artifact
+  files. No tables.
 - `staleness`: which champions are stale. Reads `patterns`, `models`, `forecast_errors`.
 - `retrain`: plan (exports) → train → record, registry reconciliation. Writes `models`.
 - `mlflow_model`: the pyfunc model MLflow serves.

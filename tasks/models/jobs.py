@@ -1,4 +1,5 @@
-"""The typed seams of retraining: plan -> `TrainJob` -> train -> `TrainOutcome` | `Skipped` -> record.
+"""The typed seams of retraining: plan -> `TrainShard`s of `TrainJob`s -> train -> `TrainOutcome` |
+`Skipped` -> record.
 
 Each crosses a process boundary in the DAG (Airflow hands it on as XCom), so each turns into a
 JSON-able dict with `to_dict()` and back with `from_dict()`; the dicts keep the keys the CLI and
@@ -7,6 +8,7 @@ tests read (`pattern_id`, `reasons`, `meta_path`, `decision`, `metrics`, `skippe
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,6 +38,25 @@ class TrainJob:
 
 
 @dataclass(frozen=True)
+class TrainShard:
+    """Stale patterns one training task trains together (batched on a GPU): shard `index` of the hour."""
+
+    index: int
+    jobs: list[TrainJob]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "shard": self.index,
+            "patterns": [job.pattern_id for job in self.jobs],  # for people reading the XCom
+            "jobs": [job.to_dict() for job in self.jobs],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainShard:
+        return cls(int(d["shard"]), [TrainJob.from_dict(job) for job in d["jobs"]])
+
+
+@dataclass(frozen=True)
 class TrainOutcome:
     """A trained and registered version, with the decision of the champion policy."""
 
@@ -62,11 +83,14 @@ class TrainOutcome:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "trained_for": self.trained_for.astimezone(UTC).isoformat()}
+        # strict JSON (Airflow's XCom API refuses NaN): an undefined metric travels as null
+        metrics = {k: v if math.isfinite(v) else None for k, v in self.metrics.items()}
+        return {**asdict(self), "metrics": metrics, "trained_for": self.trained_for.astimezone(UTC).isoformat()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainOutcome:
-        return cls(**{**d, "metrics": dict(d["metrics"]), "trained_for": datetime.fromisoformat(d["trained_for"])})
+        metrics = {k: math.nan if v is None else float(v) for k, v in d["metrics"].items()}
+        return cls(**{**d, "metrics": metrics, "trained_for": datetime.fromisoformat(d["trained_for"])})
 
 
 @dataclass(frozen=True)

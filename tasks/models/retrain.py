@@ -1,5 +1,6 @@
 """Retrain only what is stale: plan (DuckDB, in the writer pool) -> train (no DuckDB, parallel,
-GPU queue) -> record (DuckDB, in the pool). The CLI runs the three in a row; the DAG maps `train`.
+GPU queue) -> record (DuckDB, in the pool). The CLI runs the three in a row; the DAG maps `train`
+over shards of the stale patterns (`tasks.models.shards`), each shard's forecasters fitted together.
 
 DuckDB's `models` table mirrors the MLflow registry, which is the source of truth: plan reconciles
 the mirror before deciding staleness and record after writing, so a training killed between
@@ -20,7 +21,7 @@ from typing import Any
 import duckdb
 
 from tasks.clock import HOUR, hour_floor, naive_utc
-from tasks.models.jobs import Outcome, Skipped, TrainJob, TrainOutcome
+from tasks.models.jobs import Outcome, TrainJob, TrainOutcome, TrainShard
 from tasks.models.registry import ModelRow, model_name, registry_mirror
 from tasks.models.series import export_pattern, training_range
 from tasks.models.staleness import stale_patterns
@@ -64,17 +65,21 @@ def _enough_history(con: duckdb.DuckDBPyConnection, pattern_id: int, end: dateti
     return hours >= min_hours
 
 
-def train_job(settings: Settings, job: TrainJob) -> Outcome:
-    """Train one stale pattern (reads only its exported files); a pattern with too little history
-    is reported as skipped, not failed."""
-    from tasks.models.forecast import NotEnoughHistory
-    from tasks.models.training import train_pattern
+def plan_shards(
+    settings: Settings, hour: datetime, force: bool = False, patterns: list[int] | None = None
+) -> list[TrainShard]:
+    """`plan_training`'s jobs in at most `settings.train_shards` shards of similar cost."""
+    from tasks.models.shards import shard_jobs
 
-    try:
-        return train_pattern(settings, job.meta_path, job.hour, reason=",".join(job.reasons))
-    except NotEnoughHistory as err:
-        log.warning("pattern %s skipped: %s", job.pattern_id, err)
-        return Skipped(job.pattern_id, str(err))
+    return shard_jobs(plan_training(settings, hour, force, patterns), settings.train_shards)
+
+
+def train_shard(settings: Settings, shard: TrainShard) -> list[Outcome]:
+    """Train a shard's stale patterns (reading only their exported files), in the shard's order; a
+    pattern with too little history is reported as skipped, not failed."""
+    from tasks.models.training import train_patterns
+
+    return train_patterns(settings, shard.jobs)
 
 
 MODEL_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(ModelRow))
@@ -189,9 +194,6 @@ def train_stale(
     settings: Settings, hour: datetime, force: bool = False, patterns: list[int] | None = None
 ) -> list[dict[str, Any]]:
     """Plan, train and record in a row (the CLI's `rpcwatch train`); the outcomes as `to_dict()`s."""
-    from tasks.progress import progress as progress_bar
-
-    jobs = plan_training(settings, hour, force, patterns)
-    outcomes = [train_job(settings, job) for job in progress_bar(jobs, "training", unit="pattern")]
+    outcomes = [o for shard in plan_shards(settings, hour, force, patterns) for o in train_shard(settings, shard)]
     record_outcomes(settings, outcomes)
     return [o.to_dict() for o in outcomes]

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.models import ModelSignature
 
-    from tasks.models.training import Fitted
+    from tasks.models.fitting import Fitted
 
 # run tag <- the variable Airflow sets in a task process (absent from the CLI)
 AIRFLOW_CONTEXT = {

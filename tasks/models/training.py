@@ -25,7 +25,7 @@ import json
 import logging
 import math
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 from types import ModuleType
@@ -35,27 +35,18 @@ import numpy as np
 import torch
 
 from tasks.failpoints import crash_point
-from tasks.models.baselines import metrics, moving_average, poisson_floor, season_period, seasonal_naive
+from tasks.models.baselines import metrics
 from tasks.models.features import CALLS
-from tasks.models.forecast import (
-    Normaliser,
-    Prepared,
-    TrainConfig,
-    TrainResult,
-    device,
-    make_model,
-    predict,
-    prepare,
-    train,
-)
-from tasks.models.jobs import TrainOutcome
+from tasks.models.fitting import Fitted, fit, fit_many, train_config
+from tasks.models.forecast import Normaliser, NotEnoughHistory, Prepared, TrainConfig, make_model, predict, prepare
+from tasks.models.jobs import Outcome, Skipped, TrainJob, TrainOutcome
 from tasks.models.registry import (
     model_name,
     registered_champion,
     setup_mlflow,
 )
 from tasks.models.series import PatternData, load_pattern, load_trace_calls
-from tasks.models.thresholds import Thresholds, calibrate
+from tasks.models.thresholds import Thresholds
 from tasks.models.trace_model import TRACE_MODEL_ARTIFACT, TraceModel
 from tasks.models.tracking import (
     TRAINED_FOR_TAG,
@@ -134,74 +125,6 @@ def load_model(folder: Path, dev: torch.device | None = None) -> LoadedModel:
     norm = Normaliser(**json.loads((folder / "normalisation.json").read_text()))
     thresholds = json.loads((folder / "thresholds.json").read_text())
     return LoadedModel(model.to(dev or torch.device("cpu")), cfg, graph, norm, thresholds)
-
-
-# --- what the pyfunc model takes and returns (tasks/models/mlflow_model.py) ------------------------
-
-
-# --- fit and evaluate ------------------------------------------------------------------------------
-
-
-def _baselines(data: PatternData, prep: Prepared, cfg: TrainConfig) -> tuple[dict[str, np.ndarray], int]:
-    """The naive forecasts of the validation targets, and the seasonal period (buckets) used."""
-    targets = prep.targets[prep.split :]
-    period = season_period(cfg, data.bucket_seconds, int(targets[0]))
-    return {
-        "seasonal_naive": seasonal_naive(data.values, targets, period),
-        "moving_average": moving_average(data.values, targets, cfg.window, cfg.horizon),
-    }, period
-
-
-def evaluate(
-    data: PatternData,
-    prep: Prepared,
-    cfg: TrainConfig,
-    model: torch.nn.Module,
-    no_graph: torch.nn.Module,
-    dev: torch.device,
-) -> tuple[dict[str, float], np.ndarray, int]:
-    """Validation metrics of the model, the no-graph model and the naive baselines, side by side."""
-    obs = prep.y[prep.split :].numpy().astype(np.float64)
-    pred = predict(model, prep, slice(prep.split, None), dev)
-    out = {f"model_{k}": v for k, v in metrics(pred, obs).items()}
-    out.update(
-        {f"no_graph_{k}": v for k, v in metrics(predict(no_graph, prep, slice(prep.split, None), dev), obs).items()}
-    )
-    baselines, period = _baselines(data, prep, cfg)
-    for name, values in baselines.items():
-        out.update({f"{name}_{k}": v for k, v in metrics(values, obs).items()})
-    out["poisson_floor_calls"] = poisson_floor(obs)
-    out["poisson_floor_asymptotic_calls"] = poisson_floor(obs, asymptotic=True)
-    out["mape_calls_over_floor"] = out["model_mape_calls"] / out["poisson_floor_calls"]
-    out["mape_calls_vs_seasonal_naive"] = out["model_mape_calls"] / out["seasonal_naive_mape_calls"]
-    return out, pred, period
-
-
-@dataclass(frozen=True)
-class Fitted:
-    """A pattern's model and no-graph model, trained, evaluated and calibrated (not yet logged)."""
-
-    data: PatternData
-    prep: Prepared
-    cfg: TrainConfig
-    dev: torch.device
-    result: TrainResult
-    no_graph: TrainResult
-    scores: dict[str, float]
-    pred: np.ndarray  # validation forecasts [S, N, F]
-    period: int  # seasonal naive period, buckets
-    thresholds: Thresholds
-
-
-def fit(settings: Settings, data: PatternData, cfg: TrainConfig) -> Fitted:
-    """Train the model and its no-graph twin, evaluate both against the baselines, calibrate."""
-    dev = device(settings.device)
-    prep = prepare(data, cfg)
-    result = train(prep, cfg, dev)
-    no_graph = train(prep, cfg, dev, use_graph=False)
-    scores, pred, period = evaluate(data, prep, cfg, result.model, no_graph.model, dev)
-    thresholds = calibrate(data, prep, pred, settings.alarm_p, settings.threshold_method)
-    return Fitted(data, prep, cfg, dev, result, no_graph, scores, pred, period, thresholds)
 
 
 def _plots(fitted: Fitted, folder: Path, top: int = 3) -> list[Path]:
@@ -328,8 +251,38 @@ def train_pattern(
     settings: Settings, meta_path: Path, trained_for: datetime, cfg: TrainConfig | None = None, reason: str = ""
 ) -> TrainOutcome:
     """Everything for one pattern: train, evaluate against baselines, calibrate, log, register."""
-    fitted = fit(settings, load_pattern(meta_path), cfg or TrainConfig())
-    trace = fit_trace_model(settings, meta_path)
+    fitted = fit(settings, load_pattern(meta_path), cfg or train_config(settings))
+    return register_fitted(settings, fitted, fit_trace_model(settings, meta_path), trained_for, reason)
+
+
+def train_patterns(settings: Settings, jobs: list[TrainJob], cfg: TrainConfig | None = None) -> list[Outcome]:
+    """`train_pattern` for a shard's jobs, their forecasters fitted together (`fit_many`: stacked on
+    a GPU), each then logged and registered on its own; a job with too little history is `Skipped`.
+    Outcomes in the order of `jobs`."""
+    from tasks.progress import progress as progress_bar
+
+    cfg = cfg or train_config(settings)
+    ready: list[tuple[PatternData, Prepared]] = []
+    outcomes: dict[int, Outcome] = {}
+    for job in jobs:
+        data = load_pattern(job.meta_path)
+        try:
+            ready.append((data, prepare(data, cfg)))
+        except NotEnoughHistory as err:
+            log.warning("pattern %s skipped: %s", job.pattern_id, err)
+            outcomes[job.pattern_id] = Skipped(job.pattern_id, str(err))
+    by_pattern = {job.pattern_id: job for job in jobs}
+    for fitted in progress_bar(fit_many(settings, ready, cfg), "registering", unit="pattern"):
+        job = by_pattern[fitted.data.pattern_id]
+        trace = fit_trace_model(settings, job.meta_path)
+        outcomes[job.pattern_id] = register_fitted(settings, fitted, trace, job.hour, ",".join(job.reasons))
+    return [outcomes[job.pattern_id] for job in jobs]
+
+
+def register_fitted(
+    settings: Settings, fitted: Fitted, trace: TraceModel | None, trained_for: datetime, reason: str = ""
+) -> TrainOutcome:
+    """Log a fitted pattern (and its trace model) to MLflow, register the version, decide the champion."""
     data = fitted.data
     mlflow = setup_mlflow(settings)
     client = mlflow.MlflowClient()

@@ -62,7 +62,7 @@ import pyarrow.parquet as pq
 from tasks.progress import progress as progress_bar
 from tasks.synth.events import EVENT_KINDS, LABEL_SCHEMA, Event, plan_events, write_labels
 from tasks.synth.spans import SpanDictionaries, Unit, hour_spans, span_table, trace_ids
-from tasks.synth.system import Template, build_templates, day_factor, expected_spans
+from tasks.synth.system import Template, build_fleet, day_factor, expected_spans
 from tasks.synth.writer import (
     COLUMNS,
     SPAN_SCHEMA,
@@ -132,13 +132,17 @@ def generate(
     spans_per_hour: int = 200_000,
     anomalies: bool = False,
     progress: Callable[[str], None] | None = None,
+    systems: int = 1,
 ) -> SynthSummary:
     """Write `hours` hours of synthetic traces starting at `start` into `out` (replacing the
-    output of a previous run there). See the module docstring for the layout."""
+    output of a previous run there). See the module docstring for the layout. `systems` > 1
+    generates a fleet of that many independent shops (many more patterns; scale tests)."""
     t0 = time.perf_counter()
     start = _check_start(start)
     _check_arguments(hours, seed, spans_per_hour)
-    params = SynthParameters(start, int(hours), int(seed), spans_per_hour, anomalies)
+    if int(systems) != systems or systems < 1:
+        raise ValueError(f"systems must be a positive integer, got {systems!r}")
+    params = SynthParameters(start, int(hours), int(seed), spans_per_hour, anomalies, int(systems))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     clean_output(out)
@@ -183,7 +187,7 @@ def _check_arguments(hours: int, seed: int, spans_per_hour: int) -> None:
 def _plan(params: SynthParameters) -> _Plan:
     """Templates with base rates scaled to `spans_per_hour`, the events, and one unit per template
     plus one per event variant, each with its offset in the global node table."""
-    sysm, templates = build_templates(params.seed)
+    sysm, templates = build_fleet(params.seed, params.systems)
     scale = params.spans_per_hour / 3600.0 / sum(t.base_rate * t.expected_spans() for t in templates)
     templates = [replace(t, base_rate=t.base_rate * scale) for t in templates]
     start_hour = int(params.start.timestamp()) // 3600

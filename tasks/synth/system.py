@@ -287,6 +287,31 @@ def build_templates(seed: int) -> tuple[System, list[Template]]:
     return sysm, templates
 
 
+def build_fleet(seed: int, systems: int = 1) -> tuple[System, list[Template]]:
+    """`build_templates(seed)`, plus for `systems` > 1 the templates of further independent shops
+    (seeds after `seed`), their services and request types prefixed `s<k>-` so no name is shared:
+    many more patterns (a fleet of clusters) with the same generator. The first shop's `System`
+    is returned (events are injected there) with every shop's pods; one shop is exactly
+    `build_templates(seed)`."""
+    sysm, templates = build_templates(seed)
+    pods = dict(sysm.pods)
+    for k in range(1, systems):
+        other, more = build_templates(seed + k)
+        templates += [_renamed(t, f"s{k}-") for t in more]
+        pods |= {f"s{k}-{service}": n for service, n in other.pods.items()}
+    return replace(sysm, pods=pods), templates
+
+
+def _renamed(t: Template, prefix: str) -> Template:
+    """The template with every service (but the user) and its request type prefixed."""
+
+    def name(service: str) -> str:
+        return service if service == USER else prefix + service
+
+    nodes = tuple(replace(n, caller=name(n.caller), callee=name(n.callee)) for n in t.nodes)
+    return replace(t, request_type=prefix + t.request_type, entry=name(t.entry), nodes=nodes)
+
+
 def _jaccard(a: set[str], b: set[str]) -> float:
     return len(a & b) / max(1, len(a | b))
 

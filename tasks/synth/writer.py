@@ -119,6 +119,7 @@ class SynthParameters:
     seed: int
     spans_per_hour: int
     anomalies: bool
+    systems: int = 1  # independent shops in one fleet (`system.build_fleet`)
 
 
 def _template_entry(t: Template) -> dict[str, Any]:
@@ -159,6 +160,7 @@ def write_manifest(
         "seed": params.seed,
         "spans_per_hour": params.spans_per_hour,
         "anomalies": bool(params.anomalies),
+        "systems": params.systems,
         "rows_per_hour": rows_per_hour,
         "templates": [_template_entry(t) for t in templates],
         "events": [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -12,7 +13,7 @@ HOUR = datetime(2026, 1, 1, 3, tzinfo=UTC)
 
 
 def _through_xcom(d: dict) -> dict:
-    return json.loads(json.dumps(d))
+    return json.loads(json.dumps(d, allow_nan=False))  # Airflow's XCom API takes strict JSON only
 
 
 def test_a_train_job_round_trips_through_json():
@@ -34,3 +35,12 @@ def test_outcomes_round_trip_through_json_as_their_own_type():
     assert outcome_from_dict(_through_xcom(skipped.to_dict())) == skipped
     assert skipped.to_dict() == {"pattern_id": 8, "skipped": skipped.reason}, "the CLI reads `skipped`"
     assert trained.to_dict()["trained_for"] == "2026-01-01T03:00:00+00:00"
+
+
+def test_an_undefined_metric_travels_as_null_and_comes_back_as_nan():
+    """A pattern with a short validation window has NaN metrics: strict JSON has no NaN."""
+    trained = TrainOutcome(7, 2, "g7", 3, "run-1", "champion", "first", HOUR, {"mape": math.nan, "mae": 1.0})
+    d = _through_xcom(trained.to_dict())
+    assert d["metrics"] == {"mape": None, "mae": 1.0}
+    back = outcome_from_dict(d)
+    assert isinstance(back, TrainOutcome) and math.isnan(back.metrics["mape"]) and back.metrics["mae"] == 1.0

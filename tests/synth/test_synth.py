@@ -437,3 +437,18 @@ def test_an_hour_does_not_depend_on_the_run_it_is_part_of(tmp_path):
     generate(START, 8, tmp_path / "plain", seed=8, spans_per_hour=30_000)
     rel = "dt=2026-01-01/hour=03/part-2026010103.parquet"
     assert pq.read_table(tmp_path / "events" / rel).equals(pq.read_table(tmp_path / "plain" / rel))
+
+
+def test_a_fleet_adds_shops_with_their_own_names_and_keeps_the_first_one_as_it_was():
+    """`systems`: more request types for scale tests; one shop is exactly `build_templates`."""
+    alone = system.build_templates(3)[1]
+    assert system.build_fleet(3, 1)[1] == alone
+    sysm, fleet = system.build_fleet(3, 3)
+    assert fleet[: len(alone)] == alone
+    assert len(fleet) == len(alone) + len(system.build_templates(4)[1]) + len(system.build_templates(5)[1])
+    services = [{n.callee for n in t.nodes} for t in fleet]
+    first = set().union(*services[: len(alone)])
+    others = set().union(*services[len(alone) :])
+    assert not first & others, "no service is shared between shops"
+    assert others <= set(sysm.pods), "every shop's services have pods"
+    assert len({t.request_type for t in fleet}) == len(fleet)

@@ -46,6 +46,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
         spans_per_hour=args.spans_per_hour,
         anomalies=args.anomalies,
         progress=print,
+        systems=args.systems,
     )
     print(table(["hour", "rows"], sorted(summary.rows_per_hour.items())))
     print(
@@ -140,7 +141,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 patterns["traces"],
                 "-" if patterns["clusters"] is None else patterns["clusters"],
                 f"{patterns['critical_share']:.1%}",
-                sum("skipped" not in o for o in r["train"]),
+                sum("skipped" not in o for shard in r["train"] for o in shard),
                 r["score"]["anomalies"],
             ]
         )
@@ -177,6 +178,7 @@ def register(add_parser: AddParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--spans-per-hour", type=int, default=200_000)
     p.add_argument("--anomalies", action="store_true", help="inject labelled anomalies (see labels.parquet)")
+    p.add_argument("--systems", type=int, default=1, help="a fleet of this many independent shops (more patterns)")
     p.set_defaults(func=cmd_synth)
 
     for name, func, text in [

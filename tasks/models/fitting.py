@@ -1,0 +1,122 @@
+"""Fit one or many patterns' forecasters: train the model and its no-graph twin, evaluate both
+against the naive baselines on the validation split, calibrate the alarm thresholds (`Fitted`).
+
+Nothing here logs or registers (that is `tasks.models.training`). Many patterns train together
+(`tasks.models.batched.train_batched`: stacked parameters, padded graphs) where it pays, on a GPU;
+on a CPU one by one is faster (the work is arithmetic-bound and padding adds to it), with the same
+models either way to float rounding (tests/models/test_batched.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tasks.models.baselines import metrics, moving_average, poisson_floor, season_period, seasonal_naive
+from tasks.models.forecast import Prepared, TrainConfig, TrainResult, device, predict, prepare, train
+from tasks.models.series import PatternData
+from tasks.models.thresholds import Thresholds, calibrate
+from tasks.settings import Settings
+
+
+def _baselines(data: PatternData, prep: Prepared, cfg: TrainConfig) -> tuple[dict[str, np.ndarray], int]:
+    """The naive forecasts of the validation targets, and the seasonal period (buckets) used."""
+    targets = prep.targets[prep.split :]
+    period = season_period(cfg, data.bucket_seconds, int(targets[0]))
+    return {
+        "seasonal_naive": seasonal_naive(data.values, targets, period),
+        "moving_average": moving_average(data.values, targets, cfg.window, cfg.horizon),
+    }, period
+
+
+def evaluate(
+    data: PatternData,
+    prep: Prepared,
+    cfg: TrainConfig,
+    model: torch.nn.Module,
+    no_graph: torch.nn.Module,
+    dev: torch.device,
+) -> tuple[dict[str, float], np.ndarray, int]:
+    """Validation metrics of the model, the no-graph model and the naive baselines, side by side."""
+    obs = prep.y[prep.split :].numpy().astype(np.float64)
+    pred = predict(model, prep, slice(prep.split, None), dev)
+    out = {f"model_{k}": v for k, v in metrics(pred, obs).items()}
+    out.update(
+        {f"no_graph_{k}": v for k, v in metrics(predict(no_graph, prep, slice(prep.split, None), dev), obs).items()}
+    )
+    baselines, period = _baselines(data, prep, cfg)
+    for name, values in baselines.items():
+        out.update({f"{name}_{k}": v for k, v in metrics(values, obs).items()})
+    out["poisson_floor_calls"] = poisson_floor(obs)
+    out["poisson_floor_asymptotic_calls"] = poisson_floor(obs, asymptotic=True)
+    out["mape_calls_over_floor"] = out["model_mape_calls"] / out["poisson_floor_calls"]
+    out["mape_calls_vs_seasonal_naive"] = out["model_mape_calls"] / out["seasonal_naive_mape_calls"]
+    return out, pred, period
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """A pattern's model and no-graph model, trained, evaluated and calibrated (not yet logged)."""
+
+    data: PatternData
+    prep: Prepared
+    cfg: TrainConfig
+    dev: torch.device
+    result: TrainResult
+    no_graph: TrainResult
+    scores: dict[str, float]
+    pred: np.ndarray  # validation forecasts [S, N, F]
+    period: int  # seasonal naive period, buckets
+    thresholds: Thresholds
+
+
+def fit(settings: Settings, data: PatternData, cfg: TrainConfig) -> Fitted:
+    """Train the model and its no-graph twin, evaluate both against the baselines, calibrate."""
+    dev = device(settings.device)
+    prep = prepare(data, cfg)
+    return _fitted(settings, data, prep, cfg, dev, train(prep, cfg, dev), train(prep, cfg, dev, use_graph=False))
+
+
+def _fitted(
+    settings: Settings,
+    data: PatternData,
+    prep: Prepared,
+    cfg: TrainConfig,
+    dev: torch.device,
+    result: TrainResult,
+    no_graph: TrainResult,
+) -> Fitted:
+    """The trained pair evaluated against the baselines, and the thresholds calibrated."""
+    scores, pred, period = evaluate(data, prep, cfg, result.model, no_graph.model, dev)
+    thresholds = calibrate(data, prep, pred, settings.alarm_p, settings.threshold_method)
+    return Fitted(data, prep, cfg, dev, result, no_graph, scores, pred, period, thresholds)
+
+
+def train_config(settings: Settings) -> TrainConfig:
+    """The model and training settings of every pattern (the epoch budget from the settings)."""
+    return TrainConfig(max_epochs=settings.train_max_epochs)
+
+
+def batching(settings: Settings, dev: torch.device) -> bool:
+    """Train a shard's patterns stacked? `RPCWATCH_BATCH_TRAINING`: on, off, or auto (on a GPU only)."""
+    return settings.batch_training == "on" or (settings.batch_training == "auto" and dev.type == "cuda")
+
+
+def fit_many(settings: Settings, ready: list[tuple[PatternData, Prepared]], cfg: TrainConfig) -> list[Fitted]:
+    """`fit` for many prepared patterns, in their order: models and twins trained stacked when
+    `batching` says so, one by one otherwise."""
+    from tasks.models.batched import train_batched
+
+    dev = device(settings.device)
+    preps = [prep for _, prep in ready]
+    if batching(settings, dev) and len(preps) > 1:
+        models, twins = train_batched(preps, cfg, dev), train_batched(preps, cfg, dev, use_graph=False)
+    else:
+        models = [train(prep, cfg, dev) for prep in preps]
+        twins = [train(prep, cfg, dev, use_graph=False) for prep in preps]
+    return [
+        _fitted(settings, data, prep, cfg, dev, model, twin)
+        for (data, prep), model, twin in zip(ready, models, twins, strict=True)
+    ]
