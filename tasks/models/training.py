@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import tempfile
+import time
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
@@ -64,6 +65,7 @@ from tasks.settings import Settings
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
+    from mlflow.entities import Metric
     from mlflow.entities.model_registry import ModelVersion
     from mlflow.models.model import ModelInfo
 
@@ -225,14 +227,15 @@ def run_metrics(fitted: Fitted, trace: TraceModel | None) -> dict[str, float]:
 def _log_run(
     mlflow: ModuleType, fitted: Fitted, folder: Path, reason: str, trace: TraceModel | None = None
 ) -> tuple[ModelInfo, dict[str, str]]:
-    """Params, metrics, plots and the pyfunc model (signature, input example) into the active run
-    (the trace model beside the forecaster, same version); (the logged model, artifact files)."""
+    """Params, the pyfunc model (signature, input example), metrics and plots into the active run
+    (the trace model beside the forecaster, same version); (the logged model, artifact files).
+    Calls are few: a registry's cost is its round trips (one per metric call, hundreds per model
+    before; tests/benchmarks/bench_registry.py), so metrics go in one batch after the model (which
+    would otherwise re-read them to link them), plots in one upload."""
     mlflow.log_params(_params(fitted, reason))
-    mlflow.log_metrics(run_metrics(fitted, trace), step=0)
-    for epoch, value in enumerate(fitted.result.history):
-        mlflow.log_metric("val_loss", value, step=epoch)
-    for png in _plots(fitted, folder):
-        mlflow.log_artifact(str(png), artifact_path="plots")
+    plots = folder / "plots"
+    plots.mkdir()
+    _plots(fitted, plots)
     artifacts = write_artifacts(folder, fitted.data, fitted.prep, fitted.cfg, fitted.result.model, fitted.thresholds)
     if trace is not None:
         artifacts[TRACE_MODEL_ARTIFACT] = str(trace.save(folder / f"{TRACE_MODEL_ARTIFACT}.json"))
@@ -244,7 +247,18 @@ def _log_run(
         signature=signature(),
         input_example=input_example(fitted.data, fitted.cfg.window),
     )
+    mlflow.MlflowClient().log_batch(info.run_id, metrics=_metric_batch(fitted, trace, info.model_id))
+    mlflow.log_artifacts(str(plots), artifact_path="plots")
     return info, artifacts
+
+
+def _metric_batch(fitted: Fitted, trace: TraceModel | None, model_id: str) -> list[Metric]:
+    """The run's scalars at step 0 (linked to the logged model) and `val_loss` per epoch."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    scalars = [Metric(k, v, now, 0, model_id=model_id) for k, v in run_metrics(fitted, trace).items()]
+    return scalars + [Metric("val_loss", v, now, epoch) for epoch, v in enumerate(fitted.result.history)]
 
 
 def train_pattern(
