@@ -205,9 +205,14 @@ def count_band(expected: np.ndarray, alpha: float, alarm_p: float, phi: float = 
 
 
 def latency_band(
-    expected: np.ndarray, calls: np.ndarray, sigma: float, k: float, phi: float = 1.0
+    expected: np.ndarray,
+    calls: np.ndarray,
+    sigma: float | np.ndarray,
+    k: float | np.ndarray,
+    phi: float | np.ndarray = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Multiplicative band around expected latency, narrower with more independent requests (calls / phi)."""
+    """Multiplicative band around expected latency, narrower with more independent requests (calls / phi);
+    sigma, k and phi one node's, or arrays of the last axis' nodes (elementwise: the same values)."""
     width = k * sigma / np.sqrt(np.maximum(calls / phi, 1))
     return expected * np.exp(-width), expected * np.exp(width)
 

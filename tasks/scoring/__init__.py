@@ -5,7 +5,8 @@
 - `grid`: a pattern's series and earlier flags on a bucket grid. Reads `pattern_series`, `anomalies`.
 - `sequential`: a `tasks.models.detector.Detector` run over a span with flagged points cleaned
   (`forecast_span` reads through `grid`).
-- `store`: writes `anomalies`, `forecast_errors`, `score_runs` of the scored patterns.
+- `store`: writes `anomalies`, `forecasts`, `forecast_errors`, `score_runs` of the scored patterns.
+- `parallel`: the patterns forecast in forked worker processes, one per core. No tables.
 - `novel`: RPCs in no pattern graph. Reads `novel_rpcs`; writes `anomalies`.
 - `incidents`: flagged points grouped. Reads `anomalies`, `incidents`; writes `incidents`.
 """

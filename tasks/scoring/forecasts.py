@@ -22,8 +22,9 @@ from __future__ import annotations
 import numpy as np
 
 from tasks.models.detector import Detector
-from tasks.models.features import CALLS, FEATURES, LATENCIES
+from tasks.models.features import CALLS, LATENCIES
 from tasks.models.thresholds import count_quantile, latency_band
+from tasks.scoring.store import ForecastRows
 
 
 def scored_features(detector: Detector) -> list[int]:
@@ -33,45 +34,32 @@ def scored_features(detector: Detector) -> list[int]:
 
 def bands(detector: Detector, observed: np.ndarray, expected: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Lower and upper non-alarm values [S, N, F] of observed vs expected [S, N, F] (NaN: no bound;
-    features not in `scored_features` NaN)."""
+    features not in `scored_features` NaN). All nodes at once: every operation is elementwise, so
+    each value is the one a node-by-node loop gives."""
     lower, upper = np.full(expected.shape, np.nan), np.full(expected.shape, np.nan)
     q = detector.alarm_p / 2
-    for n, node in enumerate(detector.bands):
-        band = node.calls
-        lam = np.maximum(expected[:, n, CALLS] / band.phi, 1e-9)
-        alpha = np.full(lam.shape, band.alpha)
-        lower[:, n, CALLS] = band.phi * count_quantile("ppf", q, lam, alpha)
-        upper[:, n, CALLS] = band.phi * count_quantile("isf", q, lam, alpha)
-        if detector.trace_model is None:
-            calls = observed[:, n, CALLS]
-            for f in LATENCIES:
-                lat = node.latency(f)
-                _, high = latency_band(expected[:, n, f], calls, lat.sigma, lat.k, lat.phi)
-                upper[:, n, f] = np.where(calls > 0, high, np.nan)
+    phi = np.array([node.calls.phi for node in detector.bands])  # [N]
+    lam = np.maximum(expected[:, :, CALLS] / phi, 1e-9)
+    alpha = np.broadcast_to(np.array([node.calls.alpha for node in detector.bands]), lam.shape)
+    lower[:, :, CALLS] = phi * count_quantile("ppf", q, lam, alpha)
+    upper[:, :, CALLS] = phi * count_quantile("isf", q, lam, alpha)
+    if detector.trace_model is None:
+        calls = observed[:, :, CALLS]
+        for f in LATENCIES:
+            lat = [node.latency(f) for node in detector.bands]
+            sigma, k = np.array([band.sigma for band in lat]), np.array([band.k for band in lat])
+            _, high = latency_band(expected[:, :, f], calls, sigma, k, np.array([band.phi for band in lat]))
+            upper[:, :, f] = np.where(calls > 0, high, np.nan)
     return lower, upper
-
-
-def _nullable(values: np.ndarray) -> list[float | None]:
-    return [float(v) if np.isfinite(v) else None for v in values]
 
 
 def forecast_columns(
     detector: Detector, buckets: np.ndarray, observed: np.ndarray, expected: np.ndarray, version: int
-) -> dict[str, list]:
-    """The `forecasts` columns of one pattern's scored buckets (`buckets` [S], observed and expected
+) -> ForecastRows:
+    """The `forecasts` rows of one pattern's scored buckets (`buckets` [S], observed and expected
     [S, N, F]): a row per bucket, node and scored feature."""
     lower, upper = bands(detector, observed, expected)
     features = scored_features(detector)
-    s, n = expected.shape[:2]
-    times = np.asarray(buckets).astype("datetime64[us]").astype(object)
-    pick = (slice(None), slice(None), features)  # [S, N, F'] in row order bucket, node, feature
-    return {
-        "pattern_id": [detector.pattern_id] * (s * n * len(features)),
-        "bucket_ts": list(np.repeat(times, n * len(features))),
-        "node": list(np.tile(np.repeat(np.asarray(detector.nodes, dtype=object), len(features)), s)),
-        "feature": [FEATURES[f] for f in features] * (s * n),
-        "expected": _nullable(expected[pick].reshape(-1)),
-        "lower": _nullable(lower[pick].reshape(-1)),
-        "upper": _nullable(upper[pick].reshape(-1)),
-        "model_version": [version] * (s * n * len(features)),
-    }
+    values = np.stack([expected[:, :, features], lower[:, :, features], upper[:, :, features]])
+    times = np.asarray(buckets).astype("datetime64[us]")
+    return ForecastRows(detector.pattern_id, version, times, list(detector.nodes), features, values)

@@ -18,8 +18,9 @@ point, `tasks.scoring.forecasts`), `score_runs`, `forecast_errors` (`tasks.scori
 
 Cost: the series and earlier flags of many patterns are read in one query (`tasks.scoring.grid`),
 each pattern's hour is forecast in one batched pass plus a small pass per cleaned flagged bucket
-(`tasks.scoring.sequential`) and the results are written in one statement per table: about 20 ms
-of CPU per pattern of 8 nodes (tests/benchmarks/bench_score.py).
+(`tasks.scoring.sequential`), in worker processes, one per core, when there are many patterns
+(`tasks.scoring.parallel`), and the results are written in one statement per table: about 20 ms of
+CPU per pattern of 8 nodes, 5,000 patterns in 50-60 s on 2 cores (tests/benchmarks/bench_score.py).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from tasks.scoring.forecasts import forecast_columns
 from tasks.scoring.grid import Columns, Grid, cleaned, fetch_flagged, fetch_series
 from tasks.scoring.incidents import rebuild_incidents
 from tasks.scoring.novel import novel_anomalies
+from tasks.scoring.parallel import worker_count, worker_jobs
 from tasks.scoring.sequential import Forecast, forecast_sequentially, span_grid
 from tasks.scoring.store import ANOMALY_COLUMNS, AnomalyRow, Scored, store_hour
 from tasks.scoring.trace_scoring import trace_rows
@@ -159,21 +161,34 @@ def _score_pattern(
     )
 
 
+def _outcome(
+    ready: list[Ready], index: int, grid: Grid, rows: Columns | None, flagged: Columns | None, scored_at: datetime
+) -> Scored | str:
+    """The scored hour of ready pattern `index`, or why it is skipped (a worker process's job)."""
+    try:
+        return _score_pattern(ready[index], grid, rows, flagged, scored_at)
+    except Skipped as skip:
+        return str(skip)
+
+
 def _score_all(
     con: duckdb.DuckDBPyConnection, ready: list[Ready], hour: datetime, scored_at: datetime, chunk: int = 200
 ) -> tuple[dict[int, Scored], dict[int, str]]:
-    """Score the ready patterns, reading the series and earlier flags of `chunk` patterns per query."""
+    """Score the ready patterns, reading the series and earlier flags of `chunk` patterns per query;
+    forecast in worker processes (`tasks.scoring.parallel`) while the next chunk is read."""
+    with worker_jobs(_outcome, ready, worker_count(len(ready))) as work:
+        for i in range(0, len(ready), chunk):
+            grids = [span_grid(r.detector, hour, hour + HOUR) for r in ready[i : i + chunk]]
+            series, flagged = fetch_series(con, grids), fetch_flagged(con, grids, hour)
+            rows = [(series.get(g.pattern_id), flagged.get(g.pattern_id)) for g in grids]
+            work.submit([(i + j, g, *r, scored_at) for j, (g, r) in enumerate(zip(grids, rows))])
+        outcomes = work.results()
     scored, skipped = {}, {}
-    for i in range(0, len(ready), chunk):
-        part = ready[i : i + chunk]
-        grids = [span_grid(r.detector, hour, hour + HOUR) for r in part]
-        series, flagged = fetch_series(con, grids), fetch_flagged(con, grids, hour)
-        for r, grid in zip(part, grids):
-            pid = r.champion.pattern_id
-            try:
-                scored[pid] = _score_pattern(r, grid, series.get(pid), flagged.get(pid), scored_at)
-            except Skipped as skip:
-                skipped[pid] = str(skip)
+    for r, outcome in zip(ready, outcomes):
+        if isinstance(outcome, str):
+            skipped[r.champion.pattern_id] = outcome
+        else:
+            scored[r.champion.pattern_id] = outcome
     return scored, skipped
 
 

@@ -1,7 +1,7 @@
-"""Benchmark: score one hour (60 one-minute buckets) of 500 critical patterns with their champions.
+"""Benchmark: score one hour (60 one-minute buckets) of 500 or 5,000 critical patterns with their champions.
 
-Builds in a temp folder a real DuckDB warehouse (tasks.warehouse schema) with 500 active critical
-patterns sharing one 8-node call tree. ONE small model is really trained on synthetic traffic
+Builds in a temp folder a real DuckDB warehouse (tasks.warehouse schema) with --patterns active
+critical patterns sharing one 8-node call tree. ONE small model is really trained on synthetic traffic
 (tasks.forecast prepare/train/calibrate, artifacts written by tasks.training) and its artifacts are
 copied into every pattern's model cache (<home>/model-cache/rpcwatch-pattern-<id>/1/artifacts)
 with a `models` row (decision 'champion'), so score_hour loads them from the cache without MLflow
@@ -10,20 +10,26 @@ that check hashes a few small files per pattern): in production the MLflow downl
 per champion version and is cached the same way, so this is the steady-state cost of an hour.
 pattern_series holds the hour plus a 30-minute lead-in of Poisson traffic near the trained level,
 with injected spikes so that some points are flagged: one pattern in ten gets a 6-minute flood on
-one RPC (--flood-every), one in ten a latency spike.
+one RPC (--flood-every), one in ten a latency spike. Training and building the warehouse are not
+timed (about 10 s and 10 s at 5,000 patterns).
 
-Prints wall and CPU seconds and patterns/s for 500 patterns, best of --repeat runs (target: <= 10 s
-wall on a 2-core machine; on a shared machine CPU seconds tell how much of the wall time other
-processes took, and the best run how fast the code is when they let it), a reference run of 50
-patterns in the same process (linear scaling), and the old per-bucket forecast loop against the
-batched one on a subset (same results, seconds and ratio; both on one torch thread, as scoring runs).
+Prints wall and CPU seconds (the forked scoring workers' included, `tasks.scoring.parallel`) and
+patterns/s, best of --repeat runs. Targets, wall on a 2-core machine: <= 60 s for 5,000 patterns (the
+issue's acceptance: `--patterns 5000`), <= 10 s for 500; on a shared machine CPU seconds tell how
+much work there was, the gap to twice the wall time how much of the cores other processes took,
+and the best run how fast the code is when they let it. Also a reference run of --reference
+patterns in the same process (the ratio of seconds per pattern: 1.00 is linear scaling; both runs
+use the workers when there are enough patterns for them), and the old per-bucket forecast loop
+against the batched one on the first 50 of them (same results, seconds and ratio; both on one torch
+thread, as scoring runs). The last line: `score_<N>_patterns <wall> s (target <= <T> s) ... PASS|MISS`.
 
-    .venv/bin/python tests/benchmarks/bench_score.py [--patterns 500] [--reference 50] [--flood-every 10] [--repeat 3]
+    .venv/bin/python tests/benchmarks/bench_score.py [--patterns 500] [--reference 100] [--flood-every 10] [--repeat 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import shutil
 import sys
 import tempfile
@@ -45,6 +51,7 @@ from tasks.models.series import PatternData
 from tasks.models.thresholds import calibrate
 from tasks.models.training import write_artifacts
 from tasks.scoring.grid import cleaned, fetch_flagged, fetch_series
+from tasks.scoring.parallel import worker_count
 from tasks.scoring.score import score_hour
 from tasks.scoring.sequential import forecast_sequentially, span_grid
 from tasks.settings import Settings, load_settings
@@ -54,8 +61,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the refe
 from scoring_reference import per_bucket_forecast  # noqa: E402
 
 HOUR = datetime(2026, 1, 2, 10, tzinfo=UTC)
-TARGET_SECONDS = 10.0
+TARGETS = {500: 10.0, 5000: 60.0}  # wall seconds on a 2-core machine; other sizes: the 5,000 rate
 LEAD_MINUTES = 30
+LOOP_PATTERNS = 50  # the per-bucket loop is slow: compared on this many patterns
 GRAPH_HASH = "bench-graph"
 NODES = [
     f"{caller}|{callee}|{iface}|rpc"
@@ -179,48 +187,61 @@ def models_frame(ids: np.ndarray) -> pd.DataFrame:
 
 def series_frame(ids: np.ndarray, flood_every: int) -> pd.DataFrame:
     """Lead-in + hour of every pattern; one in `flood_every` patterns gets a 6-bucket flood (8x the
-    calls) on one node and one in ten a single latency spike (20x)."""
+    calls) on one node and one in ten a single latency spike (20x). One frame from one [P, T, N, F]
+    array: a frame per pattern doubled the time to build 5,000 patterns' warehouse."""
     rng = np.random.default_rng(1)
     steps = LEAD_MINUTES + 60
     buckets = pd.date_range(naive_utc(HOUR) - timedelta(minutes=LEAD_MINUTES), periods=steps, freq="min")
-    parts = [n.split("|") for n in NODES]
-    frames = []
-    for pid in ids:
-        v = traffic(rng, steps)
-        if pid % flood_every == 0:
-            start, node = LEAD_MINUTES + int(rng.integers(5, 50)), int(rng.integers(0, len(NODES)))
-            v[start : start + 6, node, CALLS] *= 8
-        if pid % 10 == 3:
-            v[LEAD_MINUTES + int(rng.integers(0, 60)), int(rng.integers(0, len(NODES))), list(LATENCIES)] *= 20
-        t, n = np.nonzero(v[:, :, CALLS] > 0)
-        frames.append(
-            pd.DataFrame(
-                {
-                    "pattern_id": pid,
-                    "bucket_ts": buckets[t],
-                    "node": np.array(NODES)[n],
-                    "caller": [parts[i][0] for i in n],
-                    "callee": [parts[i][1] for i in n],
-                    "interface": [parts[i][2] for i in n],
-                    "rpc_type": "rpc",
-                    "calls": v[t, n, CALLS].astype(np.int64),
-                    "errors": v[t, n, ERRORS].astype(np.int64),
-                    "rt_mean": v[t, n, RT_MEAN],
-                    "rt_p95": v[t, n, RT_P95],
-                    "bucket_seconds": 60,
-                }
-            )
-        )
-    return pd.concat(frames, ignore_index=True)
+    values = np.stack([pattern_traffic(rng, int(pid), steps, flood_every) for pid in ids])
+    p, t, n = np.nonzero(values[:, :, :, CALLS] > 0)  # pattern by pattern, bucket by bucket, node by node
+    v, parts = values[p, t, n], np.array([node.split("|") for node in NODES], dtype=object)
+    return pd.DataFrame(
+        {
+            "pattern_id": ids[p],
+            "bucket_ts": buckets[t],
+            "node": np.array(NODES, dtype=object)[n],
+            "caller": parts[n, 0],
+            "callee": parts[n, 1],
+            "interface": parts[n, 2],
+            "rpc_type": "rpc",
+            "calls": v[:, CALLS].astype(np.int64),
+            "errors": v[:, ERRORS].astype(np.int64),
+            "rt_mean": v[:, RT_MEAN],
+            "rt_p95": v[:, RT_P95],
+            "bucket_seconds": 60,
+        }
+    )
+
+
+def pattern_traffic(rng: np.random.Generator, pid: int, steps: int, flood_every: int) -> np.ndarray:
+    """[T, N, F] of one pattern, with its flood and latency spike if it gets one."""
+    v = traffic(rng, steps)
+    if pid % flood_every == 0:
+        start, node = LEAD_MINUTES + int(rng.integers(5, 50)), int(rng.integers(0, len(NODES)))
+        v[start : start + 6, node, CALLS] *= 8
+    if pid % 10 == 3:
+        v[LEAD_MINUTES + int(rng.integers(0, 60)), int(rng.integers(0, len(NODES))), list(LATENCIES)] *= 20
+    return v
+
+
+def target_seconds(patterns: int) -> float:
+    return TARGETS.get(patterns, TARGETS[5000] * patterns / 5000)
+
+
+def cpu_seconds() -> float:
+    """CPU seconds of this process and of its ended (waited for) children: scoring's workers."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def timed_score(settings, critical: int) -> tuple[float, float, object]:
-    """Wall and CPU seconds of scoring the hour with the first `critical` patterns critical."""
+    """Wall and CPU seconds (workers' included) of scoring the hour with the first `critical`
+    patterns critical."""
     with opened(settings.warehouse) as con:
         con.execute("UPDATE patterns SET critical = pattern_id <= ?", [critical])
-    started, cpu = time.perf_counter(), time.process_time()
+    started, cpu = time.perf_counter(), cpu_seconds()
     report = score_hour(settings, HOUR)
-    return time.perf_counter() - started, time.process_time() - cpu, report
+    return time.perf_counter() - started, cpu_seconds() - cpu, report
 
 
 def compare_loops(settings, patterns: int) -> tuple[float, float, bool]:
@@ -255,7 +276,7 @@ def cache_without_registry(settings: Settings, pattern_id: int, version: int) ->
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--patterns", type=int, default=500)
-    parser.add_argument("--reference", type=int, default=50)
+    parser.add_argument("--reference", type=int, default=100)
     parser.add_argument("--flood-every", type=int, default=10, help="one pattern in this many gets a 6-minute flood")
     parser.add_argument("--repeat", type=int, default=3, help="full runs; the best counts (the machine is shared)")
     parser.add_argument("--keep", action="store_true", help="keep the temp folder (its path is printed)")
@@ -268,7 +289,7 @@ def main() -> int:
     started = time.perf_counter()
     rows = build_warehouse(settings, args.patterns, args.flood_every)
     print(f"  training {trained:.1f} s; warehouse {time.perf_counter() - started:.1f} s ({rows:,} pattern_series rows)")
-    timed_score(settings, 5)  # warm-up: imports (scipy.stats) and first calls are paid once per worker process
+    timed_score(settings, 5)  # warm-up: imports (scipy.stats), first calls: once per process (forks inherit them)
 
     fixed_s, _, _ = timed_score(settings, 0)  # opening the warehouse, novel RPCs, incidents
     ref_s, ref_cpu, ref = timed_score(settings, args.reference)
@@ -292,15 +313,17 @@ def main() -> int:
     ratio = ((total_s - fixed_s) / len(report.scored)) / ((ref_s - fixed_s) / len(ref.scored))
     print(f"  seconds per pattern beyond the fixed cost, full / reference: {ratio:.2f} (1.00 = linear scaling)")
 
-    old_s, new_s, same = compare_loops(settings, args.reference)
+    loops = min(args.reference, LOOP_PATTERNS)
+    old_s, new_s, same = compare_loops(settings, loops)
     print(
-        f"  forecast loop on {args.reference} patterns: per-bucket {old_s:.2f} s, batched {new_s:.2f} s "
+        f"  forecast loop on {loops} patterns: per-bucket {old_s:.2f} s, batched {new_s:.2f} s "
         f"({old_s / new_s:.1f}x faster), same expected values and flags: {same}"
     )
+    target = target_seconds(args.patterns)
     print(
-        f"\nscore_hour: {len(report.scored)} patterns in {total_s:.2f} s, best of {args.repeat} "
-        f"(target <= {TARGET_SECONDS:.0f} s): "
-        f"{'PASS' if total_s <= TARGET_SECONDS else 'MISS'}"
+        f"\nscore_{len(report.scored)}_patterns {total_s:.2f} s (target <= {target:.0f} s), CPU {total_cpu:.2f} s, "
+        f"best of {args.repeat}, {worker_count(len(report.scored)) or 'no'} worker processes: "
+        f"{'PASS' if total_s <= target else 'MISS'}"
     )
     if args.keep:
         print(f"kept {work}")

@@ -68,3 +68,26 @@ def test_vectorised_flags_equal_the_per_node_bands():
     flags = flag_points(obs, exp, [thresholds.nodes[n] for n in nodes], thresholds.alarm_p)
     got = [(f.sample, f.node, f.feature, f.threshold, f.direction, f.kind) for f in flags]
     assert got == expected and len({g[-1] for g in got}) == 4
+
+
+def test_the_edge_by_edge_graph_convolution_gives_pyg_s_bits():
+    import torch
+    from torch_geometric.nn import GCNConv
+
+    from tasks.models.detector import EDGE_BY_EDGE_ROWS, edge_by_edge
+    from tasks.models.nn import graph_edge_index
+
+    torch.manual_seed(0)
+    stock, fast = GCNConv(32, 32, cached=True), GCNConv(32, 32, cached=True)
+    fast.load_state_dict(stock.state_dict())
+    edge_by_edge(fast)
+    assert "forward" in vars(fast) and "forward" not in vars(stock), "PyG's defaults: the edge-by-edge forward"
+    rng = np.random.default_rng(1)
+    for nodes, rows in [(8, EDGE_BY_EDGE_ROWS), (8, 600), (13, 360), (5, 3), (1, 200)]:
+        edges = [(int(a), int(b)) for a, b in rng.integers(0, nodes, size=(2 * nodes, 2)) if a != b]
+        edge_index = graph_edge_index(nodes, edges)
+        stock._cached_edge_index = fast._cached_edge_index = None
+        for _ in range(3):  # the first pass fills the cache, the others read it
+            x = torch.randn(rows, nodes, 32) * 4
+            with torch.no_grad():
+                assert torch.equal(fast(x, edge_index), stock(x, edge_index)), (nodes, rows)

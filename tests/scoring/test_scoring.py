@@ -1,5 +1,6 @@
-"""Scoring an hour against champion models: anomalies, incidents, idempotency, skips, novel RPCs; the
-batched sequential forecast loop against the per-bucket reference (`scoring_reference`)."""
+"""Scoring an hour against champion models: anomalies, incidents, idempotency, skips, novel RPCs, the
+same rows from worker processes; the batched sequential forecast loop against the per-bucket
+reference (`scoring_reference`)."""
 
 from __future__ import annotations
 
@@ -234,3 +235,39 @@ def test_forecasts_hold_every_scored_point_with_the_band_the_flags_use(trained, 
     before = _q(settings, rows)
     score_hour(settings, H3)
     assert _q(settings, rows) == before, "rescoring the hour replaces its rows with the same rows"
+
+
+def test_worker_processes_write_the_rows_one_process_writes(trained, tmp_path, monkeypatch):
+    import tasks.scoring.score as score_module
+
+    settings = copy_home(trained[0], tmp_path)
+    flooded, short = trained[2][0]["pattern_id"], trained[2][-1]["pattern_id"]
+    assert flooded != short
+    with duckdb.connect(str(settings.warehouse)) as con:
+        con.execute(  # flags, cleaned buckets and their second passes
+            "UPDATE pattern_series SET calls = calls * 6 WHERE pattern_id = ? AND bucket_ts >= ? AND bucket_ts < ?",
+            [
+                flooded,
+                (H3 + timedelta(minutes=20)).replace(tzinfo=None),
+                (H3 + timedelta(minutes=30)).replace(tzinfo=None),
+            ],
+        )
+        con.execute(  # a skipped pattern among the scored ones
+            "DELETE FROM pattern_series WHERE pattern_id = ? AND bucket_ts >= ? AND bucket_ts < ?",
+            [short, (H3 - timedelta(minutes=30)).replace(tzinfo=None), H3.replace(tzinfo=None)],
+        )
+    tables = {
+        "anomalies": "SELECT * EXCLUDE (scored_at) FROM anomalies ORDER BY ALL",
+        "forecasts": "SELECT * FROM forecasts ORDER BY ALL",
+        "forecast_errors": "SELECT * FROM forecast_errors ORDER BY ALL",
+        "score_runs": "SELECT * FROM score_runs ORDER BY ALL",
+        "incidents": "SELECT * FROM incidents ORDER BY ALL",
+    }
+    one = score_hour(settings, H3)
+    alone = {table: _q(settings, sql) for table, sql in tables.items()}
+    monkeypatch.setattr(score_module, "worker_count", lambda patterns: 2)
+    workers = score_hour(settings, H3)
+    assert (workers.scored, workers.skipped, workers.anomalies) == (one.scored, one.skipped, one.anomalies)
+    assert one.skipped == {short: "too little history"} and one.anomalies > 0
+    for table, sql in tables.items():
+        assert _q(settings, sql) == alone[table], f"{table}: the same rows, bit for bit"
