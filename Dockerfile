@@ -4,6 +4,9 @@
 #   GPU worker:    TORCH_INDEX=https://pypi.org/simple (PyPI's Linux torch wheels are CUDA builds), or a
 #                  PyTorch CUDA index such as https://download.pytorch.org/whl/cu128 to pick the CUDA version.
 # The MLflow server runs from this image too (same mlflow version as the clients, psycopg2 included).
+# A third, orthogonal choice: RPCWATCH_EXTRA=ducklake (compose passes it through) lays pyproject's
+# `ducklake` extra over the lock, for the shared DuckLake warehouse (RPCWATCH_WAREHOUSE=ducklake):
+# DuckDB 1.4.4 with its ducklake and postgres extensions instead of the lock's DuckDB 2.0.1.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 FROM ${PYTHON_IMAGE}
 
@@ -43,9 +46,21 @@ RUN grep -viE '^(torch|triton)[[:space:]]*(==|@|$)|^nvidia-|^-e[[:space:]]|^rpcw
 #    derives for its async engine), constrained to the lock so nothing locked moves.
 RUN pip install -c /tmp/torch-constraint.txt -c /tmp/requirements.image.txt ${AIRFLOW_EXTRA_SPECS}
 
-# 4) the project itself, without touching the resolved dependencies.
+# 4) optional: one extra of pyproject.toml over the lock (RPCWATCH_EXTRA, empty = none). Its pins are
+#    read from pyproject's [project.optional-dependencies], as the Makefile's DuckLake overlay does, so
+#    they live in one place; --no-deps: the extra's pins are the whole set (`ducklake`: DuckDB 1.4.4
+#    and its duckdb-ext-ducklake / duckdb-ext-postgres packages; DuckDB has no dependencies), nothing
+#    else locked moves. An unknown extra fails the build, naming the ones there are.
+ARG RPCWATCH_EXTRA=""
 WORKDIR /opt/rpcwatch
 COPY pyproject.toml ./
+RUN if [ -n "${RPCWATCH_EXTRA}" ]; then \
+      pins="$(python -c 'import sys, tomllib; extras = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]; name = sys.argv[1]; print(*extras[name]) if name in extras else sys.exit(f"RPCWATCH_EXTRA={name}: not an extra of pyproject.toml (there are: {sorted(extras)})")' "${RPCWATCH_EXTRA}")" \
+   && echo "RPCWATCH_EXTRA=${RPCWATCH_EXTRA}: pip install --no-deps ${pins}" \
+   && pip install --no-deps ${pins}; \
+    fi
+
+# 5) the project itself, without touching the resolved dependencies.
 COPY tasks/ ./tasks/
 COPY dags/ ./dags/
 COPY plugins/ ./plugins/
@@ -55,11 +70,18 @@ RUN pip install --no-deps -e . \
  && python -c "import torch, duckdb, mlflow, psycopg2, asyncpg, tasks, airflow.providers.celery; \
 spec = '${TORCH_SPEC}'; \
 assert '==' not in spec or torch.__version__.split('+')[0] == spec.split('==')[1], torch.__version__; \
-print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+print('torch', torch.__version__, 'cuda', torch.version.cuda)" \
+ && if [ "${RPCWATCH_EXTRA}" = ducklake ]; then \
+      python -c "import duckdb; from tasks.lake import extension_directory; \
+con = duckdb.connect(config={'extension_directory': str(extension_directory()), 'autoinstall_known_extensions': False}); \
+con.execute('LOAD ducklake'); con.execute('LOAD postgres'); \
+assert duckdb.__version__.startswith('1.4.'), duckdb.__version__; \
+print('duckdb', duckdb.__version__, 'with its ducklake and postgres extensions, loaded offline')"; \
+    fi
 
 RUN useradd --uid "${AIRFLOW_UID}" --gid 0 --create-home --shell /bin/bash airflow \
- && mkdir -p /opt/airflow/logs /opt/rpcwatch/home /opt/rpcwatch/incoming /mlartifacts \
- && chown -R "${AIRFLOW_UID}:0" /opt/airflow /opt/rpcwatch/home /mlartifacts
+ && mkdir -p /opt/airflow/logs /opt/rpcwatch/home /opt/rpcwatch/lake /opt/rpcwatch/incoming /mlartifacts \
+ && chown -R "${AIRFLOW_UID}:0" /opt/airflow /opt/rpcwatch/home /opt/rpcwatch/lake /mlartifacts
 
 USER ${AIRFLOW_UID}
 ENTRYPOINT ["/usr/bin/tini", "--"]

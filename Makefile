@@ -16,7 +16,13 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -r requirements.lock
 	$(BIN)/python -m pip install --quiet --no-deps -e .
+	rm -rf $(LAKE) && $(BIN)/python -m pip install --quiet --no-deps --target $(LAKE) $$($(BIN)/python -c $(LAKE_PINS))
 	rm -f $(VENV)/.installed-* && touch $@
+
+# The DuckLake overlay (tests/test_ducklake.py): DuckDB 1.4.4 and its ducklake and postgres extensions,
+# the pins of pyproject's `ducklake` extra, beside the venv's DuckDB 2.0; PYTHONPATH=$(LAKE) imports them.
+LAKE      := $(VENV)/ducklake
+LAKE_PINS := 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["ducklake"])'
 
 demo: setup
 	$(BIN)/rpcwatch demo

@@ -26,7 +26,9 @@ The stages publish Assets (`rpcwatch://registry/champions`, `rpcwatch://warehous
 
 Each task is one stage of `tasks.pipeline.STAGES`, the ordered list `rpcwatch run` follows too.
 DuckDB allows one writer per file, so every task that writes the warehouse runs in the one-slot
-pool `RPCWATCH_AIRFLOW_POOL` (default `rpcwatch_duckdb`). Rerunning a run replaces exactly its hour.
+pool `RPCWATCH_AIRFLOW_POOL` (default `rpcwatch_duckdb`); on the shared DuckLake warehouse
+(`RPCWATCH_WAREHOUSE=ducklake`) `rpcwatch airflow`/`up` size that pool for many writers, and a task
+whose commit conflicts with another's runs again. Rerunning a run replaces exactly its hour.
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ def _stage(name: str, upstream: Any = None) -> Any:
     forced = frozenset(k for k, v in (context.get("params") or {}).items() if k in PARAMS and v)
     run = pipeline.Run(load_settings(), hour, say=print, forced=forced)
     try:
-        return pipeline.stage(name).run(run, upstream)
+        return pipeline.call(pipeline.stage(name), run, upstream)
     except BatchValidationError as exc:
         raise AirflowFailException(str(exc)) from exc
 
@@ -184,7 +186,8 @@ SETTINGS = _settings()
     params=PARAMS,
     tags=["rpcwatch"],
     doc_md=__doc__,
-    # every task but `train` writes the warehouse: one writer at a time
+    # every task but `train` writes the warehouse: one writer at a time on the file (the pool's size
+    # follows RPCWATCH_WAREHOUSE: Settings.writer_slots)
     default_args={"pool": SETTINGS.airflow_pool, **RETRIES, "on_failure_callback": RpcwatchFailureNotifier()},
 )
 def rpcwatch_hourly() -> None:

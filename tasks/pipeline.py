@@ -193,6 +193,17 @@ def stage(name: str) -> Stage:
     return next(s for s in STAGES if s.name == name)
 
 
+def call(s: Stage, run: Run, previous: Any) -> Any:
+    """Run one stage. On a DuckLake warehouse a stage whose commit lost a transaction conflict to
+    another worker runs again (tasks.lake.retrying): every stage replaces its hour, so a rerun is
+    safe. `train` never opens the warehouse; the embedded file has one writer and no conflicts."""
+    if run.settings.warehouse_mode != "ducklake" or s.name == "train":
+        return s.run(run, previous)
+    from tasks.lake import retrying
+
+    return retrying(lambda: s.run(run, previous), f"{s.name} {run.hour:%Y-%m-%dT%H:%M}")
+
+
 # kill -9 points of the crash-safety tests (tasks/failpoints.py) at these stage boundaries; the one
 # inside publish is in tasks.publish
 CRASH_AFTER = ("ingest", "patterns", "score")
@@ -211,9 +222,9 @@ def run_hour(
     previous: Any = None  # the previous stage's result (a list of shards before the mapped `train`)
     for s in STAGES:
         if s.mapped:  # e.g. one training per shard of stale patterns: a bar at a terminal
-            previous = [s.run(run, item) for item in progress_bar(previous, s.name, unit="shard")]
+            previous = [call(s, run, item) for item in progress_bar(previous, s.name, unit="shard")]
         else:
-            previous = s.run(run, previous)
+            previous = call(s, run, previous)
         results[s.name] = previous
         if s.name in CRASH_AFTER:
             crash_point(s.name)

@@ -45,11 +45,11 @@ PUBLISHED = (
     "ingest_log",
     "clustering_runs",
 )
-# The snapshot's on-disk format (ATTACH's STORAGE_VERSION): DuckDB 2.0 writes storage version 69 by
-# default, which DuckDB 1.5 and the `duckdb-cli` 1.5.x on PyPI refuse ("can only read versions between
-# 64 and 68"); "v1.5.0" writes 68. Raise it once the CLIs people use read newer files. Readers on the
-# DuckDB 1.4 line (issue 13 notes its extensions install offline; issue 14 may revisit) need "v1.4.0"
-# (67), which holds every published table too.
+# The snapshot's on-disk format (its connection's storage_compatibility_version): DuckDB 2.0 writes
+# storage version 69 by default, which DuckDB 1.5 and the `duckdb-cli` 1.5.x on PyPI refuse ("can only
+# read versions between 64 and 68"); "v1.5.0" writes 68. Raise it once the CLIs people use read newer
+# files. A run on the DuckDB 1.4 line (the DuckLake warehouse, tasks.lake) writes its own older
+# default, which every reader above opens.
 SNAPSHOT_STORAGE_VERSION = "v1.5.0"
 STAGING_GLOB = ".analytics-*"  # a staging file and its DuckDB write-ahead log (.wal)
 
@@ -64,19 +64,28 @@ def _remove_staging(folder: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def snapshot_config() -> dict[str, str | bool | int | float | list[str]]:
+    """The staging file's connection config: its storage format pinned where this DuckDB writes a newer
+    one by default (DuckDB 1.4, the DuckLake line, writes an older one already and knows no "v1.5.0")."""
+    major_minor = tuple(int(part) for part in duckdb.__version__.split(".")[:2])
+    return {"storage_compatibility_version": SNAPSHOT_STORAGE_VERSION} if major_minor >= (1, 5) else {}
+
+
 def _write_snapshot(con: duckdb.DuckDBPyConnection, staging: Path, now: datetime) -> None:
-    """Copy the published tables and the view into a new DuckDB file at `staging`."""
-    # DuckDB binds ATTACH's path and options: no path in SQL text
-    con.execute("ATTACH ? AS snapshot (STORAGE_VERSION ?)", [str(staging), SNAPSHOT_STORAGE_VERSION])
-    try:
+    """Copy the published tables and the view into a new DuckDB file at `staging`.
+
+    The file is its own connection (its path is never SQL text: DuckDB 1.4 cannot bind ATTACH's path),
+    fed each table as a stream of Arrow batches, so the warehouse may be the embedded file or a lake."""
+    with duckdb.connect(str(staging), config=snapshot_config()) as snapshot:
         for table in PUBLISHED:  # names from the constant above, never from input
-            con.execute(f"CREATE TABLE snapshot.{table} AS SELECT * FROM main.{table}")
-        con.execute("CREATE VIEW snapshot.recent_anomalies AS " + RECENT_ANOMALIES_SQL)
-        con.execute(
-            "CREATE TABLE snapshot.published AS SELECT ?::TIMESTAMP AS published_at", [now.replace(tzinfo=None)]
-        )
-    finally:
-        con.execute("DETACH snapshot")
+            relation = con.sql(f"SELECT * FROM {table}")
+            # DuckDB 2.0 names it to_arrow_reader (fetch_arrow_reader deprecated), 1.4 only fetch_arrow_reader
+            rows = relation.to_arrow_reader() if hasattr(relation, "to_arrow_reader") else relation.fetch_arrow_reader()
+            snapshot.register("published_rows", rows)
+            snapshot.execute(f"CREATE TABLE {table} AS SELECT * FROM published_rows")
+            snapshot.unregister("published_rows")
+        snapshot.execute("CREATE VIEW recent_anomalies AS " + RECENT_ANOMALIES_SQL)
+        snapshot.execute("CREATE TABLE published AS SELECT ?::TIMESTAMP AS published_at", [now.replace(tzinfo=None)])
 
 
 def publish(settings: Settings) -> Path:

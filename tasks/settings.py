@@ -1,8 +1,12 @@
 """One settings object for rpcwatch, read from `RPCWATCH_*` environment variables.
 
 Everything lives under one home folder (default `./.rpcwatch`): the DuckDB warehouse, MLflow's
-sqlite database and artifacts, and Airflow's home. Alerts (tasks.alerts) post to a webhook only when
-`RPCWATCH_ALERT_WEBHOOK` is set; its value is a secret, never shown in messages or `repr`.
+sqlite database and artifacts, and Airflow's home. Many workers can instead share a warehouse on
+DuckLake (`RPCWATCH_WAREHOUSE=ducklake`, tasks.lake): its catalog in PostgreSQL, reached through
+libpq's own variables (`PGHOST`, `PGPORT`, `PGUSER`, `PGPASSWORD`, `PGDATABASE`; never a DSN in SQL),
+its data as Parquet files in `RPCWATCH_LAKE_DATA`, a folder every worker mounts at the same path.
+Alerts (tasks.alerts) post to a webhook only when `RPCWATCH_ALERT_WEBHOOK` is set; its value is a
+secret, never shown in messages or `repr`.
 """
 
 from __future__ import annotations
@@ -23,6 +27,27 @@ THRESHOLD_METHODS = ("quantile", "pot")
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")  # what forecast.device / torch.device take
 URL_SETTINGS = ("alert_webhook", "airflow_url", "mlflow_url")  # http(s) URLs, checked alike
 SECRET_SETTINGS = ("alert_webhook",)  # a webhook URL is its own password: errors never echo it
+WAREHOUSES = ("file", "ducklake")
+# RPCWATCH_LAKE_DATA goes into DuckLake's ATTACH statement as a literal (DuckDB 1.4 binds no ATTACH
+# parameter), so it is held to an absolute path of these characters only: nothing that can quote out
+LAKE_DATA_PATTERN = re.compile(r"/[A-Za-z0-9_./-]*")
+LAKE_WRITER_SLOTS = 16  # the writer pool's size on a lake (conflicting commits are retried, tasks.lake)
+ENV_NAMES = {"warehouse_mode": "RPCWATCH_WAREHOUSE"}  # fields whose variable is not RPCWATCH_<FIELD>
+
+
+def env_name(name: str) -> str:
+    """The environment variable of a settings field."""
+    return ENV_NAMES.get(name, PREFIX + name.upper())
+
+
+@dataclass(frozen=True)
+class Lake:
+    """The shared DuckLake warehouse (tasks.lake): catalog in PostgreSQL, data as Parquet under `data`."""
+
+    data: Path
+
+    def __str__(self) -> str:
+        return f"the DuckLake warehouse (catalog in PostgreSQL per the PG* variables, data in {self.data})"
 
 
 @dataclass(frozen=True)
@@ -75,7 +100,15 @@ class Settings:
     train_shards: int = 4
     train_max_epochs: int = 200  # each model's epoch budget (early stopping usually ends it sooner)
     batch_training: str = "auto"  # on | off | auto (on where the device is a GPU)
+    # a stale pattern's retrain fine-tunes its champion (same architecture) instead of starting from
+    # scratch: a fraction of the epochs, no no-graph twin (tasks.models.fitting); false: from scratch
+    warm_start: bool = True
     airflow_pool: str = "rpcwatch_duckdb"
+    # where the tables live: `file`, the embedded DuckDB file under the home (one writing process at a
+    # time: the DAG's writers queue on `airflow_pool`), or `ducklake`, a shared lake (tasks.lake) that
+    # many workers write at once; its data folder is then required (RPCWATCH_WAREHOUSE, _LAKE_DATA)
+    warehouse_mode: str = "file"
+    lake_data: Path | None = None
     # the hourly DAG: first hour to process (hours since then that never ran are caught up, oldest
     # first) and, optionally, the last (a bounded replay or backfill); set `start` when deploying
     start: datetime = datetime(2026, 1, 1, tzinfo=UTC)
@@ -97,8 +130,16 @@ class Settings:
             object.__setattr__(self, "mlflow_tracking_uri", _default_tracking_uri(self.home))
 
     @property
-    def warehouse(self) -> Path:
+    def warehouse(self) -> Path | Lake:
+        """The embedded file, or the lake (`warehouse.connect` opens either)."""
+        if self.warehouse_mode == "ducklake" and self.lake_data is not None:
+            return Lake(self.lake_data)
         return self.home / "warehouse.duckdb"
+
+    @property
+    def writer_slots(self) -> int:
+        """Slots of the Airflow writer pool: one writer at a time on the file; a lake takes many."""
+        return LAKE_WRITER_SLOTS if self.warehouse_mode == "ducklake" else 1
 
     @property
     def incoming(self) -> Path:
@@ -265,6 +306,12 @@ def _problems(s: Settings) -> dict[str, str]:
     for name in URL_SETTINGS:
         if (url := getattr(s, name)) is not None and (why := _url_problem(url)):
             out[name] = why
+    if s.warehouse_mode not in WAREHOUSES:
+        out["warehouse_mode"] = "must be file or ducklake"
+    if s.lake_data is not None and not LAKE_DATA_PATTERN.fullmatch(str(s.lake_data)):
+        out["lake_data"] = "must be an absolute path of letters, digits and _ . / - only"
+    elif s.lake_data is None and s.warehouse_mode == "ducklake":
+        out["lake_data"] = "must be set with RPCWATCH_WAREHOUSE=ducklake: the shared folder of the lake's Parquet files"
     return out
 
 
@@ -276,13 +323,13 @@ def load_settings(env: dict[str, str] | None = None, **overrides: Any) -> Settin
     values: dict[str, Any] = {}  # parsed here, checked by _problems once built
     shown: dict[str, str] = {}  # the text each value came as, for messages
     for spec in fields(Settings):
-        raw = env.get(PREFIX + spec.name.upper())
+        raw = env.get(env_name(spec.name))
         if raw not in (None, ""):
             shown[spec.name] = raw
             try:
                 values[spec.name] = _parse(str(spec.type), raw)
             except ValueError as err:
-                raise ValueError(f"{PREFIX}{spec.name.upper()}={raw}: {err}") from err
+                raise ValueError(f"{env_name(spec.name)}={raw}: {err}") from err
     given = {k: v for k, v in overrides.items() if v is not None}
     values.update(given)
     shown.update({k: str(v) for k, v in given.items()})
@@ -290,5 +337,5 @@ def load_settings(env: dict[str, str] | None = None, **overrides: Any) -> Settin
     problems = _problems(settings)
     for name in (f.name for f in fields(Settings) if f.name in problems):  # the first, in field order
         value = "(hidden)" if name in SECRET_SETTINGS else shown.get(name, getattr(settings, name))
-        raise ValueError(f"{PREFIX}{name.upper()}={value}: {problems[name]}")
+        raise ValueError(f"{env_name(name)}={value}: {problems[name]}")
     return settings

@@ -1,6 +1,8 @@
-"""The DuckDB warehouse: one file under the home folder, its tables, and how to open it.
+"""The DuckDB warehouse: one file under the home folder (the default), or a shared lake on DuckLake
+(tasks.lake, `RPCWATCH_WAREHOUSE=ducklake`); its tables, and how to open either.
 
-DuckDB allows one writing process per file; Airflow serialises writers with a pool of one slot.
+DuckDB allows one writing process per file; Airflow serialises writers with a pool of one slot. A
+lake takes many writers (a conflicting commit is retried, tasks.lake.retrying).
 All timestamps are UTC (`TIMESTAMP` without zone).
 """
 
@@ -11,6 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import duckdb
+
+from tasks.settings import Lake
 
 # the analysts' view, in the warehouse and in the published snapshot (tasks.publish): defined once here
 RECENT_ANOMALIES_SQL = """
@@ -141,8 +145,14 @@ CREATE TABLE IF NOT EXISTS clustering_runs (
 )
 
 
-def connect(path: Path, read_only: bool = False) -> duckdb.DuckDBPyConnection:
-    """Open the warehouse (creating folder and tables on first write)."""
+def connect(where: Path | Lake, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+    """Open the warehouse, `Settings.warehouse`: the file (creating folder and tables on first write)
+    or the lake (tables created on a write connection; read-only attaches it READ_ONLY)."""
+    if isinstance(where, Lake):
+        from tasks.lake import connect_lake
+
+        return connect_lake(where, SCHEMA, read_only=read_only)
+    path = where
     if read_only:
         if not path.exists():
             raise FileNotFoundError(f"no warehouse at {path}: run `rpcwatch ingest` first")
@@ -160,8 +170,8 @@ def connect(path: Path, read_only: bool = False) -> duckdb.DuckDBPyConnection:
 
 
 @contextmanager
-def opened(path: Path, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
-    con = connect(path, read_only=read_only)
+def opened(where: Path | Lake, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+    con = connect(where, read_only=read_only)
     try:
         yield con
     finally:

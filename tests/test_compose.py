@@ -3,17 +3,24 @@
 The containers themselves cannot start here (no Docker engine on the dev/CI machines), so these
 tests check the wiring instead: which services exist and what they run, that every dependency
 points at a real service, that all Airflow containers share one executor, one JWT secret, one
-RPCWATCH_HOME volume and the MLflow URI, that the init service creates the DuckDB writer pool, and
-that the image installs torch before the lock file. `docker compose config` is run as well when a
-Compose client is installed (it validates the file without an engine); otherwise that test skips.
+RPCWATCH_HOME volume and the MLflow URI, that the init service creates the DuckDB writer pool (sized
+for the warehouse mode), and that the image installs torch before the lock file; for the shared
+DuckLake warehouse, that every Airflow container gets the same mode, lake volume and PG* catalog
+settings, and that the image's `RPCWATCH_EXTRA` install takes its pins from pyproject.toml. The init
+script's pool sizing and image check, and the Dockerfile's pin lookup, run for real (with a stub
+`airflow`); `docker compose config` is run as well when a Compose client is installed (it validates
+the file without an engine); otherwise that test skips.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import shutil
 import subprocess
+import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -26,6 +33,8 @@ DOCKERFILE = ROOT / "Dockerfile"
 PG_INIT = ROOT / "deploy" / "postgres-init.sh"
 ENV_EXAMPLE = ROOT / ".env.example"
 PASSWORD_WRITER = ROOT / "deploy" / "simple_auth_passwords.py"
+PYPROJECT = ROOT / "pyproject.toml"
+LAKE_OVERLAY = ROOT / ".venv" / "ducklake"  # `make setup`: the ducklake extra's pins beside the venv
 
 POOL = "rpcwatch_duckdb"
 MLFLOW_URI = "http://mlflow:5000"
@@ -136,15 +145,20 @@ def init_service(services: dict[str, dict]) -> tuple[str, dict]:
     return one(found, "init service running `airflow db migrate`")
 
 
-def script_lines(svc: dict) -> list[list[str]]:
-    """The init service's shell script, one shlex-split command per line, comments dropped."""
+def script_text_lines(svc: dict) -> list[str]:
+    """The init service's shell script, one command per line, comments and blank lines dropped."""
     lines = []
     for chunk in command(svc):
         for line in chunk.splitlines():
             line = line.strip()
             if line and not line.startswith("#"):
-                lines.append(shlex.split(line))
+                lines.append(line)
     return lines
+
+
+def script_lines(svc: dict) -> list[list[str]]:
+    """The init service's shell script, one shlex-split command per line, comments dropped."""
+    return [shlex.split(line) for line in script_text_lines(svc)]
 
 
 # --- services and dependencies ----------------------------------------------------------------
@@ -284,19 +298,148 @@ def test_env_pool_matches_settings(services):
         assert settings.Settings().airflow_pool == POOL
 
 
+# --- the shared warehouse on DuckLake ---------------------------------------------------------
+
+LAKE_ENV = ("RPCWATCH_WAREHOUSE", "RPCWATCH_LAKE_DATA", "PGHOST", "PGPORT", "PGUSER", "PGPASSWORD", "PGDATABASE")
+
+
+def test_every_airflow_service_sees_the_same_warehouse_and_lake(compose, services):
+    """Mode, lake data folder and catalog database: the same in every Airflow container (the DAG file
+    reads the settings when parsed, tasks when they run), the data on one named volume mounted at
+    RPCWATCH_LAKE_DATA everywhere, the catalog in the compose Postgres as its own role `lake`."""
+    settings = pytest.importorskip("tasks.settings")
+    airflow = airflow_services(services)
+    for key in LAKE_ENV:
+        values = {env(svc).get(key) for svc in airflow.values()}
+        assert len(values) == 1 and None not in values and "" not in values, (key, values)
+    e = env(next(iter(airflow.values())))
+    assert e["RPCWATCH_WAREHOUSE"] == "file", "the embedded file stays the default"
+    assert ("RPCWATCH_WAREHOUSE", ":-", "file") in references(COMPOSE_FILE.read_text())
+    assert settings.env_name("warehouse_mode") == "RPCWATCH_WAREHOUSE"
+    assert settings.env_name("lake_data") == "RPCWATCH_LAKE_DATA"
+    lake_data = e["RPCWATCH_LAKE_DATA"]
+    assert settings.LAKE_DATA_PATTERN.fullmatch(lake_data), f"RPCWATCH_LAKE_DATA={lake_data}: settings refuse it"
+    # both modes load with the compose environment (the lake needs its data folder set)
+    for mode in settings.WAREHOUSES:
+        loaded = settings.load_settings({**e, "RPCWATCH_WAREHOUSE": mode})
+        assert loaded.warehouse_mode == mode
+    assert str(settings.load_settings({**e, "RPCWATCH_WAREHOUSE": "ducklake"}).warehouse.data) == lake_data
+
+    sources = set()
+    for name, svc in airflow.items():
+        found = [(src, mode) for src, target, mode in mounts(svc) if target.rstrip("/") == lake_data]
+        assert len(found) == 1, f"{name} does not mount a volume at RPCWATCH_LAKE_DATA={lake_data}"
+        src, mode = found[0]
+        assert mode == "rw", f"{name} mounts the lake read-only"
+        sources.add(src)
+        home = [s for s, target, _ in mounts(svc) if target == HOME]
+        assert src not in home, f"{name}: the lake's data must not share the home volume"
+    assert len(sources) == 1, f"Airflow services mount different lake volumes: {sources}"
+    (volume,) = sources
+    assert volume in (compose.get("volumes") or {}), f"{volume} must be a named volume, shared by all"
+
+    # the catalog: libpq's variables at the compose Postgres, a database and role of the lake's own
+    assert e["PGHOST"] in services and str(services[e["PGHOST"]]["image"]).startswith("postgres:"), e["PGHOST"]
+    assert e["PGPORT"] == "5432"
+    assert e["PGPASSWORD"] == "<LAKE_DB_PASSWORD>"
+    airflow_user, _ = _db_user_and_password(e["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"])
+    mlflow_user, _ = _db_user_and_password(option(command(services["mlflow"]), "--backend-store-uri") or "")
+    assert e["PGUSER"] not in (airflow_user, mlflow_user), "the lake logs in as a role of its own"
+    assert e["PGDATABASE"] not in ("airflow", "mlflow", "postgres"), "the lake's catalog has a database of its own"
+    assert env(services[e["PGHOST"]]).get("LAKE_DB_PASSWORD") == "<LAKE_DB_PASSWORD>"
+    script = PG_INIT.read_text()
+    assert re.search(rf"(?i)CREATE\s+(ROLE|USER)\s+{e['PGUSER']}\s+LOGIN\b[^;]*\bPASSWORD\s+:'", script), script
+    assert re.search(rf"(?i)CREATE\s+DATABASE\s+{e['PGDATABASE']}\s+OWNER\s+{e['PGUSER']}\b", script), script
+    assert re.search(rf"(?i)REVOKE\s+ALL\s+ON\s+DATABASE\s+{e['PGDATABASE']}\s+FROM\s+PUBLIC", script), script
+    assert "LAKE_DB_PASSWORD" in script
+
+
+def test_every_image_is_built_with_the_same_extra(services):
+    """RPCWATCH_EXTRA reaches every build from the Dockerfile (CPU and GPU alike), empty by default:
+    a worker on DuckDB 1.4 and another on 2.0 would not share a warehouse."""
+    built = {name: svc["build"] for name, svc in services.items() if svc.get("build")}
+    assert len(built) >= 2, sorted(built)
+    values = {name: (b.get("args") or {}).get("RPCWATCH_EXTRA") for name, b in built.items()}
+    assert set(values.values()) == {""}, values
+    refs = [r for r in references(COMPOSE_FILE.read_text()) if r[0] == "RPCWATCH_EXTRA"]
+    assert refs and all(op == ":-" and word == "" for _, op, word in refs), refs
+    assert arg_defaults(dockerfile_instructions()).get("RPCWATCH_EXTRA") == ""
+
+
 # --- init service -----------------------------------------------------------------------------
 
 
-def test_init_migrates_then_creates_the_duckdb_pool(services):
-    name, svc = init_service(services)
-    assert svc.get("restart") in (None, "no"), "the init service is a one-shot"
+def _init_script_parts(svc: dict) -> tuple[list[str], list[str]]:
+    """The init script's lines before `airflow db migrate` (the image check), and those from it
+    through the line that sets the writer pool."""
     lines = script_lines(svc)
     migrate = next(i for i, cmd in enumerate(lines) if cmd[:3] == ["airflow", "db", "migrate"])
-    pools = [i for i, cmd in enumerate(lines) if cmd[:3] == ["airflow", "pools", "set"]]
-    assert pools, f"{name} creates no pool"
-    created = {lines[i][3]: lines[i][4] for i in pools}
-    assert created.get(POOL) == "1", f"{POOL} must be created with exactly 1 slot, got {created}"
-    assert min(pools) > migrate, "pools can only be set after `airflow db migrate`"
+    pools = [i for i, cmd in enumerate(lines) if cmd[:3] == ["airflow", "pools", "set"] and cmd[3:4] == [POOL]]
+    assert len(pools) == 1, f"the init service must set {POOL} once, found {len(pools)}"
+    assert pools[0] > migrate, "pools can only be set after `airflow db migrate`"
+    text = script_text_lines(svc)
+    return text[:migrate], text[migrate : pools[0] + 1]
+
+
+def _run_init_lines(svc: dict, lines: list[str], tmp_path: Path, **extra_env: str) -> subprocess.CompletedProcess:
+    """Run init script lines as the init service's shell does, in its environment (plus `extra_env`),
+    with this venv's Python as `python` and a stub `airflow` that prints the pools it is asked to set."""
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("no bash")
+    entry = [str(part) for part in svc.get("entrypoint") or []]
+    shell = entry[entry.index("--") + 1 :] if "--" in entry else entry
+    assert shell[:1] and Path(shell[0]).name == "bash" and shell[-1] == "-c", entry
+    assert any(re.fullmatch(r"-[a-z]*e[a-z]*", s) for s in shell), f"the init must stop on errors: {entry}"
+    stubs = tmp_path / "bin"
+    stubs.mkdir(exist_ok=True)
+    (stubs / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (stubs / "airflow").write_text('#!/bin/sh\nif [ "$1 $2" = "pools set" ]; then echo "POOL $3 $4"; fi\n')
+    for stub in stubs.iterdir():
+        stub.chmod(0o755)
+    run_env = {**env(svc), "PATH": f"{stubs}{os.pathsep}{os.environ.get('PATH', '')}", **extra_env}
+    return subprocess.run(
+        [bash, *shell[1:], "\n".join(lines)], env=run_env, cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_init_migrates_then_creates_the_duckdb_pool(services, tmp_path):
+    """The pool gets 1 slot on the embedded file (one DuckDB writer at a time) and the lake's
+    `Settings.writer_slots` on DuckLake: the init script's own lines run here, per mode."""
+    name, svc = init_service(services)
+    assert svc.get("restart") in (None, "no"), "the init service is a one-shot"
+    _, pool_lines = _init_script_parts(svc)
+    settings = pytest.importorskip("tasks.settings")
+    expected = {"file": "1", "ducklake": str(settings.LAKE_WRITER_SLOTS)}
+    assert int(expected["ducklake"]) > 1, "a lake takes many writers"
+    for mode, slots in expected.items():
+        done = _run_init_lines(svc, pool_lines, tmp_path, RPCWATCH_WAREHOUSE=mode)
+        assert done.returncode == 0, (mode, done.stderr)
+        assert f"POOL {POOL} {slots}\n" in done.stdout, f"{mode}: {POOL} must get {slots} slot(s): {done.stdout!r}"
+    # a mode the settings refuse stops the init before any pool is set
+    done = _run_init_lines(svc, pool_lines, tmp_path, RPCWATCH_WAREHOUSE="lake")
+    assert done.returncode != 0 and "POOL" not in done.stdout, done.stdout
+    assert "RPCWATCH_WAREHOUSE" in done.stderr, done.stderr
+
+
+def test_init_refuses_an_image_that_does_not_fit_the_warehouse(services, tmp_path):
+    """Before anything else, the init checks the image against RPCWATCH_WAREHOUSE: the lake needs the
+    ducklake extra (DuckDB 1.4.4 + extensions), the embedded file the lock's DuckDB 2.0. This venv
+    is the lock's; `make setup`'s overlay stands in for an image built with RPCWATCH_EXTRA=ducklake."""
+    _, svc = init_service(services)
+    check, _ = _init_script_parts(svc)
+    assert check, "the init does not check the image before `airflow db migrate`"
+    done = _run_init_lines(svc, check, tmp_path, RPCWATCH_WAREHOUSE="file")
+    assert done.returncode == 0, done.stderr
+    done = _run_init_lines(svc, check, tmp_path, RPCWATCH_WAREHOUSE="ducklake")
+    assert done.returncode != 0 and "RPCWATCH_EXTRA=ducklake" in done.stderr, done.stderr
+    if not (LAKE_OVERLAY / "duckdb_ext").is_dir():
+        pytest.skip(f"no DuckLake overlay at {LAKE_OVERLAY} (make setup builds it)")
+    lake = {"PYTHONPATH": str(LAKE_OVERLAY)}
+    done = _run_init_lines(svc, check, tmp_path, RPCWATCH_WAREHOUSE="ducklake", **lake)
+    assert done.returncode == 0, done.stderr
+    done = _run_init_lines(svc, check, tmp_path, RPCWATCH_WAREHOUSE="file", **lake)
+    assert done.returncode != 0 and "RPCWATCH_EXTRA=ducklake" in done.stderr, done.stderr
 
 
 def test_queues_and_pools_named_in_dags_are_served(services):
@@ -367,6 +510,7 @@ def test_healthchecks(services):
 SECRETS = {
     "POSTGRES_PASSWORD",  # Postgres superuser = Airflow's metadata DB role
     "MLFLOW_DB_PASSWORD",  # MLflow's own DB role
+    "LAKE_DB_PASSWORD",  # the DuckLake catalog's DB role (PGPASSWORD of the Airflow containers)
     "AIRFLOW_JWT_SECRET",
     "AIRFLOW_API_SECRET_KEY",
     "AIRFLOW_FERNET_KEY",
@@ -447,6 +591,8 @@ def test_secrets_reach_only_the_services_that_need_them(services):
         e = env(svc)
         if "<MLFLOW_DB_PASSWORD>" in str(e):
             assert name == "postgres", f"{name} gets MLflow's DB password"
+        if "<LAKE_DB_PASSWORD>" in str(e):
+            assert name == "postgres" or name in airflow_services(services), f"{name} gets the lake's DB password"
         if "<AIRFLOW_ADMIN_PASSWORD>" in str(e):
             assert command(svc)[:2] == ["airflow", "api-server"], f"{name} gets the admin password"
 
@@ -623,6 +769,65 @@ def test_dockerfile_installs_torch_before_the_lock():
     extras = " ".join(runs)
     for pkg in ("apache-airflow-providers-celery", "psycopg2-binary"):
         assert pkg in extras, f"{pkg} is not installed in the image"
+
+
+def _ducklake_pins() -> list[str]:
+    return tomllib.loads(PYPROJECT.read_text())["project"]["optional-dependencies"]["ducklake"]
+
+
+def test_dockerfile_installs_the_extra_from_pyproject():
+    """RPCWATCH_EXTRA=ducklake lays pyproject's `ducklake` pins over the lock (DuckDB 1.4.4 and its
+    extension packages), read from pyproject.toml at build time: no pin is repeated in the Dockerfile.
+    The lookup itself runs here on the real pyproject.toml."""
+    pins = _ducklake_pins()
+    assert any(re.fullmatch(r"duckdb==1\.4\.\d+", pin) for pin in pins), pins
+    instructions = dockerfile_instructions()
+    text = DOCKERFILE.read_text()
+    for pin in pins:
+        assert pin not in text, f"{pin} is repeated in the Dockerfile: the pins live in pyproject.toml"
+    runs = [rest for kw, rest in instructions if kw == "RUN"]
+    extra = [i for i, r in enumerate(runs) if "RPCWATCH_EXTRA" in r and "optional-dependencies" in r]
+    assert len(extra) == 1, "one RUN installs the extra, reading pyproject's optional-dependencies"
+    run = runs[extra[0]]
+    lock_run = next(i for i, r in enumerate(runs) if "requirements.lock" in r)
+    project = next(i for i, r in enumerate(runs) if re.search(r"pip install\b.*--no-deps\b.*-e\s+\.(\s|$)", r))
+    assert lock_run < extra[0] < project, "the extra goes over the lock, before the project"
+    assert re.search(r"pip install --no-deps \$\{?pins\}?", run), run
+    copied_before = [rest for kw, rest in instructions[: instructions.index(("RUN", run))] if kw == "COPY"]
+    assert any("pyproject.toml" in rest.split()[:-1] for rest in copied_before), "pyproject.toml is not there yet"
+
+    match = re.search(r"python -c '([^']*)' \"\$\{RPCWATCH_EXTRA\}\"", run)
+    assert match, run
+    lookup = [sys.executable, "-c", match.group(1)]
+    done = subprocess.run([*lookup, "ducklake"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == pins, done.stdout
+    done = subprocess.run([*lookup, "no-such-extra"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "RPCWATCH_EXTRA=no-such-extra" in done.stderr, done.stderr
+
+
+def test_the_ducklake_image_proves_its_extensions_load():
+    """The build's last check on a ducklake image loads both extensions offline. It runs here on
+    `make setup`'s overlay of the same pins, and fails on the lock's DuckDB 2.0 alone."""
+    runs = [rest for kw, rest in dockerfile_instructions() if kw == "RUN"]
+    checks = [m.group(1) for r in runs for m in re.finditer(r'python -c "([^"]*LOAD ducklake[^"]*)"', r)]
+    assert len(checks) == 1, "the ducklake image is not checked at build time"
+    (code,) = checks
+    assert "LOAD postgres" in code and "autoinstall_known_extensions': False" in code, code
+    plain = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert plain.returncode != 0, "the check passes without the ducklake extra"
+    if not (LAKE_OVERLAY / "duckdb_ext").is_dir():
+        pytest.skip(f"no DuckLake overlay at {LAKE_OVERLAY} (make setup builds it)")
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": f"{LAKE_OVERLAY}{os.pathsep}{ROOT}"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "duckdb 1.4." in done.stdout, done.stdout
 
 
 def test_dockerfile_copies_code_where_compose_points(services):

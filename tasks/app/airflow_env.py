@@ -125,9 +125,10 @@ def airflow_cli(env: dict[str, str], *args: str, check: bool = True) -> subproce
     return result
 
 
-def prepare_airflow(env: dict[str, str], pool: str) -> None:
-    """Create/upgrade Airflow's metadata db and the one-slot DuckDB writer pool; say how to log in.
-    Skipped (12 s saved per call) when this Airflow version already prepared this db and pool."""
+def prepare_airflow(env: dict[str, str], pool: str, slots: int = 1) -> None:
+    """Create/upgrade Airflow's metadata db and the DuckDB writer pool (one slot on the embedded file,
+    `Settings.writer_slots` on a lake); say how to log in. Skipped (12 s saved per call) when this
+    Airflow version already prepared this db and pool."""
     home = Path(env["AIRFLOW_HOME"])
     try:
         home.mkdir(parents=True, exist_ok=True)
@@ -135,10 +136,11 @@ def prepare_airflow(env: dict[str, str], pool: str) -> None:
         raise RuntimeError(
             f"AIRFLOW_HOME={home} cannot be created ({exc}); set AIRFLOW_HOME to a writable folder or unset it"
         ) from exc
-    stamp, wanted = home / PREPARED_STAMP, _prepared_marker(env, pool)
+    stamp, wanted = home / PREPARED_STAMP, _prepared_marker(env, pool, slots)
     if not (_db_exists(env) and stamp.is_file() and stamp.read_text() == wanted):
         airflow_cli(env, "db", "migrate")
-        airflow_cli(env, "pools", "set", pool, "1", "DuckDB allows one writer process per file")
+        why = "DuckDB allows one writer process per file" if slots == 1 else "writers of the shared DuckLake warehouse"
+        airflow_cli(env, "pools", "set", pool, str(slots), why)
         stamp.write_text(wanted)
     print(login_hint(env), file=sys.stderr, flush=True)
 
@@ -146,12 +148,13 @@ def prepare_airflow(env: dict[str, str], pool: str) -> None:
 PREPARED_STAMP = ".rpcwatch-prepared"
 
 
-def _prepared_marker(env: dict[str, str], pool: str) -> str:
-    """What a prepared metadata db is prepared for: Airflow's version, the db, the pool."""
+def _prepared_marker(env: dict[str, str], pool: str, slots: int = 1) -> str:
+    """What a prepared metadata db is prepared for: Airflow's version, the db, the pool (and its size)."""
     from importlib.metadata import version
 
     conn = env.get("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "airflow.cfg")
-    return json.dumps({"airflow": version("apache-airflow"), "db": conn, "pool": pool})
+    sized = pool if slots == 1 else f"{pool}:{slots}"  # a one-slot pool's marker as before: no new migrate
+    return json.dumps({"airflow": version("apache-airflow"), "db": conn, "pool": sized})
 
 
 def _db_exists(env: dict[str, str]) -> bool:

@@ -61,7 +61,7 @@ def _synthesize(settings: Settings, hours: int, spans_per_hour: int, seed: int) 
     """Write labelled synthetic hours (with injected events) into the incoming folder."""
     from tasks.synth.generate import generate
 
-    if settings.warehouse.exists():
+    if isinstance(warehouse := settings.warehouse, Path) and warehouse.exists():  # a lake: see its tables
         print(
             f"note: {settings.warehouse} exists: earlier runs' models and rows stay in it "
             "(`make clean`, or another RPCWATCH_HOME, for a fresh start)"

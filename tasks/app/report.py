@@ -13,7 +13,7 @@ from pathlib import Path
 
 import duckdb
 
-from tasks.settings import Settings
+from tasks.settings import Lake, Settings
 
 # C0/C1 controls, and the Unicode line separators and bidi overrides that reorder what a terminal shows
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
@@ -48,9 +48,9 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in cells])
 
 
-def read_source(settings: Settings) -> Path:
+def read_source(settings: Settings) -> Path | Lake:
     """What the read commands read: the published snapshot when there is one (it never waits for,
-    nor blocks, a run), else the warehouse."""
+    nor blocks, a run), else the warehouse (the file, or the lake)."""
     from tasks.publish import analytics_path
 
     snapshot = analytics_path(settings)
@@ -62,6 +62,12 @@ def reading(settings: Settings) -> Iterator[duckdb.DuckDBPyConnection]:
     """A read-only connection on `read_source`. A file locked by a writer is a RuntimeError naming it
     and the process that holds it, not DuckDB's traceback."""
     path = read_source(settings)
+    if isinstance(path, Lake):  # never locked by a run: opened read-only like the file
+        from tasks.warehouse import opened
+
+        with opened(path, read_only=True) as con:
+            yield con
+        return
     if not path.exists():
         raise FileNotFoundError(f"no warehouse at {path}: run `rpcwatch ingest` first")
     try:

@@ -136,7 +136,7 @@ def up(settings: Settings, say: Callable[[str], None] = print) -> dict[str, int]
     from tasks.models.registry import relocate_artifacts
 
     env = stack_env(settings)
-    prepare_airflow(env, settings.airflow_pool)
+    prepare_airflow(env, settings.airflow_pool, settings.writer_slots)
     relocate_artifacts(settings)  # a moved or copied home: its MLflow UI links its own artifacts
     already = running(settings)
     logs, run_dir = settings.home / "logs", _run_dir(settings)
@@ -210,7 +210,7 @@ def backfill(settings: Settings, first: datetime, last: datetime, say: Callable[
         AirflowApi.of(settings).call("POST", "/api/v2/backfills", body, retries=5)
     else:
         env = stack_env(settings)
-        prepare_airflow(env, settings.airflow_pool)
+        prepare_airflow(env, settings.airflow_pool, settings.writer_slots)
         args = ["--dag-id", DAG_ID, "--from-date", first.isoformat(), "--to-date", last.isoformat()]
         airflow_cli(env, "backfill", "create", *args, "--max-active-runs", "1", "--reprocess-behavior", "none")
     hours = int((last - first).total_seconds() // 3600) + 1

@@ -83,10 +83,10 @@ def export_pattern(
     )
     parquet = folder / f"pattern-{pattern_id}.parquet"
     # written by pyarrow: the path (under the home, from settings) never goes into SQL text
-    series = con.execute(
+    series = con.sql(  # a relation: `to_arrow_table` on DuckDB 1.4 (the lake's) and 2.0 alike
         """SELECT bucket_ts, node, calls, errors, rt_mean, rt_p95 FROM pattern_series
                             WHERE pattern_id = ? AND bucket_ts >= ? AND bucket_ts < ? ORDER BY bucket_ts, node""",
-        [pattern_id, start.replace(tzinfo=None), end.replace(tzinfo=None)],
+        params=[pattern_id, start.replace(tzinfo=None), end.replace(tzinfo=None)],
     ).to_arrow_table()
     pq.write_table(series, parquet)
     meta = {

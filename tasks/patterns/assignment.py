@@ -154,8 +154,10 @@ def recluster(con: duckdb.DuckDBPyConnection, settings: Settings, hour: datetime
         np.array([pattern_of.get(int(c), NO_PATTERN) for c in labels], dtype=np.int64),
         np.where(labels >= 0, "clustered", "noise").astype(object),
     )
+    # replaced by delete then insert (in the stage's transaction), not INSERT OR REPLACE: a lake has no keys
+    con.execute(f"DELETE FROM shape_patterns WHERE shape_id IN (SELECT shape_id FROM {ASSIGNMENT})")
     con.execute(
-        f"""INSERT OR REPLACE INTO shape_patterns (shape_id, pattern_id, method, assigned_hour)
+        f"""INSERT INTO shape_patterns (shape_id, pattern_id, method, assigned_hour)
         SELECT shape_id, pattern_id, method, ? FROM {ASSIGNMENT}""",
         [naive_utc(hour)],
     )

@@ -115,8 +115,10 @@ def _write_pattern(
     updated_hour: datetime,
 ) -> None:
     graph = cluster.graph
+    # delete then insert (in the stage's transaction), not INSERT OR REPLACE: a lake has no keys
+    con.execute("DELETE FROM patterns WHERE pattern_id = ?", [pid])
     con.execute(
-        """INSERT OR REPLACE INTO patterns (pattern_id, version, graph_hash, status, critical, first_seen,
+        """INSERT INTO patterns (pattern_id, version, graph_hash, status, critical, first_seen,
             last_changed, traffic_share, calls, traces, n_nodes, n_edges, n_shapes, updated_hour)
         VALUES (?, ?, ?, 'active', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
         [

@@ -121,8 +121,10 @@ def _assign_patterns(
 
 def _record_run(con: duckdb.DuckDBPyConnection, report: PatternReport) -> None:
     changes = report.changes
+    # delete then insert (in the stage's transaction), not INSERT OR REPLACE: a lake has no keys
+    con.execute("DELETE FROM clustering_runs WHERE hour = ?", [naive_utc(report.hour)])
     con.execute(
-        """INSERT OR REPLACE INTO clustering_runs (hour, reclustered, reason, shapes, clusters, noise_shapes,
+        """INSERT INTO clustering_runs (hour, reclustered, reason, shapes, clusters, noise_shapes,
             noise_share, critical, critical_share, unassigned_share, seconds)
         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
         [

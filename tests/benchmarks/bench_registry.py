@@ -78,10 +78,8 @@ import json
 import logging
 import multiprocessing as mp
 import os
-import pwd
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -101,6 +99,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a script: the tests' helpers are not on the path
 
+import pg  # noqa: E402
 from helpers import synthetic_pattern, tiny_traces  # noqa: E402
 from tasks.models import registry, training  # noqa: E402
 from tasks.models.detector import Detector  # noqa: E402
@@ -127,7 +126,6 @@ from tasks.models.tracking import (  # noqa: E402
 )
 from tasks.settings import Settings  # noqa: E402
 
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
 TRAINED_FOR = datetime(2026, 1, 2, 10, tzinfo=UTC)
 RETRAINED_FOR = datetime(2026, 1, 3, 10, tzinfo=UTC)
 REASON = "benchmark"
@@ -613,17 +611,6 @@ def concurrent_writers(store: str, settings: Settings, epochs: int, writers: int
 # --- the stores -----------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _as_postgres_user(cmd: list[str]) -> list[str]:
-    """initdb and postgres refuse root: run them as `nobody` (runuser) when this process is root."""
-    return ["runuser", "-u", "nobody", "--", *cmd] if os.geteuid() == 0 else cmd
-
-
 def _wait_http(url: str, seconds: float, proc: subprocess.Popen[bytes], log: Path) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -638,53 +625,17 @@ def _wait_http(url: str, seconds: float, proc: subprocess.Popen[bytes], log: Pat
 
 @contextlib.contextmanager
 def postgres(keep: bool) -> Iterator[str]:
-    """A PostgreSQL 15 cluster in a temp folder of its own (owned by `nobody` when run as root:
-    initdb and postgres refuse root, so they run as `nobody` through runuser) on a free loopback
-    port, trust auth; the URI of its `mlflow` database. Stopped (and the folder removed) on exit."""
-    import psycopg2
-
-    folder = Path(tempfile.mkdtemp(prefix="bench-registry-pg-"))
-    if os.geteuid() == 0:
-        nobody = pwd.getpwnam("nobody")
-        os.chown(folder, nobody.pw_uid, nobody.pw_gid)
-    data, port = folder / "data", _free_port()
-    ctl = [str(PG_BIN / "pg_ctl"), "-D", str(data)]
-    try:
-        for cmd in (
-            [str(PG_BIN / "initdb"), "-D", str(data), "-U", "rpcwatch", "--auth=trust", "-E", "UTF8"],
-            [
-                *ctl,
-                "-o",
-                f"-p {port} -k {folder} -c listen_addresses=127.0.0.1",
-                "-l",
-                str(folder / "log"),
-                "-w",
-                "start",
-            ],
-        ):
-            done = subprocess.run(_as_postgres_user(cmd), capture_output=True, text=True)
-            if done.returncode:
-                raise RuntimeError(f"{' '.join(cmd[:2])} failed: {done.stderr[-2000:]}")
-        con = psycopg2.connect(host="127.0.0.1", port=port, user="rpcwatch", dbname="postgres")
-        con.autocommit = True
-        with con.cursor() as cur:
-            cur.execute("CREATE DATABASE mlflow")
-        con.close()
-        print(f"  postgres {PG_BIN.parent.name} on 127.0.0.1:{port} in {folder}", flush=True)
-        yield f"postgresql+psycopg2://rpcwatch@127.0.0.1:{port}/mlflow"
-    finally:
-        if (data / "postmaster.pid").exists():
-            subprocess.run(_as_postgres_user([*ctl, "-m", "fast", "-w", "stop"]), check=False, capture_output=True)
-        if keep:
-            print(f"kept {folder}")
-        else:
-            shutil.rmtree(folder, ignore_errors=True)
+    """A throwaway PostgreSQL 15 server (tests/pg.py) with an `mlflow` database; its SQLAlchemy URI."""
+    with pg.postgres(keep, prefix="bench-registry-pg-") as server:
+        server.create_database("mlflow")
+        print(f"  postgres {pg.PG_BIN.parent.name} on {server.host}:{server.port} in {server.folder}", flush=True)
+        yield f"postgresql+psycopg2://{server.user}@{server.host}:{server.port}/mlflow"
 
 
 @contextlib.contextmanager
 def mlflow_server(folder: Path, backend: str, workers: int = 2) -> Iterator[str]:
     """`mlflow server` on a free loopback port, proxying artifacts in `folder`; its URL."""
-    port = _free_port()
+    port = pg.free_port()
     log = folder / "mlflow-server.log"
     cmd = [
         str(Path(sys.executable).with_name("mlflow")),

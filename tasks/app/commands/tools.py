@@ -24,7 +24,7 @@ def cmd_airflow(args: argparse.Namespace) -> int:
 
     settings = settings_from(args)
     env = airflow_env(settings)
-    prepare_airflow(env, settings.airflow_pool)
+    prepare_airflow(env, settings.airflow_pool, settings.writer_slots)
     airflow = Path(sys.executable).with_name("airflow")
     os.execve(airflow, [str(airflow), *args.airflow_args], env)
     return 0
