@@ -22,7 +22,23 @@ import numpy as np
 from tasks.keys import node_label
 
 if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+
     from tasks.settings import Settings
+
+
+@dataclass(frozen=True)
+class ForecastPanel:
+    """One node's real and predicted calls per bucket and its calibrated band, to draw."""
+
+    times: np.ndarray
+    observed: np.ndarray
+    expected: np.ndarray
+    alpha: float
+    alarm_p: float
+    title: str
+    flagged: np.ndarray | None = None
+    phi: float = 1.0
 
 
 def forecast_plot(
@@ -37,31 +53,42 @@ def forecast_plot(
     phi: float = 1.0,
 ) -> Path:
     """Real vs predicted calls per bucket, the calibrated band shaded, flagged points marked."""
+    return forecast_panels([ForecastPanel(times, observed, expected, alpha, alarm_p, title, flagged, phi)], path)
+
+
+def forecast_panels(panels: list[ForecastPanel], path: Path) -> Path:
+    """`forecast_plot`'s picture for several nodes, one panel each, in one PNG (one figure to lay out
+    and encode: training draws one per pattern, hundreds an hour)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from tasks.models.thresholds import count_band
-
-    lo, hi = count_band(expected, alpha, alarm_p, phi)
-    fig, ax = plt.subplots(figsize=(10, 3.2), dpi=110)
-    ax.fill_between(times, lo, hi, color="tab:orange", alpha=0.18, label=f"threshold band (p={alarm_p:g})")
-    ax.plot(times, observed, color="black", lw=1.0, label="real")
-    ax.plot(times, expected, color="tab:orange", lw=1.4, label="predicted")
-    outside = (observed < lo) | (observed > hi) if flagged is None else flagged
-    if outside.any():
-        ax.scatter(times[outside], observed[outside], color="tab:red", zorder=3, s=18, label="irregular")
-    ax.set_title(title, fontsize=9)
-    ax.set_ylabel("calls per bucket")
-    ax.legend(loc="upper left", fontsize=7, ncol=4)
-    ax.grid(alpha=0.3)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 0.4 + 2.8 * len(panels)), dpi=110, squeeze=False)
+    for ax, panel in zip(axes[:, 0], panels, strict=True):
+        _draw_forecast(ax, panel)
     fig.autofmt_xdate()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _draw_forecast(ax: Axes, p: ForecastPanel) -> None:
+    from tasks.models.thresholds import count_band
+
+    lo, hi = count_band(p.expected, p.alpha, p.alarm_p, p.phi)
+    ax.fill_between(p.times, lo, hi, color="tab:orange", alpha=0.18, label=f"threshold band (p={p.alarm_p:g})")
+    ax.plot(p.times, p.observed, color="black", lw=1.0, label="real")
+    ax.plot(p.times, p.expected, color="tab:orange", lw=1.4, label="predicted")
+    outside = (p.observed < lo) | (p.observed > hi) if p.flagged is None else p.flagged
+    if outside.any():
+        ax.scatter(p.times[outside], p.observed[outside], color="tab:red", zorder=3, s=18, label="irregular")
+    ax.set_title(p.title, fontsize=9)
+    ax.set_ylabel("calls per bucket")
+    ax.legend(loc="upper left", fontsize=7, ncol=4)
+    ax.grid(alpha=0.3)
 
 
 def _node_index(nodes: list[str], node: str, pattern_id: int) -> int:

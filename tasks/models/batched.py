@@ -205,6 +205,7 @@ class Slot:
     waited: int = 0
     history: list[float] = field(default_factory=list)
     done: bool = False
+    patience: int = 20  # `train`'s: cfg.patience from scratch, cfg.warm_patience from a champion
 
 
 def _next_batches(slots: list[Slot], g: Group, cfg: TrainConfig, dev: torch.device) -> tuple[Tensor, Tensor]:
@@ -271,21 +272,33 @@ def _validate(
 
 
 def train_group(
-    preps: list[Prepared], n_pad: int, cfg: TrainConfig, dev: torch.device, use_graph: bool, opts: BatchOptions
+    preps: list[Prepared],
+    n_pad: int,
+    cfg: TrainConfig,
+    dev: torch.device,
+    use_graph: bool,
+    opts: BatchOptions,
+    inits: list[dict[str, Tensor] | None],
 ) -> list[TrainResult]:
     """One stack: steps every unfinished pattern each step until all have stopped early or run out of epochs."""
     started = time.perf_counter()
     g = build_group(preps, n_pad, dev)
     models = []
-    for _ in preps:  # built exactly as `train` builds its model: same seed, same initial weights
+    for init in inits:  # built exactly as `train` builds its model: same seed, same initial weights
         torch.manual_seed(cfg.seed)
-        models.append(make_model(cfg, use_graph).to(dev))
+        model = make_model(cfg, use_graph)
+        if init is not None:
+            model.load_state_dict(init)
+        models.append(model.to(dev))
     stack = _Stack(models, cfg)
     base = cast(STGCN, copy.deepcopy(models[0]).to("meta"))  # `make_model` builds an STGCN
     fwd = dense_forward(base) if opts.dense else stacked_forward(base, g.edge_index)
     if opts.compile_model:
         fwd = torch.compile(fwd)
-    slots = [Slot(p, torch.Generator().manual_seed(cfg.seed)) for p in range(len(preps))]
+    slots = [
+        Slot(p, torch.Generator().manual_seed(cfg.seed), patience=cfg.patience if init is None else cfg.warm_patience)
+        for p, init in enumerate(inits)
+    ]
     results: dict[int, tuple[dict[str, Tensor], list[float], float]] = {}
     while slots:
         idx, smask = _next_batches(slots, g, cfg, dev)
@@ -344,7 +357,7 @@ def _early_stopping(
                 stack.best[k][r] = v.detach()[r]
     for i in ended:
         s = slots[i]
-        if s.waited >= cfg.patience or len(s.history) >= cfg.max_epochs:
+        if s.waited >= s.patience or len(s.history) >= cfg.max_epochs:
             if math.isinf(s.best):
                 raise RuntimeError(f"pattern #{s.pattern}: the validation loss never improved (not finite?)")
             s.done = True
@@ -374,15 +387,19 @@ def train_batched(
     dev: torch.device,
     use_graph: bool = True,
     opts: BatchOptions | None = None,
+    inits: list[dict[str, Tensor] | None] | None = None,
 ) -> list[TrainResult]:
-    """`forecast.train` for many patterns of one architecture at once; results in the order of `preps`."""
+    """`forecast.train` for many patterns of one architecture at once (each from its `inits` weights
+    where given, as `train(init=...)`); results in the order of `preps`."""
     opts = opts or BatchOptions.for_device(dev)
+    inits = inits or [None] * len(preps)
     results: list[TrainResult | None] = [None] * len(preps)
     for n_pad, idx in size_buckets(preps, opts.node_multiple):
         per_pattern = cfg.batch_size * cfg.window * n_pad * cfg.hidden
         cap = max(1, opts.max_elements // per_pattern)
         for k in range(0, len(idx), cap):
             chunk = idx[k : k + cap]
-            for i, result in zip(chunk, train_group([preps[i] for i in chunk], n_pad, cfg, dev, use_graph, opts)):
+            group = train_group([preps[i] for i in chunk], n_pad, cfg, dev, use_graph, opts, [inits[i] for i in chunk])
+            for i, result in zip(chunk, group):
                 results[i] = result
     return [r for r in results if r is not None]

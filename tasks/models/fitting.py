@@ -1,6 +1,11 @@
 """Fit one or many patterns' forecasters: train the model and its no-graph twin, evaluate both
 against the naive baselines on the validation split, calibrate the alarm thresholds (`Fitted`).
 
+A retrain starts from its champion's weights (`init`) and fine-tunes it; the no-graph twin, an
+ablation that shows what the graph adds, is trained only with a model trained from scratch (its
+metrics are NaN on a fine-tuned version): retraining hundreds of stale patterns an hour on a CPU
+cannot afford a second model each (tests/benchmarks/bench_train.py --retrain).
+
 Nothing here logs or registers (that is `tasks.models.training`). Many patterns train together
 (`tasks.models.batched.train_batched`: stacked parameters, padded graphs) where it pays, on a GPU;
 on a CPU one by one is faster (the work is arithmetic-bound and padding adds to it), with the same
@@ -9,6 +14,7 @@ models either way to float rounding (tests/models/test_batched.py).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,16 +42,19 @@ def evaluate(
     prep: Prepared,
     cfg: TrainConfig,
     model: torch.nn.Module,
-    no_graph: torch.nn.Module,
+    no_graph: torch.nn.Module | None,
     dev: torch.device,
 ) -> tuple[dict[str, float], np.ndarray, int]:
-    """Validation metrics of the model, the no-graph model and the naive baselines, side by side."""
+    """Validation metrics of the model, the no-graph model (NaN without one) and the naive
+    baselines, side by side."""
     obs = prep.y[prep.split :].numpy().astype(np.float64)
     pred = predict(model, prep, slice(prep.split, None), dev)
     out = {f"model_{k}": v for k, v in metrics(pred, obs).items()}
-    out.update(
-        {f"no_graph_{k}": v for k, v in metrics(predict(no_graph, prep, slice(prep.split, None), dev), obs).items()}
-    )
+    if no_graph is None:
+        out.update({f"no_graph_{k}": math.nan for k in metrics(pred, obs)})
+    else:
+        twin = metrics(predict(no_graph, prep, slice(prep.split, None), dev), obs)
+        out.update({f"no_graph_{k}": v for k, v in twin.items()})
     baselines, period = _baselines(data, prep, cfg)
     for name, values in baselines.items():
         out.update({f"{name}_{k}": v for k, v in metrics(values, obs).items()})
@@ -65,18 +74,17 @@ class Fitted:
     cfg: TrainConfig
     dev: torch.device
     result: TrainResult
-    no_graph: TrainResult
+    no_graph: TrainResult | None  # None: fine-tuned from the champion, no twin
     scores: dict[str, float]
     pred: np.ndarray  # validation forecasts [S, N, F]
     period: int  # seasonal naive period, buckets
     thresholds: Thresholds
 
 
-def fit(settings: Settings, data: PatternData, cfg: TrainConfig) -> Fitted:
-    """Train the model and its no-graph twin, evaluate both against the baselines, calibrate."""
-    dev = device(settings.device)
-    prep = prepare(data, cfg)
-    return _fitted(settings, data, prep, cfg, dev, train(prep, cfg, dev), train(prep, cfg, dev, use_graph=False))
+def fit(settings: Settings, data: PatternData, cfg: TrainConfig, init: dict[str, torch.Tensor] | None = None) -> Fitted:
+    """Train the model (from `init`, or from scratch with its no-graph twin), evaluate against the
+    baselines, calibrate."""
+    return fit_many(settings, [(data, prepare(data, cfg))], cfg, [init])[0]
 
 
 def _fitted(
@@ -86,10 +94,10 @@ def _fitted(
     cfg: TrainConfig,
     dev: torch.device,
     result: TrainResult,
-    no_graph: TrainResult,
+    no_graph: TrainResult | None,
 ) -> Fitted:
     """The trained pair evaluated against the baselines, and the thresholds calibrated."""
-    scores, pred, period = evaluate(data, prep, cfg, result.model, no_graph.model, dev)
+    scores, pred, period = evaluate(data, prep, cfg, result.model, no_graph.model if no_graph else None, dev)
     thresholds = calibrate(data, prep, pred, settings.alarm_p, settings.threshold_method)
     return Fitted(data, prep, cfg, dev, result, no_graph, scores, pred, period, thresholds)
 
@@ -104,18 +112,29 @@ def batching(settings: Settings, dev: torch.device) -> bool:
     return settings.batch_training == "on" or (settings.batch_training == "auto" and dev.type == "cuda")
 
 
-def fit_many(settings: Settings, ready: list[tuple[PatternData, Prepared]], cfg: TrainConfig) -> list[Fitted]:
-    """`fit` for many prepared patterns, in their order: models and twins trained stacked when
-    `batching` says so, one by one otherwise."""
+def fit_many(
+    settings: Settings,
+    ready: list[tuple[PatternData, Prepared]],
+    cfg: TrainConfig,
+    inits: list[dict[str, torch.Tensor] | None] | None = None,
+) -> list[Fitted]:
+    """`fit` for many prepared patterns (each from its `inits` weights where given), in their order:
+    models and twins trained stacked when `batching` says so, one by one otherwise."""
     from tasks.models.batched import train_batched
 
     dev = device(settings.device)
     preps = [prep for _, prep in ready]
+    inits = inits or [None] * len(preps)
+    cold = [i for i, init in enumerate(inits) if init is None]  # only these get a twin
+    twins: list[TrainResult | None] = [None] * len(preps)
     if batching(settings, dev) and len(preps) > 1:
-        models, twins = train_batched(preps, cfg, dev), train_batched(preps, cfg, dev, use_graph=False)
+        models = train_batched(preps, cfg, dev, inits=inits)
+        trained = train_batched([preps[i] for i in cold], cfg, dev, use_graph=False) if cold else []
     else:
-        models = [train(prep, cfg, dev) for prep in preps]
-        twins = [train(prep, cfg, dev, use_graph=False) for prep in preps]
+        models = [train(prep, cfg, dev, init=init) for prep, init in zip(preps, inits)]
+        trained = [train(preps[i], cfg, dev, use_graph=False) for i in cold]
+    for i, twin in zip(cold, trained, strict=True):
+        twins[i] = twin
     return [
         _fitted(settings, data, prep, cfg, dev, model, twin)
         for (data, prep), model, twin in zip(ready, models, twins, strict=True)

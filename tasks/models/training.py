@@ -5,7 +5,7 @@ run and a registered version (names, tags and the registry's other uses: `tasks.
 
 One MLflow run per training (experiment `rpcwatch`): params, validation metrics of the model and
 each baseline side by side, artifacts (state dict, graph, normalisation, thresholds: JSON and
-tensors only, nothing unpickled on load) and forecast-vs-actual PNGs of the busiest nodes. Each
+tensors only, nothing unpickled on load) and a forecast-vs-actual PNG of the busiest nodes. Each
 version is registered as `rpcwatch-pattern-<id>` with its tags in the same write; the `champion`
 alias moves to it only if there is no champion, if the champion's graph no longer matches the
 pattern, or if it beats the champion on the same recent validation window. Otherwise it becomes
@@ -130,31 +130,22 @@ def load_model(folder: Path, dev: torch.device | None = None) -> LoadedModel:
 
 
 def _plots(fitted: Fitted, folder: Path, top: int = 3) -> list[Path]:
-    """Forecast-vs-actual PNGs of the `top` busiest nodes over the validation window."""
-    from tasks.app.plots import forecast_plot
+    """Forecast vs actual over the validation window of the `top` busiest nodes, one PNG."""
+    from tasks.app.plots import ForecastPanel, forecast_panels
 
     data, prep = fitted.data, fitted.prep
     obs = prep.y[prep.split :].numpy()
     busiest = np.argsort(-obs[:, :, CALLS].mean(axis=0))[:top]
     times = data.buckets[prep.targets[prep.split :]]
-    paths = []
-    for rank, n in enumerate(busiest, 1):
-        node = data.nodes[n]
-        path = folder / f"forecast-{rank}-{node.replace('|', '_').replace('/', '_')[:80]}.png"
+    panels = []
+    for n in busiest:
+        node, alarm_p = data.nodes[n], fitted.thresholds.alarm_p
         band = fitted.thresholds.nodes[node].calls
         title = f"pattern {data.pattern_id} · {node}"
-        forecast_plot(
-            times,
-            obs[:, n, CALLS],
-            fitted.pred[:, n, CALLS],
-            band.alpha,
-            fitted.thresholds.alarm_p,
-            title,
-            path,
-            phi=band.phi,
+        panels.append(
+            ForecastPanel(times, obs[:, n, CALLS], fitted.pred[:, n, CALLS], band.alpha, alarm_p, title, phi=band.phi)
         )
-        paths.append(path)
-    return paths
+    return [forecast_panels(panels, folder / "forecast.png")]
 
 
 # --- the champion policy ---------------------------------------------------------------------------
@@ -225,14 +216,19 @@ def run_metrics(fitted: Fitted, trace: TraceModel | None) -> dict[str, float]:
 
 
 def _log_run(
-    mlflow: ModuleType, fitted: Fitted, folder: Path, reason: str, trace: TraceModel | None = None
+    mlflow: ModuleType,
+    fitted: Fitted,
+    folder: Path,
+    reason: str,
+    trace: TraceModel | None = None,
+    warm_source: str = "no champion",
 ) -> tuple[ModelInfo, dict[str, str]]:
     """Params, the pyfunc model (signature, input example), metrics and plots into the active run
     (the trace model beside the forecaster, same version); (the logged model, artifact files).
     Calls are few: a registry's cost is its round trips (one per metric call, hundreds per model
     before; tests/benchmarks/bench_registry.py), so metrics go in one batch after the model (which
     would otherwise re-read them to link them), plots in one upload."""
-    mlflow.log_params(_params(fitted, reason))
+    mlflow.log_params(_params(fitted, reason) | {"warm_start": warm_source})
     plots = folder / "plots"
     plots.mkdir()
     _plots(fitted, plots)
@@ -261,12 +257,42 @@ def _metric_batch(fitted: Fitted, trace: TraceModel | None, model_id: str) -> li
     return scalars + [Metric("val_loss", v, now, epoch) for epoch, v in enumerate(fitted.result.history)]
 
 
+# the fields that shape a model's weights: a champion of another architecture cannot start a retrain
+ARCHITECTURE_FIELDS = ("window", "horizon", "hidden", "kernel_size", "blocks")
+
+
+def warm_start(settings: Settings, client: MlflowClient, pattern_id: int, cfg: TrainConfig) -> WarmStart:
+    """The champion's weights to fine-tune (`settings.warm_start`), or None with the reason. Any graph
+    will do: no weight depends on the node count, so a changed call tree starts from them too."""
+    if not settings.warm_start:
+        return WarmStart(None, "off (RPCWATCH_WARM_START=false)")
+    champion = registered_champion(client, model_name(pattern_id))
+    if champion is None:
+        return WarmStart(None, "no champion")
+    import mlflow
+
+    folder = Path(mlflow.artifacts.download_artifacts(f"models:/{champion.name}/{champion.version}")) / "artifacts"
+    loaded = load_model(folder)
+    if any(getattr(loaded.cfg, f) != getattr(cfg, f) for f in ARCHITECTURE_FIELDS):
+        return WarmStart(None, f"champion v{champion.version} has another architecture")
+    return WarmStart(loaded.model.state_dict(), f"champion v{champion.version}")
+
+
+class WarmStart(NamedTuple):
+    state: dict[str, torch.Tensor] | None
+    source: str  # where the weights came from, or why there are none (logged as the param `warm_start`)
+
+
 def train_pattern(
     settings: Settings, meta_path: Path, trained_for: datetime, cfg: TrainConfig | None = None, reason: str = ""
 ) -> TrainOutcome:
     """Everything for one pattern: train, evaluate against baselines, calibrate, log, register."""
-    fitted = fit(settings, load_pattern(meta_path), cfg or train_config(settings))
-    return register_fitted(settings, fitted, fit_trace_model(settings, meta_path), trained_for, reason)
+    cfg = cfg or train_config(settings)
+    data = load_pattern(meta_path)
+    start = warm_start(settings, setup_mlflow(settings).MlflowClient(), data.pattern_id, cfg)
+    fitted = fit(settings, data, cfg, start.state)
+    trace = fit_trace_model(settings, meta_path)
+    return register_fitted(settings, fitted, trace, trained_for, reason, start.source)
 
 
 def train_patterns(settings: Settings, jobs: list[TrainJob], cfg: TrainConfig | None = None) -> list[Outcome]:
@@ -286,15 +312,23 @@ def train_patterns(settings: Settings, jobs: list[TrainJob], cfg: TrainConfig | 
             log.warning("pattern %s skipped: %s", job.pattern_id, err)
             outcomes[job.pattern_id] = Skipped(job.pattern_id, str(err))
     by_pattern = {job.pattern_id: job for job in jobs}
-    for fitted in progress_bar(fit_many(settings, ready, cfg), "registering", unit="pattern"):
-        job = by_pattern[fitted.data.pattern_id]
+    client = setup_mlflow(settings).MlflowClient()
+    starts = {data.pattern_id: warm_start(settings, client, data.pattern_id, cfg) for data, _ in ready}
+    fitted_all = fit_many(settings, ready, cfg, [starts[data.pattern_id].state for data, _ in ready])
+    for fitted in progress_bar(fitted_all, "registering", unit="pattern"):
+        job, source = by_pattern[fitted.data.pattern_id], starts[fitted.data.pattern_id].source
         trace = fit_trace_model(settings, job.meta_path)
-        outcomes[job.pattern_id] = register_fitted(settings, fitted, trace, job.hour, ",".join(job.reasons))
+        outcomes[job.pattern_id] = register_fitted(settings, fitted, trace, job.hour, ",".join(job.reasons), source)
     return [outcomes[job.pattern_id] for job in jobs]
 
 
 def register_fitted(
-    settings: Settings, fitted: Fitted, trace: TraceModel | None, trained_for: datetime, reason: str = ""
+    settings: Settings,
+    fitted: Fitted,
+    trace: TraceModel | None,
+    trained_for: datetime,
+    reason: str = "",
+    warm_source: str = "no champion",
 ) -> TrainOutcome:
     """Log a fitted pattern (and its trace model) to MLflow, register the version, decide the champion."""
     data = fitted.data
@@ -316,7 +350,7 @@ def register_fitted(
             f"(why: {reason or 'not given'}), launched by {launched_by(run_tags)}.",
         ) as run,
     ):
-        info, artifacts = _log_run(mlflow, fitted, Path(tmp), reason, trace)
+        info, artifacts = _log_run(mlflow, fitted, Path(tmp), reason, trace, warm_source)
         decision, why = decide(mlflow, client, fitted)
         tags = version_tags(fitted, trained_for, (decision, why), run.info.run_id, reason, artifacts)
         describe_registered_model(client, name, model_description(data, fitted.cfg))
@@ -344,7 +378,7 @@ def register_fitted(
         reason=why,
         trained_for=trained_for,
         metrics=fitted.scores,
-        seconds=fitted.result.seconds + fitted.no_graph.seconds,
+        seconds=fitted.result.seconds + (fitted.no_graph.seconds if fitted.no_graph else 0.0),
         device=str(fitted.dev),
         stale_reason=reason,
     )

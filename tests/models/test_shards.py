@@ -72,3 +72,27 @@ def test_fit_many_stacked_or_not_fits_the_same_models_as_one_by_one(tmp_path, ba
         assert fitted.data.pattern_id == data.pattern_id
         for name in ("model_mape_calls", "no_graph_mape_calls"):
             assert fitted.scores[name] == pytest.approx(alone.scores[name], rel=1e-3), name
+
+
+def test_fit_many_fine_tunes_given_weights_stacked_or_not_alike(tmp_path):
+    """Patterns with initial weights (a champion's) are fine-tuned without a twin (NaN metrics), the
+    others trained from scratch with one; stacked and one by one give the same metrics."""
+    import math
+
+    torch.set_num_threads(1)
+    cfg = TrainConfig(hidden=8, max_epochs=6, patience=3, warm_patience=2, batch_size=64)
+    rng = np.random.default_rng(2)
+    datas = [synthetic_pattern(i, rng, steps=160, nodes=n) for i, n in enumerate([4, 11, 7])]
+    ready = [(d, prepare(d, cfg)) for d in datas]
+    off = load_settings(env={"RPCWATCH_DEVICE": "cpu", "RPCWATCH_BATCH_TRAINING": "off"}, home=tmp_path)
+    champion = fit_many(off, ready[:1], cfg)[0].result.model.state_dict()
+    inits = [champion, None, champion]  # a champion's weights fit any pattern's graph
+    fitted = {}
+    for mode in ("on", "off"):
+        settings = load_settings(env={"RPCWATCH_DEVICE": "cpu", "RPCWATCH_BATCH_TRAINING": mode}, home=tmp_path)
+        fitted[mode] = fit_many(settings, ready, cfg, inits)
+    for stacked, alone, init in zip(fitted["on"], fitted["off"], inits, strict=True):
+        assert (alone.no_graph is None) == (init is not None)
+        assert math.isnan(alone.scores["no_graph_mape_calls"]) == (init is not None)
+        assert stacked.scores["model_mape_calls"] == pytest.approx(alone.scores["model_mape_calls"], rel=1e-3)
+        assert stacked.result.epochs == alone.result.epochs

@@ -95,3 +95,30 @@ def test_a_changed_request_graph_makes_exactly_its_pattern_stale(trained, tmp_pa
     with opened(settings.warehouse, read_only=True) as con:
         stale = {s.pattern_id: s.reasons for s in stale_patterns(con, settings, hour4)}
     assert stale == {target: ["graph_changed"]}
+
+
+def test_a_retrain_fine_tunes_the_champion_and_skips_the_twin(trained, tmp_path):
+    """A stale pattern's retrain starts from its champion's weights (`warm_start`, logged as a param),
+    stops after `warm_patience` epochs without improvement and trains no no-graph twin (NaN metric);
+    with RPCWATCH_WARM_START=false it starts from scratch and trains the twin."""
+    import math
+
+    from tasks.settings import load_settings
+
+    settings = copy_home(trained[0], tmp_path)
+    pid = trained[2][0]["pattern_id"]
+    [job] = plan_training(settings, H3, force=True, patterns=[pid])
+    warm = train_pattern(settings, job.meta_path, H3, reason="forced")
+    client = setup_mlflow(settings).MlflowClient()
+    run = client.get_run(warm.run_id)
+    assert run.data.params["warm_start"] == "champion v1"
+    assert math.isnan(run.data.metrics["no_graph_mape_calls"])
+    assert math.isfinite(run.data.metrics["model_mape_calls"])
+    epochs = int(run.data.params["epochs"])
+    assert epochs < int(run.data.params["patience"]), "fine-tuning stops sooner than training from scratch can"
+
+    cold_settings = load_settings(env={"RPCWATCH_WARM_START": "false"}, home=settings.home)
+    cold = train_pattern(cold_settings, job.meta_path, H3, reason="forced")
+    cold_run = client.get_run(cold.run_id)
+    assert cold_run.data.params["warm_start"].startswith("off")
+    assert math.isfinite(cold_run.data.metrics["no_graph_mape_calls"])

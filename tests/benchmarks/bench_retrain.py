@@ -1,0 +1,138 @@
+"""Benchmark: an hour's retraining of N stale patterns on this machine, the way the DAG does it.
+
+Each synthetic pattern (`helpers.synthetic_pattern`: a random call tree of 5-25 nodes, Poisson
+traffic with a slow trend) has `--hours` + 1 hours of 60 s buckets (6 h of history by default, as
+`bench_train.py`; the pipeline trains on up to RPCWATCH_TRAIN_HISTORY_HOURS, 48, and an epoch's cost
+grows with the history). Its export of the first `--hours` trains its champion
+first (set-up, not timed: from scratch at a small epoch budget, `--champion-epochs`, into a real MLflow
+sqlite registry under a temporary home). Then the hour is retrained as the DAG's `train` tasks do it:
+the stale patterns split into `--workers` shards of similar cost (`shard_jobs`), one process per shard
+at once (as Airflow runs mapped tasks), each calling `train_shard` on the export an hour later: the
+champion's weights loaded from the registry, fine-tuned (`RPCWATCH_WARM_START`), evaluated against the
+baselines, calibrated, logged with its plots, registered and judged against the champion. Ends with
+
+    retrain_<N>_patterns <seconds> s (target <= 900 s), <workers> workers, <s> s a pattern: PASS|FAIL
+
+A champion of 10 epochs is further from the new optimum than a converged one, so fine-tuning it
+takes at least as long: the figure errs on the slow side.
+
+    .venv/bin/python tests/benchmarks/bench_retrain.py [--patterns 500] [--workers 2] [--hours 6] [--champion-epochs 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import sys
+import tempfile
+import time
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a script: the tests' helpers are not on the path
+
+from helpers import synthetic_pattern  # noqa: E402
+from tasks.models.features import FEATURES  # noqa: E402
+from tasks.models.jobs import TrainJob, TrainShard  # noqa: E402
+from tasks.models.registry import setup_mlflow  # noqa: E402
+from tasks.models.series import PatternData  # noqa: E402
+from tasks.models.shards import shard_jobs  # noqa: E402
+from tasks.settings import Settings, load_settings  # noqa: E402
+
+HOUR = timedelta(hours=1)
+TARGET_S = 900.0
+
+
+def export(data: PatternData, first: int, steps: int, folder: Path) -> Path:
+    """`steps` buckets of the pattern from `first`, written as `series.export_pattern` writes them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    buckets = data.buckets[first : first + steps]
+    t, n = np.meshgrid(np.arange(len(buckets)), np.arange(len(data.nodes)), indexing="ij")
+    values = data.values[first : first + steps]
+    table = pd.DataFrame(
+        {
+            "bucket_ts": buckets[t.ravel()].astype("datetime64[us]"),
+            "node": np.array(data.nodes)[n.ravel()],
+            **{name: values[:, :, f].ravel() for f, name in enumerate(FEATURES)},
+        }
+    )
+    parquet = folder / f"pattern-{data.pattern_id}.parquet"
+    pq.write_table(pa.Table.from_pandas(table, preserve_index=False), parquet)
+    start = pd.Timestamp(buckets[0]).to_pydatetime().replace(tzinfo=UTC)
+    meta = {
+        "pattern_id": data.pattern_id,
+        "version": data.version,
+        "graph_hash": data.graph_hash,
+        "nodes": data.nodes,
+        "edges": data.edges,
+        "bucket_seconds": data.bucket_seconds,
+        "start": start.isoformat(),
+        "end": (start + timedelta(seconds=steps * data.bucket_seconds)).isoformat(),
+    }
+    path = folder / f"pattern-{data.pattern_id}.json"
+    path.write_text(json.dumps(meta))
+    return path
+
+
+def _train(args: tuple[dict[str, str], Path, TrainShard]) -> list[dict]:
+    from tasks.models.retrain import train_shard
+
+    env, home, shard = args
+    return [o.to_dict() for o in train_shard(load_settings(env=env, home=home), shard)]
+
+
+def run_shards(env: dict[str, str], settings: Settings, jobs: list[TrainJob], workers: int) -> list[dict]:
+    """Every shard in its own process at once (fresh interpreters: as Airflow's task processes)."""
+    shards = shard_jobs(jobs, workers)
+    with multiprocessing.get_context("spawn").Pool(len(shards)) as pool:
+        return [o for out in pool.map(_train, [(env, settings.home, s) for s in shards]) for o in out]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--patterns", type=int, default=500)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--hours", type=int, default=6, help="history each training sees")
+    parser.add_argument("--champion-epochs", type=int, default=10)
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    steps = args.hours * 60
+    datas = [synthetic_pattern(i, rng, steps=steps + 60) for i in range(args.patterns)]
+    hour = datetime(2026, 1, 1, tzinfo=UTC) + timedelta(hours=args.hours + 1)
+    with tempfile.TemporaryDirectory(prefix="rpcwatch-bench-retrain-") as tmp:
+        root = Path(tmp)
+        env = {"RPCWATCH_DEVICE": "cpu", "RPCWATCH_TRAIN_SHARDS": str(args.workers)}
+        settings = load_settings(env=env, home=root / "home")
+        setup_mlflow(settings)  # the registry's tables made once (the DAG's plan task does it), not raced
+        old = [TrainJob(d.pattern_id, ["new"], hour - HOUR, export(d, 0, steps, root / "old")) for d in datas]
+        new = [TrainJob(d.pattern_id, ["model_age"], hour, export(d, 60, steps, root / "new")) for d in datas]
+        setup = env | {"RPCWATCH_WARM_START": "false", "RPCWATCH_TRAIN_MAX_EPOCHS": str(args.champion_epochs)}
+        started = time.perf_counter()
+        print(f"set-up: {args.patterns} champions from scratch ({args.champion_epochs} epochs) ...", flush=True)
+        run_shards(setup, settings, old, args.workers)
+        print(f"set-up took {time.perf_counter() - started:.0f} s; retraining the hour ...", flush=True)
+        started = time.perf_counter()
+        outcomes = run_shards(env, settings, new, args.workers)
+        seconds = time.perf_counter() - started
+    trained = [o for o in outcomes if "model_version" in o]
+    print(f"  {len(trained)} retrained, decisions {dict(Counter(o['decision'] for o in trained))}")
+    fitting = np.mean([o["seconds"] for o in trained]) if trained else float("nan")
+    print(f"  fine-tuning alone: {fitting:.2f} s a pattern on average (one core)")
+    verdict = "PASS" if seconds <= TARGET_S and len(trained) == args.patterns else "FAIL"
+    print(
+        f"retrain_{args.patterns}_patterns {seconds:.1f} s (target <= {TARGET_S:.0f} s), {args.workers} workers, "
+        f"{args.hours} h of history, "
+        f"{seconds / args.patterns:.2f} s a pattern: {verdict}"
+    )
+    return 0 if verdict == "PASS" else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
