@@ -11,7 +11,7 @@ at once (as Airflow runs mapped tasks), each calling `train_shard` on the export
 champion's weights loaded from the registry, fine-tuned (`RPCWATCH_WARM_START`), evaluated against the
 baselines, calibrated, logged with its plots, registered and judged against the champion. Ends with
 
-    retrain_<N>_patterns <seconds> s (target <= 900 s), <workers> workers, <s> s a pattern: PASS|FAIL
+    retrain_<N>_patterns <seconds> s (target <= 900 s), <workers> workers, <H> h of history, <s> s a pattern: PASS|FAIL
 
 A champion of 10 epochs is further from the new optimum than a converged one; at 48 h of history a
 converged champion (`--champion-epochs 200`) still fine-tuned for about as long (25.9 s against 26.8 s).
