@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
+import os
 import re
 import time
 from collections.abc import Callable
@@ -81,8 +82,7 @@ def connect_lake(lake: Lake, schema: str, read_only: bool = False) -> duckdb.Duc
     try:
         con.execute("LOAD ducklake")
         con.execute("LOAD postgres")
-        options = f"DATA_PATH '{data.rstrip('/')}/'" + (", READ_ONLY" if read_only else "")
-        con.execute(f"ATTACH 'ducklake:postgres:' AS lake ({options})")
+        _attach(con, f"DATA_PATH '{data.rstrip('/')}/'" + (", READ_ONLY" if read_only else ""))
         con.execute("USE lake")
         if not read_only:
             retrying(lambda: _create(con, lake_schema(schema)), "creating the lake's tables")
@@ -90,6 +90,26 @@ def connect_lake(lake: Lake, schema: str, read_only: bool = False) -> duckdb.Duc
         con.close()
         raise
     return con
+
+
+def catalog_address() -> str:
+    """Where libpq looks for the catalog, as messages may show it (never the password)."""
+    names = ("PGHOST", "PGPORT", "PGDATABASE", "PGUSER")
+    return " ".join(f"{name}={os.environ.get(name, '(default)')}" for name in names)
+
+
+def _attach(con: duckdb.DuckDBPyConnection, options: str) -> None:
+    """ATTACH the lake; a catalog that cannot be reached is one line saying where it was looked for."""
+    try:
+        con.execute(f"ATTACH 'ducklake:postgres:' AS lake ({options})")
+    except duckdb.IOException as err:
+        if "connect to postgres" not in str(err).lower():
+            raise
+        reason = str(err).split("failed:", 1)[-1].strip().splitlines()[0]
+        raise RuntimeError(
+            f"cannot reach the DuckLake catalog in PostgreSQL ({catalog_address()}): {reason}. "
+            "Check the PG* variables and that the server is up"
+        ) from None
 
 
 def _create(con: duckdb.DuckDBPyConnection, schema: str) -> None:

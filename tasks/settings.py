@@ -11,6 +11,8 @@ secret, never shown in messages or `repr`.
 
 from __future__ import annotations
 
+import difflib
+import logging
 import math
 import os
 import re
@@ -33,6 +35,23 @@ WAREHOUSES = ("file", "ducklake")
 LAKE_DATA_PATTERN = re.compile(r"/[A-Za-z0-9_./-]*")
 LAKE_WRITER_SLOTS = 16  # the writer pool's size on a lake (conflicting commits are retried, tasks.lake)
 ENV_NAMES = {"warehouse_mode": "RPCWATCH_WAREHOUSE"}  # fields whose variable is not RPCWATCH_<FIELD>
+# RPCWATCH_* variables that are not settings (so not warned about as unknown), and who reads them
+OTHER_VARIABLES = {
+    "RPCWATCH_CRASH_AT": "tasks.failpoints: a named crash point, for crash tests",
+    "RPCWATCH_EXTRA": "the Dockerfile: which optional extra the image installs",
+    "RPCWATCH_IMAGE": "docker-compose.yml: the image the services run",
+    "RPCWATCH_GPU_TORCH_INDEX": "the Dockerfile: where a GPU image takes torch from",
+    "RPCWATCH_BIND": "docker-compose.yml: the address the UIs are published on",
+    "RPCWATCH_SCREENSHOT_HOME": "tests/app/test_view_screenshots.py: a home to take pictures of",
+    "RPCWATCH_DOCS_DIR": "the screenshot tests: where to copy the pictures",
+}
+# what MLflow takes as a tracking store: a tracking server, a database (SQLAlchemy URL, `+driver`
+# allowed) or a local folder (file:// or an absolute path)
+TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "file", "databricks")
+TRACKING_URI_FORMS = "sqlite:////abs/path/mlflow.db, http(s)://host[:port], postgresql://host/db or an absolute path"
+
+log = logging.getLogger(__name__)
+_warned: set[str] = set()  # unknown variables already warned about in this process
 
 
 def env_name(name: str) -> str:
@@ -273,6 +292,50 @@ def _url_problem(url: str) -> str | None:
     return None
 
 
+def _tracking_uri_problem(uri: str) -> str | None:
+    """Why MLflow could not use `uri` as its tracking store, or None (its text is never echoed: a
+    database URL may hold a password)."""
+    if uri.startswith("/"):
+        return None  # a local folder
+    try:
+        parts = urlsplit(uri)
+        parts.port  # noqa: B018 -- raises ValueError on a bad port
+    except ValueError:
+        return f"not a URI MLflow takes; use {TRACKING_URI_FORMS}"
+    scheme = parts.scheme.split("+", 1)[0]
+    if scheme not in TRACKING_SCHEMES:
+        return f"unknown scheme {scheme!r}; use {TRACKING_URI_FORMS}"
+    if scheme in ("http", "https") and not parts.hostname:
+        return "an http(s) tracking server needs a host: http(s)://host[:port]"
+    if scheme in ("sqlite", "file") and parts.path in ("", "/"):
+        return f"{scheme}: needs a path, e.g. {scheme}:////abs/path"
+    return None
+
+
+def _without_password(uri: str) -> str:
+    """`uri` with the password of its user info replaced, as messages may show it."""
+    return re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", uri)
+
+
+def unknown_variables(env: dict[str, str]) -> list[str]:
+    """`RPCWATCH_*` variables of `env` that are neither a setting nor one of OTHER_VARIABLES, sorted."""
+    known = {env_name(f.name) for f in fields(Settings)} | set(OTHER_VARIABLES)
+    return sorted(name for name in env if name.startswith(PREFIX) and name not in known)
+
+
+def _warn_unknown(env: dict[str, str]) -> None:
+    """Warn, once a process, about each unknown `RPCWATCH_*` variable: a misspelled setting is
+    ignored, and a misspelled webhook turns alerts off without a word. Names only, never values."""
+    known = sorted({env_name(f.name) for f in fields(Settings)})
+    for name in unknown_variables(env):
+        if name in _warned:
+            continue
+        _warned.add(name)
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        hint = f": did you mean {close[0]}?" if close else " (the settings are listed in the README, Settings)"
+        log.warning("%s is not an rpcwatch setting and is ignored%s", name, hint)
+
+
 def _problems(s: Settings) -> dict[str, str]:
     """Every setting checked: field name -> what is wrong with its value."""
     out = {
@@ -306,6 +369,8 @@ def _problems(s: Settings) -> dict[str, str]:
     for name in URL_SETTINGS:
         if (url := getattr(s, name)) is not None and (why := _url_problem(url)):
             out[name] = why
+    if s.mlflow_tracking_uri is not None and (why := _tracking_uri_problem(s.mlflow_tracking_uri)):
+        out["mlflow_tracking_uri"] = why
     if s.warehouse_mode not in WAREHOUSES:
         out["warehouse_mode"] = "must be file or ducklake"
     if s.lake_data is not None and not LAKE_DATA_PATTERN.fullmatch(str(s.lake_data)):
@@ -320,6 +385,7 @@ def load_settings(env: dict[str, str] | None = None, **overrides: Any) -> Settin
     value is checked, and a bad one raises ValueError naming its variable, e.g.
     `RPCWATCH_ALARM_P=2: must be in (0, 1)`."""
     env = dict(os.environ if env is None else env)
+    _warn_unknown(env)
     values: dict[str, Any] = {}  # parsed here, checked by _problems once built
     shown: dict[str, str] = {}  # the text each value came as, for messages
     for spec in fields(Settings):
@@ -337,5 +403,7 @@ def load_settings(env: dict[str, str] | None = None, **overrides: Any) -> Settin
     problems = _problems(settings)
     for name in (f.name for f in fields(Settings) if f.name in problems):  # the first, in field order
         value = "(hidden)" if name in SECRET_SETTINGS else shown.get(name, getattr(settings, name))
+        if name == "mlflow_tracking_uri":
+            value = _without_password(str(value))
         raise ValueError(f"{env_name(name)}={value}: {problems[name]}")
     return settings

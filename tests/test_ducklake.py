@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -228,3 +229,26 @@ def test_training_and_scoring_write_the_lake_at_once_and_it_holds_the_embedded_t
     counts = {t: len(_rows(tmp_path / "file-tables" / f"{t}.parquet")) for t in ("models", "anomalies", "forecasts")}
     assert counts["models"] >= 2 * 2 and counts["forecasts"] > 0, f"both hours trained and scored: {counts}"
     print(f"embedded and lake runs in {time.perf_counter() - began:.0f} s: {counts}")
+
+
+def test_an_unreachable_lake_catalog_is_one_line_naming_where_it_was_looked_for(tmp_path):
+    if not (OVERLAY / "duckdb_ext" / "extensions").is_dir():
+        pytest.skip(f"the DuckLake overlay is not built at {OVERLAY} (`make setup` builds it)")
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = _env(tmp_path / "home", {"RPCWATCH_WAREHOUSE": "ducklake", "RPCWATCH_LAKE_DATA": str(tmp_path / "lake")})
+    env.update(PGHOST="127.0.0.1", PGPORT=str(port), PGDATABASE="lake", PGUSER="rpcwatch", PGPASSWORD="s3cret")
+    done = subprocess.run(
+        [sys.executable, "-m", "tasks.app.cli", "summary"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert lines[0].startswith("rpcwatch: error: cannot reach the DuckLake catalog"), lines[0]
+    assert f"PGHOST=127.0.0.1 PGPORT={port} PGDATABASE=lake" in lines[0] and "s3cret" not in lines[0]

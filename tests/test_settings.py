@@ -135,3 +135,48 @@ def test_a_bad_webhook_is_refused_without_showing_it(url):
     with pytest.raises(ValueError, match=r"^RPCWATCH_ALERT_WEBHOOK=\(hidden\): must be an http\(s\) URL") as err:
         load_settings(env={"RPCWATCH_ALERT_WEBHOOK": url})
     assert "s3cret" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "typo, meant",
+    [("RPCWATCH_ALARMP", "RPCWATCH_ALARM_P"), ("RPCWATCH_WEBHOOK", "RPCWATCH_ALERT_WEBHOOK")],
+)
+def test_a_misspelled_setting_is_warned_about_with_the_name_it_resembles(caplog, typo, meant):
+    with caplog.at_level("WARNING", logger="tasks.settings"):
+        load_settings(env={typo: "https://hooks.example/s3cret"})
+    warned = [r.getMessage() for r in caplog.records if typo in r.getMessage()]
+    assert len(warned) == 1, caplog.text
+    assert f"did you mean {meant}?" in warned[0] and "ignored" in warned[0]
+    assert "s3cret" not in caplog.text, "a warning names the variable, never its value"
+
+
+def test_known_variables_that_are_not_settings_are_not_warned_about(caplog):
+    with caplog.at_level("WARNING", logger="tasks.settings"):
+        load_settings(env={"RPCWATCH_CRASH_AT": "score", "RPCWATCH_ALARM_P": "0.001", "OTHER_THING": "x"})
+    assert caplog.records == []
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "sqlite:////tmp/x/mlflow.db",
+        "http://127.0.0.1:5000",
+        "https://mlflow.example",
+        "file:///tmp/mlruns",
+        "postgresql://u:p@db:5432/mlflow",
+        "postgresql+psycopg2://db/mlflow",
+        "mysql+pymysql://db/m",
+        "/tmp/mlruns",
+    ],
+)
+def test_tracking_uris_mlflow_takes_pass(uri):
+    assert load_settings(env={"RPCWATCH_MLFLOW_TRACKING_URI": uri}).mlflow_tracking_uri == uri
+
+
+@pytest.mark.parametrize(
+    "uri", ["bogus://x", "sqlite://", "http://", "relative/mlruns", "postgresql://u:pw0rd@db:port/m"]
+)
+def test_a_tracking_uri_mlflow_cannot_use_is_refused_without_its_password(uri):
+    with pytest.raises(ValueError, match=r"^RPCWATCH_MLFLOW_TRACKING_URI=.*: ") as err:
+        load_settings(env={"RPCWATCH_MLFLOW_TRACKING_URI": uri})
+    assert "pw0rd" not in str(err.value)

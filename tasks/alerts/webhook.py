@@ -1,8 +1,9 @@
 """Posting to a webhook, and the hourly alert on new incidents.
 
-`post_json` uses urllib (no extra dependency). A Slack or Teams webhook URL carries its secret in
-the path, so its errors name only the host. Redirects are refused: urllib would follow a 30x to a
-POST with a GET without the body, and report success for a message nobody got.
+`post_json` uses http.client (no extra dependency), with one deadline for the whole post. A Slack
+or Teams webhook URL carries its secret in the path, so its errors name only the host. Redirects
+are refused (a 30x is an error): following one would turn the POST into a GET without the body,
+and report success for a message nobody got.
 
 `alert_new_incidents` is the pipeline's `alert` step: the incidents that started in the hour with a
 peak score of at least `RPCWATCH_ALERT_MIN_SCORE`, strongest first, as one message. Reads
@@ -12,11 +13,13 @@ so the failure notifier (dags/rpcwatch_alerts.py) can use `post_json` from any t
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import logging
-import urllib.error
-import urllib.request
+import socket
+import ssl
+import threading
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -62,35 +65,77 @@ def host_of(url: str) -> str:
     return f"{host or '?'}:{port}" if port else host or "?"
 
 
-class _NoRedirects(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> None:
-        return None  # urllib then raises HTTPError for the 30x itself
+def _connection(url: str, timeout_s: float) -> tuple[http.client.HTTPConnection, str]:
+    """A connection to the URL's host and the request target (path and query)."""
+    parts = urlsplit(url)
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    return kind(parts.hostname or "", parts.port, timeout=timeout_s), target
 
 
-_OPENER = urllib.request.build_opener(_NoRedirects)
+class _Deadline:
+    """One deadline for a whole exchange: a socket timeout bounds each read, so a receiver that
+    drips one byte per read would hold the post (and `rpcwatch run`) for as long as it likes. At
+    the deadline a timer shuts the connection's socket, which ends whatever read is blocked."""
+
+    def __init__(self, connection: http.client.HTTPConnection, seconds: float) -> None:
+        self.connection, self.passed = connection, False
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def _expire(self) -> None:
+        self.passed = True
+        if (sock := self.connection.sock) is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def __enter__(self) -> _Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._timer.cancel()
+        self.connection.close()
+
+
+def _exchange(url: str, body: bytes, timeout_s: float) -> tuple[int, str]:
+    """(status, reason) of one POST, all of it within `timeout_s`."""
+    connection, target = _connection(url, timeout_s)
+    headers = {"Content-Type": "application/json; charset=utf-8", "User-Agent": "rpcwatch"}
+    with _Deadline(connection, timeout_s) as deadline:
+        try:
+            connection.request("POST", target, body=body, headers=headers)
+            answer = connection.getresponse()
+            answer.read()
+        except (OSError, http.client.HTTPException):
+            if deadline.passed:
+                raise TimeoutError from None
+            raise
+        if deadline.passed:
+            raise TimeoutError
+        return int(answer.status), str(answer.reason)
 
 
 def post_json(url: str, payload: dict[str, Any], timeout_s: float = DEFAULT_TIMEOUT_S) -> int:
-    """POST `payload` as JSON; returns the HTTP status (2xx). Anything else, or no answer within
-    `timeout_s`, raises WebhookError naming the host."""
+    """POST `payload` as JSON; returns the HTTP status (2xx). Anything else (a redirect too: it is
+    not followed), or no full answer within `timeout_s` for the whole post, raises WebhookError
+    naming the host."""
     host = host_of(url)
     if urlsplit(url).scheme not in ("http", "https"):
         raise WebhookError(f"webhook at {host}: not an http(s) URL")
-    body = json.dumps(payload).encode()
-    headers = {"Content-Type": "application/json; charset=utf-8", "User-Agent": "rpcwatch"}
     try:
-        request = urllib.request.Request(url, data=body, headers=headers, method="POST")
-        with _OPENER.open(request, timeout=timeout_s) as answer:
-            return int(answer.status)
-    except urllib.error.HTTPError as err:
-        err.close()
-        raise WebhookError(f"webhook at {host} answered HTTP {err.code} {clean(err.reason, 80)}") from None
-    except urllib.error.URLError as err:  # refused, unknown host, TLS
-        raise WebhookError(f"webhook at {host} could not be reached: {clean(err.reason, 200)}") from None
-    except (OSError, http.client.HTTPException) as err:  # timed out, connection dropped, bad answer
+        status, reason = _exchange(url, json.dumps(payload).encode(), timeout_s)
+    except TimeoutError:
+        raise WebhookError(f"webhook at {host} gave no full answer within {timeout_s:g} s") from None
+    except (ConnectionRefusedError, socket.gaierror, ssl.SSLError) as err:  # refused, unknown host, TLS
+        raise WebhookError(f"webhook at {host} could not be reached: {clean(err, 200)}") from None
+    except (OSError, http.client.HTTPException) as err:  # connection dropped, bad answer
         raise WebhookError(f"webhook at {host} failed: {type(err).__name__} {clean(err, 200)}") from None
-    except ValueError:  # a malformed URL: its text (with the secret) would be in the message
+    except (ValueError, UnicodeError):  # a malformed URL: its text (with the secret) would be in the message
         raise WebhookError(f"webhook at {host}: not a valid URL") from None
+    if not 200 <= status < 300:
+        raise WebhookError(f"webhook at {host} answered HTTP {status} {clean(reason, 80)}") from None
+    return status
 
 
 def _naive_utc(value: datetime) -> datetime:

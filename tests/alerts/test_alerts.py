@@ -12,6 +12,8 @@ import re
 import socket
 import subprocess
 import sys
+import threading
+import time
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 
@@ -274,3 +276,37 @@ print(json.dumps({{"heavy": sorted(m for m in heavy if m in sys.modules),
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout.strip().splitlines()[-1]) == {"heavy": [], "dags": []}
+
+
+def _dripping_receiver(gap_s: float, drips: int) -> tuple[socket.socket, threading.Thread]:
+    """A receiver that takes the POST, then answers one header byte every `gap_s` (a slow-loris
+    answer: each socket read gets a byte well within any per-read timeout)."""
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def drip() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            for byte in (b"HTTP/1.1 200 OK\r\nX-Slow: " + b"x" * drips)[:drips]:
+                try:
+                    conn.sendall(bytes([byte]))
+                except OSError:
+                    return  # the client gave up: what the test wants
+                time.sleep(gap_s)
+
+    thread = threading.Thread(target=drip, daemon=True)
+    thread.start()
+    return server, thread
+
+
+def test_one_deadline_holds_for_the_whole_post_even_when_the_answer_drips():
+    server, thread = _dripping_receiver(gap_s=0.25, drips=40)  # 10 s of dripping, 0.25 s per read
+    port = server.getsockname()[1]
+    started = time.monotonic()
+    with pytest.raises(WebhookError, match=rf"^webhook at 127\.0\.0\.1:{port} gave no full answer within 1 s") as err:
+        post_json(f"http://127.0.0.1:{port}{SECRET_PATH}", {"text": "hi"}, timeout_s=1)
+    took = time.monotonic() - started
+    server.close()
+    thread.join(timeout=15)
+    assert took < 3, f"the post took {took:.1f} s against a deadline of 1 s"
+    assert "s3cret" not in str(err.value)
