@@ -142,7 +142,8 @@ def stale(patterned: dict) -> list[dict]:
 def train(shard: dict) -> list[dict]:
     """Train one shard of stale patterns on the GPU queue (stacked there; one by one on a CPU),
     each tracked in MLflow. Returns each pattern's outcome (`TrainOutcome.to_dict()`, or
-    `Skipped.to_dict()` for short history)."""
+    `Skipped.to_dict()` for short history or for a pattern whose training failed: one pattern's
+    error never fails the shard, the others train)."""
     return _stage("train", shard)
 
 

@@ -14,10 +14,16 @@ A request needs a valid Airflow JWT, from the UI login's `_token` cookie or an `
 header (`POST /auth/token`), whose user may read the DAG that produces the anomalies. The auth
 manager decides that (SimpleAuthManager: every role from viewer up; FAB/Keycloak: their DAG
 permissions). Without a valid token the answer is 401; a browser asking for the page is sent to
-Airflow's login page instead."""
+Airflow's login page instead.
+
+Every answer (pages, pictures, JSON, refusals) carries tasks.app.view_html.SECURITY_HEADERS: a
+Content-Security-Policy that allows the page's own pictures and style and nothing else (the API docs
+get their own, for Swagger UI's scripts), `X-Content-Type-Options: nosniff` and
+`Referrer-Policy: no-referrer`."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -51,7 +57,7 @@ from tasks.app.view import (
     snapshot_path,
     window_note,
 )
-from tasks.app.view_html import incident_page, index_page, not_found_page
+from tasks.app.view_html import SECURITY_HEADERS, incident_page, index_page, not_found_page, source_hash
 
 # The anomalies are this DAG's output: who may read the DAG may read them.
 DAG_ID = "rpcwatch_hourly"
@@ -65,6 +71,15 @@ app = FastAPI(
     openapi_url=None,
     dependencies=[Depends(require_read_access)],
 )
+
+
+@app.middleware("http")
+async def _security_headers(request: Request, call_next):
+    """SECURITY_HEADERS on every answer; a route that sets its own policy (the docs) keeps it."""
+    response = await call_next(request)
+    for name, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
+    return response
 
 
 @app.exception_handler(StarletteHTTPException)
@@ -170,10 +185,33 @@ def openapi_schema(request: Request) -> JSONResponse:
     return JSONResponse(get_openapi(title=app.title, version=app.version, routes=app.routes, servers=servers))
 
 
+# Swagger UI: its script and stylesheet from FastAPI's CDN, its start-up script inline (allowed by its
+# hash), the styles it sets at run time, its icons (data: URIs) and FastAPI's favicon.
+SWAGGER_CDN = "https://cdn.jsdelivr.net"
+
+
+def _docs_policy(page: str) -> str:
+    inline = " ".join(source_hash(script) for script in re.findall(r"<script>(.*?)</script>", page, flags=re.S))
+    return "; ".join(
+        [
+            "default-src 'none'",
+            f"script-src {SWAGGER_CDN} {inline}",
+            f"style-src {SWAGGER_CDN} 'unsafe-inline'",
+            "img-src 'self' data: https://fastapi.tiangolo.com",
+            "connect-src 'self'",
+            "form-action 'self'",
+            "base-uri 'none'",
+            "frame-ancestors 'self'",
+        ]
+    )
+
+
 @app.get("/docs", include_in_schema=False)
 def docs(request: Request) -> HTMLResponse:
     root = request.scope.get("root_path", "").rstrip("/")
-    return get_swagger_ui_html(openapi_url=f"{root}/openapi.json", title=f"{app.title} - API docs")
+    page = get_swagger_ui_html(openapi_url=f"{root}/openapi.json", title=f"{app.title} - API docs")
+    page.headers["Content-Security-Policy"] = _docs_policy(bytes(page.body).decode())
+    return page
 
 
 class RpcwatchPlugin(AirflowPlugin):

@@ -2,12 +2,17 @@
 (tasks.lake, `RPCWATCH_WAREHOUSE=ducklake`); its tables, and how to open either.
 
 DuckDB allows one writing process per file; Airflow serialises writers with a pool of one slot. A
-lake takes many writers (a conflicting commit is retried, tasks.lake.retrying).
+lake takes many writers (a conflicting commit is retried, tasks.lake.retrying). A reader's lock
+(an open read-only connection) blocks a writer too: a writer waits for it, bounded
+(`WRITE_LOCK_WAIT_S`). Every read-only connection to a file is sandboxed (`open_sandboxed_reader`).
 All timestamps are UTC (`TIMESTAMP` without zone).
 """
 
 from __future__ import annotations
 
+import logging
+import re
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,6 +20,8 @@ from pathlib import Path
 import duckdb
 
 from tasks.settings import Lake
+
+log = logging.getLogger(__name__)
 
 # the analysts' view, in the warehouse and in the published snapshot (tasks.publish): defined once here
 RECENT_ANOMALIES_SQL = """
@@ -145,9 +152,97 @@ CREATE TABLE IF NOT EXISTS clustering_runs (
 )
 
 
-def connect(where: Path | Lake, read_only: bool = False) -> duckdb.DuckDBPyConnection:
-    """Open the warehouse, `Settings.warehouse`: the file (creating folder and tables on first write)
-    or the lake (tables created on a write connection; read-only attaches it READ_ONLY)."""
+# What a read-only connection reaches: its own file, nothing else. No other file, URL or database
+# (COPY, read_csv, glob, ATTACH, EXPORT), no extension installed or loaded, and no setting changed
+# after the connect (SET, RESET, PRAGMA), so none of these can be switched back on by a query.
+READER_CONFIG: dict[str, str | bool | int | float | list[str]] = {
+    "enable_external_access": False,
+    "autoinstall_known_extensions": False,
+    "autoload_known_extensions": False,
+    "lock_configuration": True,
+}
+# How long a write connection waits for another process to let go of the file (a read command, a
+# DuckDB shell) before it fails: far longer than a read command holds it; a task still locked out
+# after it fails and is retried by Airflow (1, 2, 4 min later).
+WRITE_LOCK_WAIT_S = 60.0
+_LONGEST_PAUSE_S = 2.0
+_HOLDER = re.compile(r"lock is held in (.+?\(PID \d+\)|[^.]+)")
+_NOT_DUCKDB = ("not a valid DuckDB database", "Could not read enough bytes", "checksum", "Corrupt")
+
+
+class CannotOpen(RuntimeError):
+    """A DuckDB file that cannot be opened, saying why in one line; `holder` names the process that
+    holds its lock when that is why (as DuckDB reports it: program and PID)."""
+
+    def __init__(self, message: str, holder: str | None = None) -> None:
+        super().__init__(message)
+        self.holder = holder
+
+
+def lock_holder(error: str) -> str | None:
+    """The process holding the file's lock, from DuckDB's error text ("/usr/bin/python3 (PID 42)")."""
+    found = _HOLDER.search(error)
+    return found.group(1).strip() if found else None
+
+
+def why_unopenable(path: Path, error: duckdb.Error, writing: bool, waited_s: float = 0) -> CannotOpen:
+    """What went wrong opening `path`, for people, in one line: a lock (and its holder, after waiting
+    `waited_s` seconds for it), a file that is no DuckDB database, a permission, a folder; else
+    DuckDB's own first line."""
+    text = str(error)
+    first = (text.splitlines() or [type(error).__name__])[0]
+    doing = f"cannot open {path} for writing" if writing else f"cannot read {path}"
+    holder = lock_holder(text)
+    if holder is not None:
+        waited = f" and did not let go within {waited_s:g} s" if waited_s > 0 else ""
+        return CannotOpen(f"{doing}: another process holds its lock ({holder}){waited}; retry when it is done", holder)
+    if any(sign in text for sign in _NOT_DUCKDB):
+        return CannotOpen(f"{doing}: it is not a DuckDB database (corrupt or another file): {first}")
+    if "Permission denied" in text:
+        return CannotOpen(f"{doing}: permission denied (check the owner and mode of the file and its folder)")
+    if "Is a directory" in text:
+        return CannotOpen(f"{doing}: it is a directory, not a DuckDB database file")
+    return CannotOpen(f"{doing}: {first}")
+
+
+def open_sandboxed_reader(path: Path) -> duckdb.DuckDBPyConnection:
+    """`path` opened read-only, reaching that file and nothing else (`READER_CONFIG`). Every read path
+    opens a DuckDB file here: the read commands, `rpcwatch sql`, the Airflow view, read-only stages.
+    Raises FileNotFoundError for a missing file and CannotOpen saying why for an unusable one."""
+    if not path.exists():
+        raise FileNotFoundError(f"no DuckDB file at {path}")
+    try:
+        return duckdb.connect(str(path), read_only=True, config=dict(READER_CONFIG))
+    except duckdb.Error as err:
+        raise why_unopenable(path, err, writing=False) from err
+
+
+def _open_for_writing(path: Path, lock_wait_s: float) -> duckdb.DuckDBPyConnection:
+    """A write connection to `path`; while another process holds the file's lock, retried with a
+    growing pause for up to `lock_wait_s` seconds (logged with the holder), then a CannotOpen."""
+    deadline = time.monotonic() + lock_wait_s
+    pause, announced = 0.05, None
+    while True:
+        try:
+            return duckdb.connect(str(path))
+        except duckdb.Error as err:
+            holder = lock_holder(str(err))
+            if holder is None or time.monotonic() >= deadline:
+                raise why_unopenable(path, err, writing=True, waited_s=lock_wait_s) from err
+            if holder != announced:
+                log.warning("waiting up to %g s for the write lock on %s, held by %s", lock_wait_s, path, holder)
+                announced = holder
+            time.sleep(max(0.0, min(pause, deadline - time.monotonic())))
+            pause = min(pause * 2, _LONGEST_PAUSE_S)
+
+
+def connect(
+    where: Path | Lake, read_only: bool = False, lock_wait_s: float = WRITE_LOCK_WAIT_S
+) -> duckdb.DuckDBPyConnection:
+    """Open the warehouse, `Settings.warehouse`: the file (creating folder and tables on first write;
+    read-only: sandboxed, `open_sandboxed_reader`) or the lake (tables created on a write connection;
+    read-only attaches it READ_ONLY). A write connection waits up to `lock_wait_s` seconds for another
+    process's lock on the file; a file that cannot be opened is a CannotOpen saying why."""
     if isinstance(where, Lake):
         from tasks.lake import connect_lake
 
@@ -156,22 +251,18 @@ def connect(where: Path | Lake, read_only: bool = False) -> duckdb.DuckDBPyConne
     if read_only:
         if not path.exists():
             raise FileNotFoundError(f"no warehouse at {path}: run `rpcwatch ingest` first")
-        return duckdb.connect(str(path), read_only=True)
+        return open_sandboxed_reader(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        con = duckdb.connect(str(path))
-    except duckdb.IOException as err:
-        raise RuntimeError(
-            f"cannot open {path} for writing: another process holds DuckDB's write lock "
-            f"(an open DuckDB shell or a running task). Details: {err}"
-        ) from err
+    con = _open_for_writing(path, lock_wait_s)
     con.execute(SCHEMA)
     return con
 
 
 @contextmanager
-def opened(where: Path | Lake, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
-    con = connect(where, read_only=read_only)
+def opened(
+    where: Path | Lake, read_only: bool = False, lock_wait_s: float = WRITE_LOCK_WAIT_S
+) -> Iterator[duckdb.DuckDBPyConnection]:
+    con = connect(where, read_only=read_only, lock_wait_s=lock_wait_s)
     try:
         yield con
     finally:

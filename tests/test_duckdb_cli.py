@@ -91,3 +91,67 @@ def test_the_duckdb_cli_opens_the_snapshot_read_only(cli, settings):
         [str(cli), "-readonly", str(path), "-c", "CREATE TABLE mine AS SELECT 1"], capture_output=True, text=True
     )
     assert done.returncode != 0 and "read-only" in done.stderr
+
+
+def _exec_argv(settings, monkeypatch) -> list[str]:
+    """What `rpcwatch sql` without a QUERY runs: the argv it hands to execv (caught, not exec'd)."""
+    import tasks.app.commands.sql as sql_command
+    from tasks.app.cli import main
+
+    class Exec(Exception):
+        pass
+
+    caught: list[list[str]] = []
+
+    def execv(path, argv):
+        caught.append(list(argv))
+        raise Exec
+
+    monkeypatch.setattr(sql_command.os, "execv", execv)
+    with pytest.raises(Exec):
+        main(["sql", "--home", str(settings.home)])
+    return caught[0]
+
+
+def test_the_interactive_cli_reaches_the_snapshot_and_nothing_else(cli, settings, tmp_path, monkeypatch):
+    """`rpcwatch sql` without a QUERY opens the CLI; typed in it, each attack is refused."""
+    add_anomaly(settings, LATEST)
+    publish(settings)
+    argv = _exec_argv(settings, monkeypatch)
+    user_home = tmp_path / "user"  # the CLI's ~ (extensions would be installed under ~/.duckdb)
+    user_home.mkdir()
+    env = {"HOME": str(user_home), "PATH": "/usr/bin:/bin"}
+
+    def typed(lines: str) -> subprocess.CompletedProcess:
+        return subprocess.run(argv, input=lines, capture_output=True, text=True, timeout=60, env=env)
+
+    done = typed("SELECT caller FROM anomalies;\n")
+    assert done.returncode == 0 and "svc-a" in done.stdout, done.stderr
+    before = settings.warehouse.read_bytes()
+    made = tmp_path / "made"
+    attacks = [
+        "SELECT * FROM read_csv('/etc/passwd');",
+        "SELECT * FROM glob('/*');",
+        f"COPY (SELECT 'gone' AS x) TO '{settings.warehouse}' (FORMAT csv);",
+        f"COPY (SELECT 1) TO '{made}';",
+        f"ATTACH '{settings.warehouse}' AS w;",
+        "SET enable_external_access = true;",
+        "SET threads = 1;",
+        "INSTALL httpfs;",
+        "LOAD httpfs;",
+        f".sh touch {made}",
+        f".output {made}",
+        f".once {made}",
+        f".open {made}",
+        f".log {made}",
+        ".read /etc/passwd",
+        ".import /etc/passwd x",
+        f".safe_mode off\n.sh touch {made}",
+    ]
+    for attack in attacks:
+        done = typed(attack + "\nSELECT 'still-here';\n")
+        assert done.returncode != 0 and "still-here" in done.stdout, (attack, done.stdout, done.stderr)
+        assert "root:" not in done.stdout and "bin" not in done.stdout, (attack, done.stdout)
+        assert not made.exists(), attack
+    assert settings.warehouse.read_bytes() == before
+    assert not (user_home / ".duckdb").exists(), "nothing installed"

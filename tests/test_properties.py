@@ -243,9 +243,8 @@ def test_any_hour_batch_runs_or_stops_with_a_documented_error_and_never_loses_a_
             try:
                 results = run_hour(config, hour, [source])
                 event(f"{plan.kind} hour{_defects(plan)}: every stage ran")
-                event(
-                    f"hour {i}: {results['record']} model(s) recorded, {len(results['score']['scored'])} pattern(s) scored"
-                )
+                scored = len(results["score"]["scored"])
+                event(f"hour {i}: {results['record']} model(s) recorded, {scored} pattern(s) scored")
             except DOCUMENTED_ERRORS as err:  # the hour stopped: what landed must still be there
                 event(f"{plan.kind} hour{_defects(plan)}: {type(err).__name__}")
                 assert not isinstance(err, IngestError) or plan.kind == "empty", f"a batch with spans: {err}"

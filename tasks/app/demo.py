@@ -14,10 +14,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from tasks.app.airflow_env import login_hint
-from tasks.app.report import hour_summary, model_table, table
+from tasks.app.report import hour_summary, model_table, table, table_of
 from tasks.app.stack import stack_env
 from tasks.keys import rpc_label
-from tasks.patterns.stage import pattern_table
+from tasks.patterns.stage import PATTERNS_SQL
 from tasks.publish import analytics_path
 from tasks.settings import Settings
 
@@ -130,7 +130,7 @@ def _summarise(settings: Settings, manifest_rows: dict[str, int], hours: int) ->
     landed = all(r[-1] == "yes" for r in table_rows) and len(table_rows) == hours
     print(table(headers + ["manifest_rows", "all_landed"], table_rows))
     print("\nRPC chain patterns (critical ones get a model each):\n")
-    print(table(*pattern_table(settings)))
+    print(table(*table_of(settings, PATTERNS_SQL)))
     print("\nPer-pattern forecasters (validation calls MAPE; x = ratio to the Poisson floor and to each baseline):\n")
     print(table(*model_table(settings)))
     return landed
@@ -138,9 +138,9 @@ def _summarise(settings: Settings, manifest_rows: dict[str, int], hours: int) ->
 
 def incident_table(db: Path, limit: int = TOP_INCIDENTS) -> tuple[list[str], list[tuple], int]:
     """The `limit` strongest incidents of a DuckDB file (read-only): headers, rows, total count."""
-    import duckdb
+    from tasks.warehouse import open_sandboxed_reader
 
-    with duckdb.connect(str(db), read_only=True) as con:
+    with open_sandboxed_reader(db) as con:
         cursor = con.execute(INCIDENTS_SQL, [limit])
         headers, rows = [d[0] for d in cursor.description], cursor.fetchall()
         count = con.execute("SELECT count(*) FROM incidents").fetchone()
@@ -159,9 +159,9 @@ def incidents_text(db: Path, limit: int = TOP_INCIDENTS) -> str:
 
 def example_node(db: Path, max_hours: int) -> ExampleNode | None:
     """The strongest flagged calls node of the strongest pattern incident that has one, for `rpcwatch plot`."""
-    import duckdb
+    from tasks.warehouse import open_sandboxed_reader
 
-    with duckdb.connect(str(db), read_only=True) as con:
+    with open_sandboxed_reader(db) as con:
         row = con.execute(EXAMPLE_NODE_SQL).fetchone()
     if row is None:
         return None

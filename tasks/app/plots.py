@@ -1,7 +1,8 @@
 """Pictures people look at: forecast vs actual with the threshold band (like the method's figure).
 
 `forecast_plot` draws (training logs its PNGs with it); `plot_node` reads a pattern's series and
-earlier flags (`models`, `pattern_series`, `anomalies`; read-only) and writes no table.
+earlier flags (`models`, `pattern_series`, `anomalies`; read-only, the published snapshot when there
+is one) and writes no table.
 `incident_plot` draws the Airflow view's picture of an incident's strongest RPC from what the
 published snapshot holds (tasks.app.view_pictures): the actual series, the forecast and its
 non-alarm band over every scored bucket (`forecasts`), or, in older snapshots without it, the
@@ -103,17 +104,20 @@ def _node_index(nodes: list[str], node: str, pattern_id: int) -> int:
 
 def plot_node(settings: Settings, pattern_id: int, node: str, hours: int, out: Path) -> Path:
     """Observed vs predicted calls of one pattern node over the last `hours`, band and irregular
-    points marked, from the pattern's champion (read-only: safe while the pipeline runs)."""
-    from tasks.models.detector import Detector
+    points marked, from the pattern's champion (read from the published snapshot when there is one,
+    tasks.app.report.reading: safe while the pipeline runs)."""
+    from tasks.app.report import reading
     from tasks.models.features import CALLS
     from tasks.models.registry import champions
-    from tasks.scoring.sequential import forecast_span
-    from tasks.warehouse import opened
 
-    with opened(settings.warehouse, read_only=True) as con:
+    with reading(settings) as con:
         champion = champions(con).get(pattern_id)
         if champion is None:
             raise ValueError(f"pattern {pattern_id} has no champion model yet (see `rpcwatch stale`)")
+        # the model libraries (seconds to import) only once there is a model to draw
+        from tasks.models.detector import Detector
+        from tasks.scoring.sequential import forecast_span
+
         detector = Detector.load(settings, pattern_id, champion.model_version)
         n = _node_index(detector.nodes, node, pattern_id)
         row = con.execute("SELECT max(bucket_ts) FROM pattern_series WHERE pattern_id = ?", [pattern_id]).fetchone()

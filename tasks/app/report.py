@@ -59,39 +59,38 @@ def read_source(settings: Settings) -> Path | Lake:
 
 @contextmanager
 def reading(settings: Settings) -> Iterator[duckdb.DuckDBPyConnection]:
-    """A read-only connection on `read_source`. A file locked by a writer is a RuntimeError naming it
-    and the process that holds it, not DuckDB's traceback."""
+    """A read-only, sandboxed connection on `read_source` (tasks.warehouse.open_sandboxed_reader). The
+    warehouse locked by a run, with no snapshot published yet, is a RuntimeError naming the process
+    that holds it, not DuckDB's traceback."""
+    from tasks.warehouse import CannotOpen, open_sandboxed_reader, opened
+
     path = read_source(settings)
     if isinstance(path, Lake):  # never locked by a run: opened read-only like the file
-        from tasks.warehouse import opened
-
         with opened(path, read_only=True) as con:
             yield con
         return
     if not path.exists():
         raise FileNotFoundError(f"no warehouse at {path}: run `rpcwatch ingest` first")
     try:
-        con = duckdb.connect(str(path), read_only=True)
-    except duckdb.IOException as err:
-        raise RuntimeError(_unreadable(path, path == settings.warehouse, str(err))) from err
+        con = open_sandboxed_reader(path)
+    except CannotOpen as err:
+        if err.holder is None or path != settings.warehouse:
+            raise
+        raise RuntimeError(
+            f"cannot read {path}: a run is writing it (DuckDB lets no other process open it meanwhile; held by "
+            f"{err.holder}) and no snapshot is published yet: retry when the run has finished"
+        ) from err
     try:
         yield con
     finally:
         con.close()
 
 
-def _unreadable(path: Path, warehouse: bool, error: str) -> str:
-    """Why `path` cannot be read, for people: above all, which process holds its write lock."""
-    holder = re.search(r"lock is held in (.*?)(?:\. See also|$)", error)
-    if holder is None:
-        return f"cannot read {path}: {error}"
-    who = f"held by {holder.group(1)}"
-    if warehouse:
-        return (
-            f"cannot read {path}: a run is writing it (DuckDB lets no other process open it meanwhile; {who}) "
-            "and no snapshot is published yet: retry when the run has finished"
-        )
-    return f"cannot read {path}: a process has it open for writing ({who})"
+def table_of(settings: Settings, sql: str) -> tuple[list[str], list[tuple]]:
+    """Headers and rows of a fixed query (never text from input) on `read_source`."""
+    with reading(settings) as con:
+        cursor = con.execute(sql)
+        return [d[0] for d in cursor.description], cursor.fetchall()
 
 
 HOUR_SUMMARY_SQL = """
@@ -119,10 +118,7 @@ ORDER BY f.hour
 
 
 def hour_summary(settings: Settings) -> tuple[list[str], list[tuple]]:
-    with reading(settings) as con:
-        cursor = con.execute(HOUR_SUMMARY_SQL)
-        headers = [d[0] for d in cursor.description]
-        return headers, cursor.fetchall()
+    return table_of(settings, HOUR_SUMMARY_SQL)
 
 
 MODELS_SQL = """
@@ -138,9 +134,7 @@ FROM models m ORDER BY m.pattern_id, m.model_version
 
 def model_table(settings: Settings) -> tuple[list[str], list[tuple]]:
     """Every trained model version with its validation calls MAPE against the floor and baselines."""
-    with reading(settings) as con:
-        cursor = con.execute(MODELS_SQL)
-        return [d[0] for d in cursor.description], cursor.fetchall()
+    return table_of(settings, MODELS_SQL)
 
 
 def anomaly_rows(

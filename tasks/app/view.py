@@ -148,11 +148,14 @@ def model_url(base: str, name: str, version: int) -> str:
 
 @contextmanager
 def open_snapshot(path: Path) -> Iterator[duckdb.DuckDBPyConnection | None]:
-    """The snapshot opened read-only, or None when nothing is published yet."""
+    """The snapshot opened read-only and sandboxed (tasks.warehouse.open_sandboxed_reader), or None
+    when nothing is published yet."""
+    from tasks.warehouse import open_sandboxed_reader
+
     if not path.exists():
         yield None
         return
-    with duckdb.connect(str(path), read_only=True) as con:
+    with open_sandboxed_reader(path) as con:
         yield con
 
 

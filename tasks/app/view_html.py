@@ -1,10 +1,15 @@
 """The Airflow view's HTML (plugins/rpcwatch_anomalies.py serves it): the incidents list with its
 filters and irregular points, and one incident's page. Plain strings; every value from data is
 HTML-escaped here (`esc`), links are built from escaped, URL-encoded parts. No tables read.
+
+The pages run no script and carry one inline `<style>` (`STYLE`); `SECURITY_HEADERS`, which the
+plugin sends with every answer, allow exactly that (the style by its hash) and nothing else.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import html
 from datetime import datetime
 from typing import TYPE_CHECKING
@@ -39,6 +44,30 @@ vertical-align:top;text-align:left}th{background:#f1f3f5}tr:hover td{background:
 .left{flex:0 0 30em;max-width:36%}.right{flex:1 1 auto;min-width:0}img.forecast{max-width:min(100%,1100px)}
 summary{cursor:pointer;color:#1c7ed6;font-size:12px}
 """
+
+
+def source_hash(text: str) -> str:
+    """A CSP source allowing exactly this inline `<style>` or `<script>` content ('sha256-...')."""
+    return f"'sha256-{base64.b64encode(hashlib.sha256(text.encode()).digest()).decode()}'"
+
+
+# What a page may load: its own pictures and its one style; no script, no other origin; forms go to
+# the view itself; framed only by Airflow's UI (same origin). JSON and PNG answers carry it too.
+CONTENT_SECURITY_POLICY = "; ".join(
+    [
+        "default-src 'none'",
+        f"style-src {source_hash(STYLE)}",
+        "img-src 'self'",
+        "form-action 'self'",
+        "base-uri 'none'",
+        "frame-ancestors 'self'",
+    ]
+)
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+    "X-Content-Type-Options": "nosniff",  # a PNG or JSON answer is never run as HTML or script
+    "Referrer-Policy": "no-referrer",  # links out (MLflow) do not carry the view's address and filters
+}
 SHOWN = 3  # culprits and RPCs listed in the incidents table before "+N more"
 FOLD = 6  # culprits and RPCs listed on an incident's page before the rest is folded
 

@@ -2,7 +2,9 @@
 
 - `files`: find an hour's trace files, fingerprint and inspect them (never raises on a bad file), read
   them as one relation (TEMP VIEW `raw`). Reads trace files; writes no table.
-- `formats`: the trace formats (Alibaba v2021/v2022, spans + mappings) and their normalising SQL.
+- `exports`: JSON span exports (OTLP from the Collector's file exporter, Jaeger) flattened to rows.
+- `formats`: the trace formats (Alibaba v2021/v2022, spans + mappings, the mapping schema) and their
+  normalising SQL.
 - `rows`: the row checks and the hour's replacement. Reads `raw`; writes `calls`, `quarantine`.
 - `stage`: `ingest_hour`, batch loading with its fallback for breaking files. Reads trace files and
   `ingest_log`; writes `calls`, `quarantine` (through `rows`) and `ingest_log`.

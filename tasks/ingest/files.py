@@ -6,44 +6,49 @@ back with `getvariable('v')`) where the SQL ends up in a view, which cannot hold
 a column name only through `quote_identifier`.
 
 Temporary objects it defines on the caller's connection: the TEMP VIEW `raw` (`define_raw_view`), the
-DuckDB variables holding the batch's paths, and, while DuckDB reads CSV files, the reject tables
-`CSV_REJECTS_TABLE` / `CSV_SCANS_TABLE` (unparseable lines; `tasks.ingest.rows` quarantines them).
-Reads trace files only; writes no warehouse table.
+DuckDB variables holding the batch's paths, the Arrow tables of its JSON span exports (registered as
+`EXPORT_TABLE`; parsed once, by `inspect_file`, with `tasks.ingest.exports`) and, while DuckDB reads
+CSV files, the reject tables `CSV_REJECTS_TABLE` / `CSV_SCANS_TABLE` (unparseable lines;
+`tasks.ingest.rows` quarantines them). Reads trace files only; writes no warehouse table.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 import duckdb
+import pyarrow as pa
 import xxhash
 
-from tasks.ingest.formats import TraceFormat, quote_identifier, set_format_variables
+from tasks.ingest.exports import EXPORT_ROW, EXPORT_SUFFIXES, ExportError, read_span_export
+from tasks.ingest.formats import Spans, TraceFormat, quote_identifier, set_format_variables
 from tasks.ingest.sql import scalar
 
-TRACE_SUFFIXES = (".parquet", ".csv", ".csv.gz")
+TRACE_SUFFIXES = (".parquet", ".csv", ".csv.gz")  # JSON span exports too, for the spans format
 # store_rejects keeps the sniffer from reading a malformed line as the header
 CSV_OPTIONS = "all_varchar=true, header=true, store_rejects=true"
 CSV_REJECTS_TABLE, CSV_SCANS_TABLE = "csv_rejects", "csv_scans"  # filled by read_csv(store_rejects)
 REJECTS = f", rejects_table='{CSV_REJECTS_TABLE}', rejects_scan='{CSV_SCANS_TABLE}'"
 PARQUET_FILES = "rpcwatch_parquet_files"  # DuckDB variable: the batch's Parquet paths
+EXPORT_TABLE = "rpcwatch_export_{}"  # the n-th JSON export's spans, an Arrow table registered on the connection
 
 
 @dataclass
 class FileCheck:
     path: Path
-    kind: str  # parquet | csv
+    kind: str  # parquet | csv | json
     size_bytes: int
     content_hash: str
     columns: tuple[str, ...] = ()
-    rows_in_file: int | None = None  # known up front for Parquet (footer metadata)
+    rows_in_file: int | None = None  # known up front for Parquet (footer metadata) and JSON exports
     status: str = "ok"  # ok | error | schema_error | empty
     error: str | None = None
     rows_read: int = 0
     rows_kept: int = 0
     rows_quarantined: int = 0
+    spans: pa.Table | None = field(default=None, repr=False, compare=False)  # a JSON export, read once
 
     @property
     def ok(self) -> bool:
@@ -59,19 +64,33 @@ class FileCheck:
         self.status, self.error = "error", f"{self.path}: {why} {self.kind} file: {err}".splitlines()[0]
 
 
-def is_trace_file(path: Path) -> bool:
-    return path.is_file() and path.name.endswith(TRACE_SUFFIXES) and not path.name.startswith(".")
+def trace_suffixes(fmt: TraceFormat) -> tuple[str, ...]:
+    """The file endings `fmt` reads: JSON span exports only for the spans format (a stray JSON
+    file next to Alibaba traces is no trace file)."""
+    return TRACE_SUFFIXES + (EXPORT_SUFFIXES if isinstance(fmt, Spans) else ())
+
+
+def is_trace_file(path: Path, suffixes: tuple[str, ...] = TRACE_SUFFIXES) -> bool:
+    return path.is_file() and path.name.endswith(suffixes) and not path.name.startswith(".")
+
+
+def file_kind(path: Path) -> str:
+    if path.name.endswith(".parquet"):
+        return "parquet"
+    return "json" if path.name.endswith(EXPORT_SUFFIXES) else "csv"
 
 
 def hour_folder(hour: datetime) -> str:
     return f"dt={hour:%Y-%m-%d}/hour={hour:%H}"
 
 
-def discover_files(sources: list[Path], hour: datetime) -> tuple[list[Path], bool]:
+def discover_files(
+    sources: list[Path], hour: datetime, suffixes: tuple[str, ...] = TRACE_SUFFIXES
+) -> tuple[list[Path], bool]:
     """Files for `hour` and whether they come from hour partitions (`dt=YYYY-MM-DD/hour=HH`).
 
     A source is a file, or a folder: hive-partitioned (only that hour's folder is read) or flat
-    (every trace file under it is read and rows are filtered to the hour).
+    (every trace file under it, by `suffixes`, is read and rows are filtered to the hour).
     """
     files: list[Path] = []
     partitioned = False
@@ -84,9 +103,10 @@ def discover_files(sources: list[Path], hour: datetime) -> tuple[list[Path], boo
         if any(source.glob("dt=*")):
             partitioned = True
             folder = source / hour_folder(hour)
-            files.extend(sorted(p for p in folder.rglob("*") if is_trace_file(p)) if folder.is_dir() else [])
+            found = sorted(p for p in folder.rglob("*") if is_trace_file(p, suffixes)) if folder.is_dir() else []
+            files.extend(found)
         else:
-            files.extend(sorted(p for p in source.rglob("*") if is_trace_file(p)))
+            files.extend(sorted(p for p in source.rglob("*") if is_trace_file(p, suffixes)))
     return files, partitioned
 
 
@@ -98,7 +118,11 @@ def fingerprint(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _columns_and_rows(con: duckdb.DuckDBPyConnection, path: Path, kind: str) -> tuple[tuple[str, ...], int | None]:
+def _columns_and_rows(con: duckdb.DuckDBPyConnection, check: FileCheck) -> tuple[tuple[str, ...], int | None]:
+    path, kind = check.path, check.kind
+    if kind == "json":  # parsed here, once: the batch reads the table (`raw_select`)
+        check.spans = read_span_export(path)
+        return tuple(c for c in check.spans.column_names if c != EXPORT_ROW), check.spans.num_rows
     if kind == "parquet":
         rows = con.execute(
             "SELECT name FROM parquet_schema(?) WHERE num_children IS NULL OR num_children = 0", [str(path)]
@@ -111,14 +135,13 @@ def _columns_and_rows(con: duckdb.DuckDBPyConnection, path: Path, kind: str) -> 
 
 def inspect_file(con: duckdb.DuckDBPyConnection, path: Path, fmt: TraceFormat) -> FileCheck:
     """Size, content hash and columns of one file; a bad file is recorded, never raised."""
-    kind = "parquet" if path.name.endswith(".parquet") else "csv"
-    check = FileCheck(path=path, kind=kind, size_bytes=path.stat().st_size, content_hash=fingerprint(path))
+    check = FileCheck(path=path, kind=file_kind(path), size_bytes=path.stat().st_size, content_hash=fingerprint(path))
     if check.size_bytes == 0:  # nothing to read: recorded as empty, not as broken
         check.status, check.error = "empty", f"{path}: file has no rows (0 bytes)"
         return check
     try:
-        check.columns, check.rows_in_file = _columns_and_rows(con, path, kind)
-    except duckdb.Error as err:
+        check.columns, check.rows_in_file = _columns_and_rows(con, check)
+    except (duckdb.Error, ExportError) as err:
         check.mark_unreadable(err)
         return check
     missing = [c for c in fmt.required if c not in check.columns]
@@ -167,6 +190,14 @@ def raw_select(con: duckdb.DuckDBPyConnection, files: list[FileCheck], fmt: Trac
         parts.append(
             f"SELECT {_select_list(wanted, every, set(f.columns))}, getvariable('{var}') AS source_file, "
             f"row_number() OVER () AS file_row FROM read_csv(getvariable('{var}'), {CSV_OPTIONS}{REJECTS})"
+        )
+    for i, f in enumerate(f for f in files if f.kind == "json"):
+        var, table = f"rpcwatch_json_{int(i)}", EXPORT_TABLE.format(int(i))
+        con.execute(f"SET VARIABLE {var} = ?", [str(f.path)])
+        con.register(table, f.spans if f.spans is not None else read_span_export(f.path))
+        parts.append(
+            f"SELECT {_select_list(wanted, every, set(f.columns))}, getvariable('{var}') AS source_file, "
+            f"{EXPORT_ROW} AS file_row FROM {table}"
         )
     return " UNION ALL BY NAME ".join(parts)
 

@@ -10,6 +10,9 @@ No text from outside (column names, mapping values) becomes SQL text: column nam
 parameters (`set_format_variables`, read back with `getvariable`), because the SQL ends up in
 views, which cannot hold prepared parameters.
 
+A span mapping file is checked against `MAPPING_KEYS` when loaded (unknown keys, wrong types and
+values are one-line ValueErrors naming the file and the key).
+
 Reads and writes no table: it only builds SQL (and reads the bundled span mappings, `mappings/`).
 """
 
@@ -20,6 +23,8 @@ import operator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+
+from tasks.settings import KNOWN_RPC_TYPES
 
 NORMALISED = (
     "ts",
@@ -185,28 +190,102 @@ class SpanMapping:
 
     @classmethod
     def load(cls, name_or_path: str) -> SpanMapping:
+        """A mapping from a JSON file, or a bundled one by name; checked against `MAPPING_KEYS`
+        (ValueError in one line naming the file and the key)."""
         path = Path(name_or_path)
-        if path.suffix == ".json" and path.exists():
-            text = path.read_text()
-        else:
-            bundled = MAPPINGS / f"{name_or_path}.json"
-            if not bundled.is_file():
+        if not (path.suffix == ".json" and path.is_file()):
+            path = MAPPINGS / f"{name_or_path}.json"
+            if not path.is_file():
                 raise ValueError(
                     f"span mapping {name_or_path!r} is neither a JSON file nor a bundled mapping "
                     f"({', '.join(bundled_mappings())})"
                 )
-            text = bundled.read_text()
-        data = json.loads(text)
-        unknown = set(data) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"span mapping {name_or_path!r}: unknown keys {sorted(unknown)}")
-        for key in ("error_values", "root_parent_values"):
-            if key in data:
-                data[key] = tuple(data[key])
-        mapping = cls(**data)
-        if mapping.end is None and mapping.duration is None:
-            raise ValueError(f"span mapping {name_or_path!r} needs `end` or `duration`")
-        return mapping
+        return cls(**_checked_mapping(path))
+
+
+# what a span mapping's keys hold: (kind, required); a "column" names a column of the export, a
+# "unit" is one of UNITS_TO_MS, "rpc_type" one of KNOWN_RPC_TYPES, "texts" a list of texts
+MAPPING_KEYS: dict[str, tuple[str, bool]] = {
+    "trace_id": ("column", True),
+    "span_id": ("column", True),
+    "parent_id": ("column", True),
+    "service": ("column", True),
+    "operation": ("column", True),
+    "start": ("column", True),
+    "start_unit": ("unit", False),
+    "end": ("column or null", False),
+    "end_unit": ("unit", False),
+    "duration": ("column or null", False),
+    "duration_unit": ("unit", False),
+    "status": ("column or null", False),
+    "error_values": ("texts", False),
+    "root_parent_values": ("texts", False),
+    "service_regex": ("text or null", False),
+    "rpc_type": ("rpc_type", False),
+    "kind": ("column or null", False),
+}
+
+
+def _what(value: object) -> str:
+    """The JSON type of a value, for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a text"
+    return "a list" if isinstance(value, list) else "an object"
+
+
+def _key_problem(kind: str, value: object) -> str | None:
+    """Why `value` cannot be a mapping key of `kind` (see MAPPING_KEYS); None when it can."""
+    choices = {"unit": tuple(UNITS_TO_MS), "rpc_type": KNOWN_RPC_TYPES}.get(kind)
+    if choices is not None:
+        ok = isinstance(value, str) and value in choices
+        return None if ok else f"must be one of {', '.join(choices)}, got {value!r}"
+    want = {"column": "a text", "texts": "a list of texts"}.get(kind, "a text or null")
+    if value is None:
+        return None if kind.endswith("or null") else f"must be {want}, got null"
+    if kind == "texts":
+        if not isinstance(value, list):
+            return f"must be {want}, got {_what(value)}"
+        odd = [v for v in value if not isinstance(v, str)]
+        return f"must be {want}, got a list holding {_what(odd[0])}" if odd else None
+    if not isinstance(value, str):
+        return f"must be {want}, got {_what(value)}"
+    if kind.startswith("column") and not value.strip():
+        return "must not be empty (it names a column)"
+    return None
+
+
+def _checked_mapping(path: Path) -> dict[str, Any]:
+    """The mapping file's keys, checked against MAPPING_KEYS, as SpanMapping's arguments."""
+    where = f"span mapping {path}"
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where}: not valid JSON: line {err.lineno} column {err.colno}: {err.msg}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{where}: cannot be read: {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: must be a JSON object, got {_what(data)}")
+    if unknown := [k for k in data if k not in MAPPING_KEYS]:
+        raise ValueError(
+            f"{where}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
+            f"(known: {', '.join(MAPPING_KEYS)})"
+        )
+    for key, (kind, required) in MAPPING_KEYS.items():
+        if key not in data:
+            if required:
+                needed = ", ".join(k for k, (_, req) in MAPPING_KEYS.items() if req)
+                raise ValueError(f"{where}: missing key {key!r} (required: {needed})")
+        elif problem := _key_problem(kind, data[key]):
+            raise ValueError(f"{where}: key {key!r} {problem}")
+    if data.get("end") is None and data.get("duration") is None:
+        raise ValueError(f"{where} needs `end` or `duration` (a column each)")
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
 
 
 def bundled_mappings() -> list[str]:
@@ -232,6 +311,12 @@ class Spans:
     kind server. Where C's kind is unknown (no column, or empty), it is inferred: C's parent has
     the same service as C, C has exactly one child, and that child (kind unknown or server) is in
     another service. A client span without its server child stays a plain call.
+
+    A span id that occurs several times in a trace: every row stays a call of its own (with its own
+    parent id); as a parent, and as the server side of a pair, the id stands for its first row (by
+    source file, then row): that row's service is its children's caller, and only that row merges
+    into the client's call (the id's other rows stay calls of their own, under the client's id).
+    Deduplicating ids before the joins keeps each join one-to-one: linear in the spans.
     """
 
     mapping: SpanMapping
@@ -245,7 +330,8 @@ class Spans:
 
     @property
     def optional(self) -> tuple[str, ...]:
-        return () if self.mapping.kind is None else (self.mapping.kind,)
+        """Status and kind: a file without them has no errors and infers client/server pairs."""
+        return tuple(c for c in (self.mapping.status, self.mapping.kind) if c is not None)
 
     def variables(self) -> dict[str, object]:
         """Mapping values (from a JSON file: outside text), bound as DuckDB variables."""
@@ -291,7 +377,7 @@ class Spans:
             )
         parent = quote_identifier(m.parent_id)
         error = "false"
-        if m.status:
+        if m.status is not None and m.status in columns:
             error = (
                 f"coalesce(list_contains(getvariable('rpcwatch_span_errors')::VARCHAR[], "
                 f"CAST({quote_identifier(m.status)} AS VARCHAR)), false)"
@@ -312,9 +398,10 @@ class Spans:
         """Needs `set_format_variables` on the connection first (the mapping's values)."""
         return f"""
         WITH s AS ({self._spans_sql(columns)}),
-        ids AS (SELECT trace_id, call_id, any_value(parent_call_id) AS parent_call_id,
-                       any_value(service) AS service, any_value(kind) AS kind
-                FROM s WHERE trace_id IS NOT NULL AND call_id IS NOT NULL GROUP BY ALL),
+        firsts AS (SELECT trace_id, call_id, arg_min({{'parent_call_id': parent_call_id, 'service': service,
+                                                     'kind': kind}}, (source_file, file_row)) AS first_row
+                   FROM s WHERE trace_id IS NOT NULL AND call_id IS NOT NULL GROUP BY ALL),
+        ids AS (SELECT trace_id, call_id, first_row.* FROM firsts),
         kids AS (SELECT trace_id, parent_call_id AS call_id, count(*) AS n_kids,
                         count(*) FILTER (WHERE kind = 'server') AS n_server,
                         any_value(call_id) FILTER (WHERE kind = 'server') AS server_kid,
@@ -331,7 +418,7 @@ class Spans:
         srv AS (
             SELECT s.*, pr.client_id FROM s JOIN pairs pr ON pr.trace_id = s.trace_id AND pr.server_id = s.call_id
             QUALIFY row_number() OVER (PARTITION BY s.trace_id, s.call_id ORDER BY s.source_file, s.file_row) = 1),
-        kept AS (SELECT * FROM s ANTI JOIN pairs me ON me.trace_id = s.trace_id AND me.server_id = s.call_id)
+        kept AS (SELECT * FROM s ANTI JOIN srv USING (source_file, file_row))
         SELECT x.ts, x.trace_id, x.call_id, coalesce(up.client_id, x.parent_call_id) AS parent_call_id,
                CASE WHEN v.call_id IS NOT NULL THEN coalesce(x.service, 'UNKNOWN')
                     WHEN x.parent_call_id IS NULL THEN 'USER' ELSE coalesce(p.service, 'UNKNOWN') END AS caller,

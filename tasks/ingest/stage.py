@@ -1,4 +1,5 @@
-"""Stage 1, ingest: one hour of trace files (Parquet, CSV, CSV.gz) into the warehouse's `calls` table.
+"""Stage 1, ingest: one hour of trace files (Parquet, CSV, CSV.gz; for the spans format also OTLP and
+Jaeger JSON exports, `tasks.ingest.exports`) into the warehouse's `calls` table.
 
 Per hour: find the files, fingerprint them, skip the hour if nothing changed since the last
 ingest, else replace exactly that hour: normalised rows that pass the row checks go to `calls`,
@@ -8,8 +9,10 @@ Validation then fails the batch for them (see `tasks.ingest.validate`). Empty fi
 as `empty`; the hour goes on.
 
 A landed hour is only replaced by a batch with rows: no files, no readable file or no row for the
-hour raise `IngestError` and leave the warehouse as it was. No path, column name, setting or batch
-id becomes SQL text (see `tasks.ingest.files`): they are bound, or validated numbers/datetimes.
+hour raise `IngestError` and leave the warehouse as it was; so does a batch that keeps none of its
+rows (all quarantined, e.g. a mapping with a wrong unit) where the hour has landed calls, forced or
+not. No path, column name, setting or batch id becomes SQL text (see `tasks.ingest.files`): they
+are bound, or validated numbers/datetimes.
 
 Reads the trace files and `ingest_log`; writes `calls`, `quarantine` and `ingest_log` (one
 transaction per hour). `hours_in_sources` reads trace files only, on an in-memory DuckDB.
@@ -25,7 +28,7 @@ from pathlib import Path
 import duckdb
 import xxhash
 
-from tasks.clock import hour_floor, naive_utc
+from tasks.clock import HOUR, hour_floor, naive_utc
 from tasks.ingest.files import (
     FileCheck,
     define_raw_view,
@@ -33,10 +36,11 @@ from tasks.ingest.files import (
     hour_folder,
     inspect_file,
     is_trace_file,
+    trace_suffixes,
 )
 from tasks.ingest.formats import TraceFormat, make_format
 from tasks.ingest.rows import BatchSpec, count_per_file, define_batch, load_batch
-from tasks.ingest.sql import finite_setting
+from tasks.ingest.sql import finite_setting, scalar
 from tasks.settings import Settings
 from tasks.warehouse import opened
 
@@ -207,12 +211,13 @@ def ingest_hour(
     """Replace the warehouse's rows for `hour` with what the trace files hold (idempotent).
 
     Only a batch with rows replaces the hour: no files, no readable file or no row in the hour
-    raise `IngestError` and leave calls, quarantine and ingest_log as they were.
+    raise `IngestError` and leave calls, quarantine and ingest_log as they were; so does a batch
+    that keeps no row where the hour has landed calls (`force` included).
     """
     hour, sources = hour_floor(hour), list(sources or [settings.incoming])
     fmt = _trace_format(settings, fmt_name)
     rt_max_ms = finite_setting(settings.rt_max_ms, "rt_max_ms")
-    paths, partitioned = discover_files(sources, hour)
+    paths, partitioned = discover_files(sources, hour, trace_suffixes(fmt))
     if not paths:
         where = f" (no partition folder {hour_folder(hour)} with trace files)" if partitioned else ""
         raise _refuse(hour, sources, f"no trace files{where}")
@@ -228,8 +233,28 @@ def ingest_hour(
     return report
 
 
+def _landed_calls(con: duckdb.DuckDBPyConnection, hour: datetime) -> int:
+    start, end = naive_utc(hour), naive_utc(hour + HOUR)
+    return int(scalar(con, "SELECT count(*) FROM calls WHERE ts >= ? AND ts < ?", [start, end]))
+
+
+def _kept_nothing(con: duckdb.DuckDBPyConnection, report: IngestReport, landed: int) -> str:
+    """Why a batch that keeps no row does not replace `landed` calls: its rows and their commonest reason."""
+    reason = con.execute(
+        "SELECT reason FROM quarantine WHERE hour = ? GROUP BY reason ORDER BY count(*) DESC, reason LIMIT 1",
+        [naive_utc(report.hour)],
+    ).fetchall()
+    why = f", most for: {reason[0][0]}" if reason else ""
+    return (
+        f"the new batch keeps none of its {report.rows_read} rows ({report.rows_quarantined} quarantined{why}) "
+        f"and would replace {landed} landed calls with none"
+    )
+
+
 def _replace_hour(con: duckdb.DuckDBPyConnection, report: IngestReport, spec: BatchSpec, sources: list[Path]) -> None:
-    """Load the good files and log every file, in one transaction; refuse (rolled back) a batch without rows."""
+    """Load the good files and log every file, in one transaction; refuse (rolled back) a batch without
+    rows, and a batch that keeps no row where the hour has landed calls."""
+    landed = _landed_calls(con, spec.hour)
     try:
         good = _load_good_files(con, report, spec)
     except duckdb.Error as err:  # the files passed one by one but not as a batch
@@ -240,6 +265,10 @@ def _replace_hour(con: duckdb.DuckDBPyConnection, report: IngestReport, spec: Ba
             con.execute("ROLLBACK")
         problems = "; ".join(f.error for f in report.files if f.error)
         why = f"no rows for this hour in {len(report.files)} file(s)" + (f" ({problems})" if problems else "")
+        raise _refuse(spec.hour, sources, why)
+    if report.rows_kept == 0 and landed:
+        why = _kept_nothing(con, report, landed)
+        con.execute("ROLLBACK")
         raise _refuse(spec.hour, sources, why)
     _write_log(con, report, spec.fmt)
     con.execute("COMMIT")
@@ -274,7 +303,8 @@ def hours_in_sources(settings: Settings, sources: list[Path], fmt_name: str | No
             flat.append(source)
     if flat:
         fmt = _trace_format(settings, fmt_name)
-        files = [p for s in flat for p in ([s] if s.is_file() else s.rglob("*")) if is_trace_file(p)]
+        suffixes = trace_suffixes(fmt)
+        files = [p for s in flat for p in ([s] if s.is_file() else s.rglob("*")) if is_trace_file(p, suffixes)]
         with duckdb.connect() as con:
             hours |= _distinct_hours(con, [c for c in (inspect_file(con, p, fmt) for p in files) if c.ok], fmt)
     return sorted(hours)

@@ -7,7 +7,9 @@
 - `forecast`: windows, the model, its loss, training, forecasts. `baselines`: metrics and naive
   baselines. `thresholds`: calibrated thresholds. No tables.
 - `registry`: model names, the champion lookup (reads `models`), MLflow set-up, the verified
-  artifact cache and the registry as `models` rows.
+  artifact cache, the registry as `models` rows, and runs a dead process left open closed.
+- `store`: the embedded MLflow sqlite store, created and upgraded on a copy swapped into place
+  (a kill mid-migration never leaves it half-built).
 - `jobs`: `TrainJob`, `TrainShard`, `TrainOutcome`, `Skipped`: what plan, train and record hand
   each other. `shards`: the stale patterns split into training shards of similar cost.
 - `fitting`: a pattern's model and no-graph twin trained, evaluated and calibrated; many at once

@@ -5,6 +5,7 @@ mean something, the Poisson floor (the error of knowing the true rate), and the 
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 
@@ -22,6 +23,14 @@ def _errors(pred: np.ndarray, obs: np.ndarray, valid: np.ndarray) -> dict[str, f
         "rmse": float(np.sqrt(((p - o) ** 2).mean())),
         "mape": float((np.abs(p - o)[nz] / o[nz]).mean()) if nz.any() else float("nan"),
     }
+
+
+def ratio(numerator: float, denominator: float) -> float:
+    """numerator / denominator, NaN where that is undefined: a denominator of 0 (a baseline that is
+    exact, e.g. the seasonal naive forecast of a perfectly regular RPC) or a NaN on either side."""
+    if not (math.isfinite(numerator) and math.isfinite(denominator)) or denominator == 0:
+        return math.nan
+    return numerator / denominator
 
 
 def busy_mask(obs: np.ndarray, min_rate: float = 1.0) -> np.ndarray:
@@ -76,7 +85,8 @@ def moving_average(values: np.ndarray, targets: np.ndarray, window: int, horizon
     out = np.empty((len(targets),) + values.shape[1:])
     for i, t in enumerate(targets):  # validation windows only: a few hundred
         past = values[t - horizon - window + 1 : t - horizon + 1]
-        with np.errstate(all="ignore"):
+        with np.errstate(all="ignore"), warnings.catch_warnings():  # no call in the window: NaN latency
+            warnings.simplefilter("ignore", RuntimeWarning)
             out[i] = np.nanmean(past, axis=0)
     return out
 

@@ -106,13 +106,15 @@ def _flag(
     observed: np.ndarray, expected: np.ndarray, s: int, n: int, f: int, limit: np.ndarray, direction: str, kind: str
 ) -> Flag:
     """The flag of point (s, n, f) beyond `limit` [S, N]: counts scored by the band's width, latency
-    on the log scale."""
+    on the log scale. A count band is at least one count wide here: counts are whole, and a count
+    forecast at ~0 (an all-zero series: errors of an RPC that never failed) has a band [0, 0] whose
+    width, ~0, would score one event 1e9."""
     obs, exp, lim = observed[s, n, f], expected[s, n, f], limit[s, n]
     if kind == "latency":
         score = np.log(obs / exp) / max(np.log(lim / exp), 1e-9)
     else:
         distance = obs - exp if direction == "up" else exp - obs
-        score = distance / max(lim - exp if direction == "up" else exp - lim, 1e-9)
+        score = distance / max(lim - exp if direction == "up" else exp - lim, 1.0)
     return Flag(s, n, f, float(lim), float(score), direction, kind)
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tasks.models.baselines import metrics, moving_average, poisson_floor, season_period, seasonal_naive
+from tasks.models.baselines import metrics, moving_average, poisson_floor, ratio, season_period, seasonal_naive
 from tasks.models.forecast import Prepared, TrainConfig, TrainResult, device, predict, prepare, train
 from tasks.models.series import PatternData
 from tasks.models.thresholds import Thresholds, calibrate
@@ -60,8 +60,9 @@ def evaluate(
         out.update({f"{name}_{k}": v for k, v in metrics(values, obs).items()})
     out["poisson_floor_calls"] = poisson_floor(obs)
     out["poisson_floor_asymptotic_calls"] = poisson_floor(obs, asymptotic=True)
-    out["mape_calls_over_floor"] = out["model_mape_calls"] / out["poisson_floor_calls"]
-    out["mape_calls_vs_seasonal_naive"] = out["model_mape_calls"] / out["seasonal_naive_mape_calls"]
+    # NaN, never an exception, where a ratio is undefined (an exact baseline, no busy node)
+    out["mape_calls_over_floor"] = ratio(out["model_mape_calls"], out["poisson_floor_calls"])
+    out["mape_calls_vs_seasonal_naive"] = ratio(out["model_mape_calls"], out["seasonal_naive_mape_calls"])
     return out, pred, period
 
 

@@ -95,17 +95,36 @@ class TrainOutcome:
 
 @dataclass(frozen=True)
 class Skipped:
-    """A stale pattern not trained this hour (too little history): reported, not failed."""
+    """A stale pattern not trained this hour, reported, never stopping the others: `skipped` (too
+    little history) or `failed` (its training raised: the reason names the step and the error). It
+    stays stale and is tried again next hour; `record` writes it to `models` (no version) with the
+    hour it was planned for."""
 
     pattern_id: int
     reason: str
+    decision: str = "skipped"  # skipped | failed: the `models.decision` it is recorded with
+    trained_for: datetime | None = None  # the hour planned for (aware, UTC); None: not recorded
+    stale_reason: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"pattern_id": self.pattern_id, "skipped": self.reason}
+        return {
+            "pattern_id": self.pattern_id,
+            "skipped": self.reason,  # the key that tells it from a trained outcome
+            "decision": self.decision,
+            "trained_for": self.trained_for.astimezone(UTC).isoformat() if self.trained_for else None,
+            "stale_reason": self.stale_reason,
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Skipped:
-        return cls(int(d["pattern_id"]), str(d["skipped"]))
+        hour = d.get("trained_for")
+        return cls(
+            int(d["pattern_id"]),
+            str(d["skipped"]),
+            str(d.get("decision", "skipped")),
+            datetime.fromisoformat(hour) if hour else None,
+            str(d.get("stale_reason", "")),
+        )
 
 
 Outcome = TrainOutcome | Skipped

@@ -13,7 +13,9 @@ it is trusted).
 - `registry_mirror`: the registry as `models` rows (reads the registry; `tasks.models.retrain`
   writes them into `models` when it reconciles the mirror).
 - `setup_mlflow`: the experiment, marked as model training for MLflow 3's UI; on the embedded store
-  it re-addresses the artifacts of a home that was moved or copied (`relocate_artifacts`).
+  it first makes the store ready where a crash cannot leave it half-built (`tasks.models.store`)
+  and re-addresses the artifacts of a home that was moved or copied (`relocate_artifacts`); once
+  per process it fails the runs a dead process left open (`close_orphaned_runs`).
 """
 
 from __future__ import annotations
@@ -23,12 +25,15 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import shutil
+import socket
 import sqlite3
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -36,10 +41,12 @@ from typing import TYPE_CHECKING, Any
 import duckdb
 
 from tasks.clock import naive_utc
+from tasks.models.store import ensure_store
 from tasks.settings import Settings
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
+    from mlflow.entities import Run
     from mlflow.entities.model_registry import ModelVersion
 
 log = logging.getLogger(__name__)
@@ -117,6 +124,7 @@ def setup_mlflow(settings: Settings) -> ModuleType:
     import mlflow
 
     uri = tracking_uri(settings)
+    ensure_store(uri)  # before MLflow opens it: MLflow would create or migrate it in place
     mlflow.set_tracking_uri(uri)
     experiment = mlflow.get_experiment_by_name(EXPERIMENT)
     if experiment is None:
@@ -124,12 +132,18 @@ def setup_mlflow(settings: Settings) -> ModuleType:
         if uri.startswith("sqlite"):
             settings.mlflow_artifacts.mkdir(parents=True, exist_ok=True)
             location = settings.mlflow_artifacts.resolve().as_uri()
-        mlflow.create_experiment(EXPERIMENT, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        experiment_id = mlflow.create_experiment(
+            EXPERIMENT, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+        )
     else:
+        experiment_id = experiment.experiment_id
         if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:  # created before the tag existed
-            mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+            mlflow.MlflowClient().set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         relocate_artifacts(settings, experiment.artifact_location)
     mlflow.set_experiment(EXPERIMENT)
+    if uri not in _SWEPT:
+        close_orphaned_runs(mlflow.MlflowClient(), experiment_id)
+        _SWEPT.add(uri)
     return mlflow
 
 
@@ -163,7 +177,9 @@ def relocate_artifacts(settings: Settings, recorded: str | None = None) -> int:
     not given) is rewritten under this home's `mlartifacts`, in one sqlite transaction (idempotent:
     a second process finds nothing to rewrite). Only for the embedded store in the home, and only
     when the root is such a folder. `setup_mlflow` calls it; call it before serving a moved home's
-    store with `mlflow server`/`mlflow ui`. Returns the URIs rewritten."""
+    store with `mlflow server`/`mlflow ui` (it makes the store ready first, `ensure_store`: the
+    server would otherwise create or migrate it in place). Returns the URIs rewritten."""
+    ensure_store(tracking_uri(settings))
     db = _home_database(settings)
     if db is None or not db.exists():
         return 0
@@ -191,6 +207,101 @@ def relocate_artifacts(settings: Settings, recorded: str | None = None) -> int:
                 ).rowcount
     log.warning("the home moved: %s artifact URIs re-addressed from %s to %s", changed, recorded, here)
     return changed
+
+
+# --- runs a dead process left open ----------------------------------------------------------------
+
+# run tags naming the process that holds a run open (`tasks.models.tracking.launch_tags` sets them)
+HOST_TAG = "rpcwatch.host"
+PID_NAMESPACE_TAG = "rpcwatch.pid_namespace"  # containers on one host may reuse host names and pids
+PID_TAG = "rpcwatch.pid"
+FAILED_REASON_TAG = "rpcwatch.failed_reason"  # why `close_orphaned_runs` failed a run
+# a run is open only while a fitted model is logged and registered (seconds to minutes); one open
+# for longer than twice the DAG's `train` timeout (60 min) has lost its process, wherever it ran
+ORPHANED_AFTER = timedelta(hours=2)
+_SWEPT: set[str] = set()  # tracking URIs whose open runs this process checked
+
+
+def _pid_namespace() -> str:
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:  # no /proc (not Linux): the host name alone tells hosts apart
+        return ""
+
+
+def process_tags() -> dict[str, str]:
+    """This process as run tags: host, pid namespace, pid."""
+    return {HOST_TAG: socket.gethostname(), PID_NAMESPACE_TAG: _pid_namespace(), PID_TAG: str(os.getpid())}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
+def why_orphaned(tags: Mapping[str, str], started_ms: int, now_ms: int) -> str | None:
+    """Why a RUNNING run has no live process (None: it may have one). Safe with parallel trainings:
+    a run is judged by its process only on the host (and pid namespace) that started it, where a
+    pid that no longer exists is proof; elsewhere only by its age (`ORPHANED_AFTER`). A reused pid
+    reads as alive: the run waits for the age rule."""
+    here, pid = process_tags(), tags.get(PID_TAG, "")
+    same_host = all(tags.get(k) == here[k] for k in (HOST_TAG, PID_NAMESPACE_TAG))
+    if same_host and pid.isdigit() and int(pid) > 0 and not _alive(int(pid)):
+        return f"its process {pid} on {here[HOST_TAG]} is gone (killed while the run was open)"
+    hours = (now_ms - started_ms) / 3_600_000
+    if hours > ORPHANED_AFTER.total_seconds() / 3600:
+        return f"open for {hours:.1f} h, longer than any training holds a run ({ORPHANED_AFTER})"
+    return None
+
+
+def close_orphaned_runs(client: MlflowClient, experiment_id: str) -> list[str]:
+    """Fail the experiment's runs a dead process left RUNNING (`why_orphaned`), each tagged
+    `rpcwatch.failed_reason`. A run with a registered version keeps everything (the registry points
+    at its model); one without has its logged models and artifacts deleted: nothing can ever use
+    them, and each such crash left a full model behind. Returns the runs failed."""
+    search = functools.partial(client.search_runs, [experiment_id])
+    now = int(time.time() * 1000)
+    closed = []
+    for run in _pages(search, "attributes.status = 'RUNNING'"):
+        why = why_orphaned(run.data.tags, run.info.start_time, now)
+        if why is None:
+            continue
+        run_id = run.info.run_id
+        versions = [f"{v.name} v{v.version}" for v in client.search_model_versions(f"run_id = '{run_id}'")]
+        if versions:
+            why += f"; kept, registered as {', '.join(versions)}"
+        else:
+            why += f"; {_delete_unregistered(client, experiment_id, run)}"
+        client.set_tag(run_id, FAILED_REASON_TAG, why)  # artifacts first, then the status: a rerun finishes it
+        client.set_terminated(run_id, "FAILED")
+        log.warning("MLflow run %s (%s) marked FAILED: %s", run_id, run.info.run_name, why)
+        closed.append(run_id)
+    return closed
+
+
+def _delete_unregistered(client: MlflowClient, experiment_id: str, run: Run) -> str:
+    """Delete a never-registered run's logged models and artifacts; what was done, for its reason tag."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    run_id = run.info.run_id
+    models = list(client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{run_id}'"))
+    locations = [m.artifact_location for m in models] + [run.info.artifact_uri]
+    try:
+        for location in locations:
+            get_artifact_repository(location).delete_artifacts()
+        for m in models:
+            client.delete_logged_model(m.model_id)
+    except (MlflowException, OSError) as err:  # a store that refuses deletes: listed instead
+        log.warning("run %s: its unregistered artifacts could not be deleted (%s): %s", run_id, err, locations)
+        return f"never registered; its artifacts could not be deleted ({err}), left at {', '.join(locations)}"
+    names = ", ".join(m.model_id for m in models) or "none"
+    return f"never registered: its logged models ({names}) and artifacts deleted"
 
 
 def registered_champion(client: MlflowClient, name: str) -> ModelVersion | None:
@@ -231,6 +342,7 @@ def _client(uri: str) -> MlflowClient:
     """A registry client for reads (no experiment set-up: one query per version looked up)."""
     from mlflow import MlflowClient
 
+    ensure_store(uri)
     return MlflowClient(tracking_uri=uri)
 
 

@@ -6,22 +6,28 @@ DuckDB's `models` table mirrors the MLflow registry, which is the source of trut
 the mirror before deciding staleness and record after writing, so a training killed between
 registering and recording neither leaves its pattern without champion nor retrains it every hour.
 
+A pattern whose training raises is reported `failed` (a `Skipped` with its reason) and recorded so,
+like a skipped one: one pattern never stops the others, nor the hour's scoring.
+
 Reads `patterns`, `pattern_series`, `pattern_nodes`, `pattern_edges`, `models`, `forecast_errors`
-(staleness, exports); writes `models` and the Parquet exports under `<home>/exports`. The stages
-hand each other `TrainJob`s and `TrainOutcome`s / `Skipped`s (tasks.models.jobs)."""
+(staleness, exports); writes `models` and the Parquet exports under `<home>/exports/<hour>` (removed
+once the hour's outcomes are recorded; a crash's leftovers by the next plan). The stages hand each
+other `TrainJob`s and `TrainOutcome`s / `Skipped`s (tasks.models.jobs)."""
 
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Iterable
 from dataclasses import fields
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import duckdb
 
 from tasks.clock import HOUR, hour_floor, naive_utc
-from tasks.models.jobs import Outcome, TrainJob, TrainOutcome, TrainShard
+from tasks.models.jobs import Outcome, Skipped, TrainJob, TrainOutcome, TrainShard
 from tasks.models.registry import ModelRow, model_name, registry_mirror
 from tasks.models.series import export_pattern, training_range
 from tasks.models.staleness import stale_patterns
@@ -37,7 +43,10 @@ def plan_training(
     """Stale patterns with their reasons, each exported to Parquet for a lock-free training task."""
     hour = hour_floor(hour)
     start, end = training_range(hour + HOUR, settings.train_history_hours)
-    folder = settings.home / "exports" / f"{hour:%Y%m%dT%H}"
+    folder = export_folder(settings, hour)
+    # earlier hours' leftovers (a crash kept them from being recorded), and this hour's: a replanned
+    # hour exports afresh, no file of an older plan among its own
+    remove_exports(settings, hours=[hour], before=hour)
     with opened(settings.warehouse) as con:
         reconcile_models(settings, con)  # staleness must see the registry's champions
         stale = [
@@ -119,9 +128,28 @@ def _recorded_row(o: TrainOutcome, now: datetime) -> ModelRow:
     )
 
 
+def _record_not_trained(con: duckdb.DuckDBPyConnection, o: Skipped, now: datetime) -> None:
+    """A skipped or failed pattern as a `models` row without a version (decision and reason say
+    why); one per pattern and hour, so a retried record writes the same row."""
+    if o.trained_for is None:  # an outcome from before skips carried their hour
+        return
+    hour = naive_utc(o.trained_for)
+    con.execute(
+        "DELETE FROM models WHERE pattern_id = ? AND model_version IS NULL AND trained_for = ?", [o.pattern_id, hour]
+    )
+    con.execute(
+        """INSERT INTO models (pattern_id, model_name, trained_for, decision, reason, stale_reason, recorded_at)
+                   VALUES (?, ?, ?, ?, ?, ?, ?)""",
+        [o.pattern_id, model_name(o.pattern_id), hour, o.decision, o.reason, o.stale_reason, now],
+    )
+
+
 def record_outcomes(settings: Settings, outcomes: Iterable[Outcome]) -> int:
-    """Mirror the trainings into DuckDB's `models` table (staleness and scoring read it there),
-    then reconcile it with the registry (a retried training may have registered more)."""
+    """Mirror the trainings into DuckDB's `models` table (staleness and scoring read it there; a
+    skipped or failed pattern gets a row without a version saying why), then reconcile it with the
+    registry (a retried training may have registered more). Once committed, the hours' exports are
+    removed (`remove_exports`): a rerun of `record` does not read them. Returns the versions recorded."""
+    outcomes = list(outcomes)
     trained = [o for o in outcomes if isinstance(o, TrainOutcome)]
     now = naive_utc(datetime.now(UTC))
     with opened(settings.warehouse) as con:
@@ -130,9 +158,48 @@ def record_outcomes(settings: Settings, outcomes: Iterable[Outcome]) -> int:
                 "DELETE FROM models WHERE pattern_id = ? AND model_version = ?", [o.pattern_id, o.model_version]
             )
             _insert_model(con, _recorded_row(o, now))
+        for skipped in (o for o in outcomes if isinstance(o, Skipped)):
+            _record_not_trained(con, skipped, now)
         if trained:
             reconcile_models(settings, con)
+    hours = {hour_floor(o.trained_for) for o in outcomes if o.trained_for is not None}
+    remove_exports(settings, hours=sorted(hours))
     return len(trained)
+
+
+# --- the Parquet exports of an hour's training: written by plan, read by train, removed by record ---
+
+
+def export_folder(settings: Settings, hour: datetime) -> Path:
+    """Where `plan_training` exports the stale patterns of `hour` (one folder per hour)."""
+    return settings.home / "exports" / f"{hour_floor(hour):%Y%m%dT%H}"
+
+
+def remove_exports(settings: Settings, hours: Iterable[datetime] = (), before: datetime | None = None) -> None:
+    """Remove the exports of `hours`, and of every hour before `before`: recorded, their files are
+    never read again (a rerun of `record` reads none; a rerun of the hour plans and exports anew).
+    A removal cut short by a crash leaves a folder that the next plan removes."""
+    root = settings.home / "exports"
+    if not root.is_dir():
+        return
+    names = {export_folder(settings, hour).name for hour in hours}
+    cutoff = export_folder(settings, before).name if before is not None else None
+    for folder in root.iterdir():
+        name = folder.name  # %Y%m%dT%H sorts as the hours do
+        if folder.is_dir() and _is_hour(name) and (name in names or (cutoff is not None and name < cutoff)):
+            try:
+                shutil.rmtree(folder)
+            except OSError as err:  # the exports are disposable: a later plan or record tries again
+                log.warning("could not remove the training exports %s: %s", folder, err)
+
+
+def _is_hour(name: str) -> bool:
+    """A folder name `plan_training` writes (YYYYMMDDTHH), nothing else under exports/."""
+    try:
+        datetime.strptime(name, "%Y%m%dT%H")
+    except ValueError:
+        return False
+    return len(name) == len("20260101T00")
 
 
 def reconcile_models(settings: Settings, con: duckdb.DuckDBPyConnection) -> int:

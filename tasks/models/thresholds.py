@@ -3,10 +3,16 @@ validation residuals only (no labels). Counts: negative-binomial dispersion and 
 latency: a robust scale and a tail multiplier (quantile or peaks-over-threshold). The band
 statistics (`count_band`, `count_bands`, `latency_band`) live here too. Reads and writes no table:
 a model's thresholds travel as its `thresholds.json` artifact (`Thresholds.to_json`/`from_json`).
+
+Residuals of zero variance (a perfectly regular RPC, forecast exactly) never make a band of width 0:
+a count band is never narrower than Poisson's (the dispersion is clipped at 0: independent requests
+at the forecast rate vary that much), a latency band never narrower than a normal's of scale
+`SIGMA_FLOOR` at the alarm probability (`normal_multiplier`). Floors from the models, not from data.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -16,6 +22,10 @@ from tasks.models.baselines import metrics
 from tasks.models.features import CALLS, ERRORS, FEATURES, LATENCIES, RT_MEAN, RT_P95
 from tasks.models.forecast import Prepared
 from tasks.models.series import PatternData
+
+# the smallest per-request spread of latency a band assumes (log scale, ~5 %): a latency that was the
+# same in every bucket still varies by its timer's resolution; a zero spread would alarm at any change
+SIGMA_FLOOR = 0.05
 
 
 @dataclass(frozen=True)
@@ -130,11 +140,26 @@ def _nb_dispersion(pred: np.ndarray, obs: np.ndarray, phi: float = 1.0) -> float
     return float(max(0.0, excess))
 
 
+def normal_multiplier(alarm_p: float) -> float:
+    """The two-sided multiplier of a normal distribution at `alarm_p`: the narrowest latency band.
+
+    With zero-variance residuals (a constant latency forecast to float rounding) the robust scale is
+    its floor `SIGMA_FLOOR` and every z is ~0: the residuals tell nothing about the noise that floor
+    stands for, and a tail fitted to rounding errors gave a multiplier of ~1e-5 (a band nothing stays
+    inside). So the band is never narrower than a normal's of that scale at the alarm probability;
+    an empirical or heavy tail only widens it."""
+    from scipy.stats import norm
+
+    return float(norm.isf(alarm_p / 2))
+
+
 def _latency_multiplier(z: np.ndarray, alarm_p: float, method: str) -> float:
-    """|z| beyond which a point is irregular: empirical quantile, or peaks-over-threshold (GPD)."""
+    """|z| beyond which a point is irregular: empirical quantile, or peaks-over-threshold (GPD);
+    at least `normal_multiplier`."""
     z = np.abs(z[np.isfinite(z)])
     if len(z) < 20:
         return 6.0  # too few points to calibrate: a wide band
+    floor = normal_multiplier(alarm_p)
     if method == "pot":
         from scipy.stats import genpareto
 
@@ -143,8 +168,10 @@ def _latency_multiplier(z: np.ndarray, alarm_p: float, method: str) -> float:
         if len(excess) >= 10:
             shape, _, scale = genpareto.fit(excess, floc=0)
             tail = alarm_p / 0.1
-            return float(u + genpareto.ppf(1 - tail, shape, loc=0, scale=scale))
-    return float(max(np.quantile(z, 1 - min(0.5, alarm_p * 10)) * 1.5, 5.0))
+            k = float(u + genpareto.ppf(1 - tail, shape, loc=0, scale=scale))
+            if math.isfinite(k):
+                return max(k, floor)
+    return float(max(np.quantile(z, 1 - min(0.5, alarm_p * 10)) * 1.5, 5.0, floor))
 
 
 def _count_band(pred: np.ndarray, obs: np.ndarray) -> CountBand:
@@ -159,7 +186,7 @@ def _latency_band(
     # log-ratio scaled by sqrt(independent requests): a mean over few requests spreads widely
     z = np.log(np.maximum(obs[ok], 1e-3) / np.maximum(pred[ok], 1e-3)) * np.sqrt(np.maximum(calls[ok] / phi, 1.0))
     sigma = float(1.4826 * np.median(np.abs(z - np.median(z)))) if ok.sum() >= 5 else 1.0
-    sigma = max(sigma, 0.05)
+    sigma = max(sigma, SIGMA_FLOOR)
     return LatencyBand(sigma, _latency_multiplier(z / sigma, alarm_p, method), phi)
 
 

@@ -17,7 +17,14 @@ import numpy as np
 
 from tasks.models.features import CALLS, ERRORS, FEATURES, RT_MEAN, RT_P95
 from tasks.models.forecast import TrainConfig
-from tasks.models.registry import ARTIFACTS_TAG, CHALLENGER, CHAMPION, file_digests, registered_champion
+from tasks.models.registry import (
+    ARTIFACTS_TAG,
+    CHALLENGER,
+    CHAMPION,
+    file_digests,
+    process_tags,
+    registered_champion,
+)
 from tasks.models.series import PatternData
 from tasks.models.trace_model import TraceModel
 
@@ -81,11 +88,13 @@ def input_example(data: PatternData, window: int) -> pd.DataFrame:
 def launch_tags(env: Mapping[str, str] | None = None) -> dict[str, str]:
     """Run tags naming the Airflow task instance that trained (`airflow.dag_id`, `.run_id`,
     `.task_id`, `.try_number`, from the `AIRFLOW_CTX_*` variables Airflow exports into a task's
-    process), or `rpcwatch.launched_by=cli` when they are absent."""
+    process), or `rpcwatch.launched_by=cli` when they are absent; and the process holding the run
+    open (`rpcwatch.host`, `.pid_namespace`, `.pid`: a run its dead process left open is failed
+    by the next one, `tasks.models.registry.close_orphaned_runs`)."""
     env = os.environ if env is None else env
     tags = {tag: env[var] for tag, var in AIRFLOW_CONTEXT.items() if env.get(var)}
     tags[LAUNCHED_BY_TAG] = "airflow" if "airflow.dag_id" in tags else "cli"
-    return tags
+    return tags | process_tags()
 
 
 def launched_by(tags: Mapping[str, str]) -> str:

@@ -169,6 +169,10 @@ def decide(mlflow: ModuleType, client: MlflowClient, fitted: Fitted) -> tuple[st
         return "champion", f"champion v{champion.version} was trained on another graph"
     score = fitted.scores["model_mape_calls"]
     old = _champion_score(mlflow, champion, fitted.prep, fitted.dev)
+    if math.isnan(old):  # no busy node on this window (a quiet pattern): nothing to compare on
+        # the newer model, trained on the recent data, takes over: a champion that cannot be beaten
+        # would keep an aged pattern stale, retrained every hour
+        return "champion", f"champion v{champion.version} has no calls MAPE on this window (no busy node)"
     if score < old:
         return "champion", f"beats champion v{champion.version}: calls MAPE {score:.4f} < {old:.4f}"
     return "challenger", f"champion v{champion.version} stays better: calls MAPE {old:.4f} <= {score:.4f}"
@@ -295,31 +299,102 @@ def train_pattern(
     return register_fitted(settings, fitted, trace, trained_for, reason, start.source)
 
 
+PreparedJob = tuple[TrainJob, PatternData, Prepared]  # a job, its loaded series and training windows
+
+
 def train_patterns(settings: Settings, jobs: list[TrainJob], cfg: TrainConfig | None = None) -> list[Outcome]:
     """`train_pattern` for a shard's jobs, their forecasters fitted together (`fit_many`: stacked on
-    a GPU), each then logged and registered on its own; a job with too little history is `Skipped`.
-    Outcomes in the order of `jobs`."""
+    a GPU), each then logged and registered on its own. A job with too little history is `Skipped`;
+    one whose loading, fitting or registering raises is `Skipped` as `failed` (the step and the
+    error) while the others go on: one odd pattern must stop neither its shard nor the hour's
+    scoring. Outcomes in the order of `jobs`."""
     from tasks.progress import progress as progress_bar
 
     cfg = cfg or train_config(settings)
-    ready: list[tuple[PatternData, Prepared]] = []
     outcomes: dict[int, Outcome] = {}
+    prepared: list[PreparedJob] = []
     for job in jobs:
-        data = load_pattern(job.meta_path)
         try:
-            ready.append((data, prepare(data, cfg)))
+            data = load_pattern(job.meta_path)
+            prepared.append((job, data, prepare(data, cfg)))
         except NotEnoughHistory as err:
             log.warning("pattern %s skipped: %s", job.pattern_id, err)
-            outcomes[job.pattern_id] = Skipped(job.pattern_id, str(err))
-    by_pattern = {job.pattern_id: job for job in jobs}
-    client = setup_mlflow(settings).MlflowClient()
-    starts = {data.pattern_id: warm_start(settings, client, data.pattern_id, cfg) for data, _ in ready}
-    fitted_all = fit_many(settings, ready, cfg, [starts[data.pattern_id].state for data, _ in ready])
-    for fitted in progress_bar(fitted_all, "registering", unit="pattern"):
-        job, source = by_pattern[fitted.data.pattern_id], starts[fitted.data.pattern_id].source
-        trace = fit_trace_model(settings, job.meta_path)
-        outcomes[job.pattern_id] = register_fitted(settings, fitted, trace, job.hour, ",".join(job.reasons), source)
+            outcomes[job.pattern_id] = Skipped(job.pattern_id, str(err), "skipped", job.hour, ",".join(job.reasons))
+        except Exception as err:  # noqa: BLE001  this pattern's failure: its outcome
+            outcomes[job.pattern_id] = failed(job, "loading its export", err)
+    ready, starts = _warm_started(settings, prepared, cfg, outcomes)
+    fits = _fit_each(settings, [(data, prep) for _, data, prep in ready], cfg, [s.state for s in starts])
+    for (job, _, _), start, fitted in progress_bar(
+        list(zip(ready, starts, fits, strict=True)), "registering", unit="pattern"
+    ):
+        if isinstance(fitted, Exception):
+            outcomes[job.pattern_id] = failed(job, "fitting", fitted)
+            continue
+        try:
+            trace = fit_trace_model(settings, job.meta_path)
+            reason = ",".join(job.reasons)
+            outcomes[job.pattern_id] = register_fitted(settings, fitted, trace, job.hour, reason, start.source)
+        except Exception as err:  # noqa: BLE001  (its MLflow run ends FAILED)
+            outcomes[job.pattern_id] = failed(job, "logging and registering", err)
     return [outcomes[job.pattern_id] for job in jobs]
+
+
+def _warm_started(
+    settings: Settings, prepared: list[PreparedJob], cfg: TrainConfig, outcomes: dict[int, Outcome]
+) -> tuple[list[PreparedJob], list[WarmStart]]:
+    """The prepared jobs whose champion weights (or none) were found, with them; the others failed
+    into `outcomes` (a registry that cannot be read fails every one, with its error)."""
+    ready: list[PreparedJob] = []
+    starts: list[WarmStart] = []
+    if not prepared:
+        return ready, starts
+    try:
+        client = setup_mlflow(settings).MlflowClient()
+    except Exception as err:  # noqa: BLE001
+        for job, _, _ in prepared:
+            outcomes[job.pattern_id] = failed(job, "opening the model registry", err)
+        return [], []
+    for job, data, prep in prepared:
+        try:
+            starts.append(warm_start(settings, client, job.pattern_id, cfg))
+            ready.append((job, data, prep))
+        except Exception as err:  # noqa: BLE001
+            outcomes[job.pattern_id] = failed(job, "loading its champion's weights", err)
+    return ready, starts
+
+
+def _fit_each(
+    settings: Settings,
+    ready: list[tuple[PatternData, Prepared]],
+    cfg: TrainConfig,
+    inits: list[dict[str, torch.Tensor] | None],
+) -> list[Fitted | Exception]:
+    """`fit_many`, or where it raises (stacked, one pattern fails them all) each pattern fitted on
+    its own: its `Fitted`, or the exception that is its failure."""
+    if not ready:
+        return []
+    try:
+        return list(fit_many(settings, ready, cfg, inits))
+    except Exception as err:  # noqa: BLE001
+        if len(ready) == 1:
+            return [err]
+        log.warning("fitting %d patterns together failed (%s): fitting them one by one", len(ready), err)
+    out: list[Fitted | Exception] = []
+    for item, init in zip(ready, inits, strict=True):
+        try:
+            out.append(fit_many(settings, [item], cfg, [init])[0])
+        except Exception as err:  # noqa: BLE001
+            out.append(err)
+    return out
+
+
+def failed(job: TrainJob, step: str, err: BaseException) -> Skipped:
+    """A job whose `step` raised `err`: logged with its traceback, reported as `failed` with the
+    error's first line (the pattern stays stale and is tried again next hour)."""
+    log.error("pattern %s: %s failed", job.pattern_id, step, exc_info=err)
+    message = (str(err).strip().splitlines() or [""])[0][:300]
+    reason = f"pattern {job.pattern_id}: {step} failed: {type(err).__name__}: {message}"
+    return Skipped(job.pattern_id, reason, "failed", job.hour, ",".join(job.reasons))
 
 
 def register_fitted(
@@ -351,6 +426,7 @@ def register_fitted(
         ) as run,
     ):
         info, artifacts = _log_run(mlflow, fitted, Path(tmp), reason, trace, warm_source)
+        crash_point("logged")  # crash-safety tests: the model is logged in its run, nothing registered yet
         decision, why = decide(mlflow, client, fitted)
         tags = version_tags(fitted, trained_for, (decision, why), run.info.run_id, reason, artifacts)
         describe_registered_model(client, name, model_description(data, fitted.cfg))

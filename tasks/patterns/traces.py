@@ -7,7 +7,8 @@ so a straddling trace is counted once, with its whole tree.
 Parents: a call's parent is the call with its `parent_call_id` in the same trace. Where that call
 is missing, Alibaba-style dotted ids (`0.1.2` -> `0.1` -> `0`) attach the call to its nearest
 present ancestor; otherwise it becomes an extra root. Where a call id occurs twice (async calls in
-Alibaba data), a child attaches to the instance whose callee is the child's caller.
+Alibaba data, repeated span ids), a child attaches to the instance whose callee is the child's
+caller, else to the first instance (near-linear however often an id repeats).
 
 Shape: the tree over RPC identities (caller, callee, interface, rpc_type), insensitive to sibling
 order and timing: node hash = mix(rpc, sum of the children's mixed hashes) (a multiset hash),
@@ -123,13 +124,27 @@ def _resolve_parents(f: TraceForest) -> np.ndarray:
     idx = np.full(n, -1, dtype=np.int64)
     idx[found] = order[pos[found]]
     following = np.minimum(pos + 1, n - 1)
-    dup = found & (pos + 1 < n) & (keys[following] == f.parent)
-    for i in np.flatnonzero(dup):  # async duplicates: rare, resolved one by one
-        last = np.searchsorted(keys, f.parent[i], side="right")
-        span = order[pos[i] : last]
-        match = span[f.callee[span] == f.caller[i]]
-        idx[i] = match[0] if len(match) else span[0]
+    dup = np.flatnonzero(found & (pos + 1 < n) & (keys[following] == f.parent))
+    if len(dup):  # async duplicates (Alibaba), repeated span ids
+        idx[dup] = _duplicate_parents(f, dup, idx[dup])
     return idx
+
+
+def _duplicate_parents(f: TraceForest, children: np.ndarray, first: np.ndarray) -> np.ndarray:
+    """For children whose parent id occurs several times (`first`: its first instance): the first
+    instance whose callee is the child's caller, else `first`. One sort on (id, callee), one search
+    per child: linear-logarithmic however often an id repeats."""
+    _, node_rank = np.unique(f.node, return_inverse=True)
+    callees, callee_rank = np.unique(f.callee, return_inverse=True)
+    width = np.int64(len(callees))
+    pair = node_rank.astype(np.int64) * width + callee_rank
+    order = np.argsort(pair, kind="stable")  # ties in call order, as the first-instance search
+    pairs = pair[order]
+    at = np.minimum(np.searchsorted(callees, f.caller[children]), len(callees) - 1)
+    query = node_rank[first].astype(np.int64) * width + at
+    pos = np.minimum(np.searchsorted(pairs, query, side="left"), len(pairs) - 1)
+    hit = (callees[at] == f.caller[children]) & (pairs[pos] == query)
+    return np.where(hit, order[pos], first)
 
 
 def _attach_orphans(con: duckdb.DuckDBPyConnection, f: TraceForest, parent_idx: np.ndarray) -> np.ndarray:

@@ -372,3 +372,72 @@ def test_make_airflow_says_how_to_log_in(settings, tmp_path, capsys):
     said = out.out + out.err
     assert "admin" in said and env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"] in said
     assert "http://127.0.0.1:8080" in said
+
+
+# --- security headers on every answer (issue 22) -------------------------------------------------------
+
+
+def _policy(reply) -> dict[str, list[str]]:
+    """The reply's Content-Security-Policy as directive -> sources."""
+    text = reply.headers.get("content-security-policy", "")
+    return {d.split()[0]: d.split()[1:] for d in (part.strip() for part in text.split(";")) if d}
+
+
+def _assert_guarded(reply, route: str) -> dict[str, list[str]]:
+    assert reply.headers.get("x-content-type-options") == "nosniff", route
+    assert reply.headers.get("referrer-policy") == "no-referrer", route
+    policy = _policy(reply)
+    assert policy.get("default-src") == ["'none'"], (route, policy)
+    assert policy.get("frame-ancestors") == ["'self'"] and policy.get("base-uri") == ["'none'"], (route, policy)
+    assert not any("'unsafe-eval'" in sources for sources in policy.values()), (route, policy)
+    return policy
+
+
+def test_every_answer_carries_the_security_headers(tmp_path, monkeypatch):
+    import base64
+    import hashlib
+
+    _hand_made_home(tmp_path, monkeypatch)
+    module = _module()
+    client = _client(module)
+    spike = next(i for i in _incidents(client) if i["patterns"] == [1])["incident_id"]
+    routes = {
+        "/": 200,
+        "/api/incidents": 200,
+        "/api/anomalies": 200,
+        f"/incident/{spike}": 200,
+        f"/incident/{spike}/graph.png": 200,
+        f"/incident/{spike}/forecast.png": 200,
+        "/openapi.json": 200,
+        "/docs": 200,
+        "/incident/0123456789ab": 404,
+        "/incident/0123456789ab/graph.png": 404,
+        "/incident/not-an-id": 422,
+        "/nothing-here": 404,
+    }
+    for route, status in routes.items():
+        reply = client.get(route, params={"since": "all"})
+        assert reply.status_code == status, (route, reply.status_code)
+        policy = _assert_guarded(reply, route)
+        if route != "/docs":
+            assert "script-src" not in policy, "no route but the API docs runs a script"
+            assert not any("'unsafe-inline'" in sources for sources in policy.values()), (route, policy)
+    for route in ("/", f"/incident/{spike}"):
+        reply = client.get(route, params={"since": "all"})
+        policy = _policy(reply)
+        assert "<script" not in reply.text.lower(), "no script on the view's pages"
+        assert not re.search(r"<[^>]*\s(on\w+|style)\s*=", reply.text), "no event handler or style attribute"
+        [style] = re.findall(r"<style>(.*?)</style>", reply.text, flags=re.S)
+        digest = base64.b64encode(hashlib.sha256(style.encode()).digest()).decode()
+        assert policy["style-src"] == [f"'sha256-{digest}'"], "the page's one inline style is allowed by its hash"
+        assert policy["img-src"] == ["'self'"] and policy["form-action"] == ["'self'"]
+    docs = client.get("/docs")
+    [script] = re.findall(r"<script>(.*?)</script>", docs.text, flags=re.S)
+    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+    assert f"'sha256-{digest}'" in _policy(docs)["script-src"], "the docs' inline start-up script, by its hash"
+
+    from fastapi.testclient import TestClient
+
+    refused = TestClient(_module().app, raise_server_exceptions=False).get("/", follow_redirects=False)
+    assert refused.status_code == 401
+    _assert_guarded(refused, "/ without a login")

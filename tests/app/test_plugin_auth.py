@@ -293,3 +293,17 @@ def test_limit_below_one_is_a_client_error(server, admin_token, route, limit):
     base, _ = server
     reply = _get(f"{base}{route}", params={"limit": limit}, headers={"Authorization": f"Bearer {admin_token}"})
     assert reply.status_code == 422, (route, limit, reply.status_code, reply.text[:300])
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_every_route_sends_the_security_headers(server, admin_token, route):
+    """Logged in or refused, every answer of the view forbids sniffing, referrers, foreign framing and
+    anything the page does not load itself (tests/app/test_plugin.py checks each directive)."""
+    base, _ = server
+    for headers in ({"Authorization": f"Bearer {admin_token}"}, {}):
+        reply = _get(f"{base}{route}", headers=headers)
+        assert reply.status_code == (200 if headers else 401), (route, reply.status_code)
+        assert reply.headers.get("x-content-type-options") == "nosniff", (route, reply.headers)
+        assert reply.headers.get("referrer-policy") == "no-referrer", (route, reply.headers)
+        policy = reply.headers.get("content-security-policy", "")
+        assert "default-src 'none'" in policy and "frame-ancestors 'self'" in policy, (route, policy)

@@ -7,6 +7,7 @@ ordinary drift lands (bad values quarantined, bad files recorded); empty files a
 from __future__ import annotations
 
 import gzip
+import json
 import shutil
 from datetime import timedelta
 from pathlib import Path
@@ -19,6 +20,7 @@ import pytest
 
 from helpers import START, V2022_HEADER, shared_file
 from tasks.app.cli import main
+from tasks.ingest.formats import MAPPINGS
 from tasks.ingest.stage import IngestError, hours_in_sources, ingest_hour
 from tasks.ingest.validate import validate_hour
 
@@ -176,6 +178,27 @@ def test_flat_source_without_rows_in_the_hour_keeps_the_landed_hour(settings, tm
     before = _landed(settings, source)
     _write_csv(source / "a.csv", V2022, [[base + 7_200_000, "T", "S", "0.1", "http", "USER", "U", "/a", "s", "P", 2.0]])
     _refused(settings, source, "no rows", before)
+
+
+def test_forced_reingest_that_keeps_no_row_keeps_the_landed_hour(settings, tmp_path):
+    """Issue 22: a mapping whose start unit is wrong quarantines both spans; `--force` must not
+    replace the two landed calls with nothing."""
+    source = tmp_path / "incoming"
+    (source / H0).mkdir(parents=True)
+    ns = int(START.timestamp()) * 10**9
+    header = ["TraceID", "SpanID", "ParentID", "PodName", "OperationName", "StartTimeUnixNano", "Duration"]
+    rows = [["t", "a", "root", "gw-1-2", "/", ns + 5, 40], ["t", "b", "a", "db-1-2", "q", ns + 9, 20]]
+    _write_csv(source / H0 / "spans.csv", header, rows)
+    spans = settings.with_(format="spans", span_mapping="nezha-trainticket")
+    before = _landed(spans, source)
+    assert len(before["calls"]) == 2
+    wrong = tmp_path / "wrong-unit.json"  # nanoseconds read as microseconds: no timestamp parses
+    mapping = json.loads((MAPPINGS / "nezha-trainticket.json").read_text()) | {"start_unit": "us"}
+    wrong.write_text(json.dumps(mapping))
+    with pytest.raises(IngestError, match=r"hour 2026-01-01T00:00 not ingested .*keeps none of its 2 rows") as failure:
+        ingest_hour(spans.with_(span_mapping=str(wrong)), START, [source], force=True)
+    assert "unparseable timestamp" in str(failure.value) and "2 landed calls" in str(failure.value)
+    assert _snapshot(spans) == before, "the landed calls, quarantine and ingest_log stay"
 
 
 # --- item 6: ordinary drift ------------------------------------------------------------------------

@@ -33,7 +33,11 @@ def test_outcomes_round_trip_through_json_as_their_own_type():
     skipped = Skipped(8, "pattern 8: 30 buckets give 18 windows of 12; need at least 20")
     assert outcome_from_dict(_through_xcom(trained.to_dict())) == trained
     assert outcome_from_dict(_through_xcom(skipped.to_dict())) == skipped
-    assert skipped.to_dict() == {"pattern_id": 8, "skipped": skipped.reason}, "the CLI reads `skipped`"
+    assert skipped.to_dict()["skipped"] == skipped.reason, "the CLI reads `skipped`"
+    failed = Skipped(9, "pattern 9: fitting failed: ValueError: boom", "failed", HOUR, "no_champion")
+    assert outcome_from_dict(_through_xcom(failed.to_dict())) == failed
+    old = outcome_from_dict({"pattern_id": 8, "skipped": "too short"})  # an XCom from before decisions
+    assert old == Skipped(8, "too short", "skipped", None, "")
     assert trained.to_dict()["trained_for"] == "2026-01-01T03:00:00+00:00"
 
 

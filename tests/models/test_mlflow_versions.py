@@ -15,6 +15,7 @@ from tasks.models.registry import (
     EXPERIMENT_KIND_TAG,
     cached_artifacts,
     model_name,
+    process_tags,
     relocate_artifacts,
     setup_mlflow,
 )
@@ -88,16 +89,20 @@ def test_the_model_and_each_version_are_described(retrained):
 def test_launch_tags_name_the_airflow_task_or_the_cli(monkeypatch, airflow_env):
     for var in AIRFLOW_CONTEXT.values():
         monkeypatch.delenv(var, raising=False)
-    assert launch_tags() == {"rpcwatch.launched_by": "cli"}
+    assert launch_tags() == {"rpcwatch.launched_by": "cli"} | process_tags()
     for var, value in airflow_env.items():
         monkeypatch.setenv(var, value)
-    assert launch_tags() == {
-        "airflow.dag_id": "rpcwatch_hourly",
-        "airflow.run_id": "scheduled__2026-01-01T03:00:00+00:00",
-        "airflow.task_id": "train",
-        "airflow.try_number": "2",
-        "rpcwatch.launched_by": "airflow",
-    }
+    assert (
+        launch_tags()
+        == {
+            "airflow.dag_id": "rpcwatch_hourly",
+            "airflow.run_id": "scheduled__2026-01-01T03:00:00+00:00",
+            "airflow.task_id": "train",
+            "airflow.try_number": "2",
+            "rpcwatch.launched_by": "airflow",
+        }
+        | process_tags()
+    )
 
 
 def test_each_run_names_what_launched_it_and_the_hour_it_was_trained_for(retrained):

@@ -147,3 +147,112 @@ def test_a_challenger_that_ties_after_a_crash_does_not_leave_the_pattern_stale(t
     ]
     with opened(settings.warehouse, read_only=True) as con:
         assert stale_patterns(con, settings, H3) == [], "the registry's champion is seen: no retraining loop"
+
+
+def _open_runs(settings) -> list[str]:
+    """Run ids of RUNNING runs, read from the store's file (no MLflow: opening it reconciles)."""
+    import sqlite3
+
+    with sqlite3.connect(settings.home / "mlflow.db") as db:
+        return [r[0] for r in db.execute("SELECT run_uuid FROM runs WHERE status = 'RUNNING'")]
+
+
+def _logged_model_folder(settings, run_id: str):
+    import sqlite3
+    from pathlib import Path
+
+    with sqlite3.connect(settings.home / "mlflow.db") as db:
+        [(location,)] = db.execute("SELECT artifact_location FROM logged_models WHERE source_run_id = ?", [run_id])
+    return Path(location.removeprefix("file://"))
+
+
+def test_a_training_killed_after_logging_leaves_no_open_run_and_no_stray_model(trained, tmp_path):
+    """kill -9 (failpoint `logged`) after the run logged its model but before anything was
+    registered: the rerun fails the dead process's run with the reason and deletes the logged
+    model no version uses; its own training registers as usual."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    settings = copy_home(trained[0], tmp_path)
+    pid = trained[2][0]["pattern_id"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RPCWATCH_")} | {
+        "RPCWATCH_HOME": str(settings.home),
+        "RPCWATCH_CRASH_AT": "logged",
+        "RPCWATCH_CRITICAL_COVERAGE": "0.5",
+        "RPCWATCH_MIN_TRAIN_HOURS": "3",
+        "RPCWATCH_TRAIN_MAX_EPOCHS": "1",
+    }
+    rpcwatch = str(Path(sys.executable).with_name("rpcwatch"))
+    args = [rpcwatch, "train", "--force", "--pattern", str(pid), "--hour", f"{H3:%Y-%m-%dT%H:%M}"]
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    [stray] = _open_runs(settings)
+    folder = _logged_model_folder(settings, stray)
+    assert folder.is_dir(), "the killed training had logged its model"
+    versions = _versions(settings)  # the rerun begins: its first touch of the registry reconciles
+    assert _open_runs(settings) == []
+    from tasks.models.registry import FAILED_REASON_TAG
+
+    run = setup_mlflow(settings).MlflowClient().get_run(stray)
+    assert run.info.status == "FAILED"
+    reason = run.data.tags[FAILED_REASON_TAG]
+    assert "is gone" in reason and "artifacts deleted" in reason and "could not" not in reason
+    assert not folder.exists(), "the logged model nobody registered is deleted"
+    assert versions[model_name(pid)] == [1], "nothing was registered by the killed training"
+    [outcome] = train_stale(settings.with_(train_max_epochs=1), H3, force=True, patterns=[pid])
+    assert outcome["model_version"] == 2 and _open_runs(settings) == []
+
+
+def test_only_runs_without_a_live_process_are_failed(settings):
+    """Parallel trainings are safe: a run whose process lives stays open; one whose process on this
+    host is gone, or (process unknown, another host) older than any training, is failed. A failed
+    run that registered a version keeps its artifacts; one that did not loses them."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from tasks.models.registry import (
+        EXPERIMENT,
+        FAILED_REASON_TAG,
+        ORPHANED_AFTER,
+        PID_TAG,
+        close_orphaned_runs,
+        process_tags,
+    )
+
+    mlflow = setup_mlflow(settings)
+    client = mlflow.MlflowClient()
+    experiment = mlflow.get_experiment_by_name(EXPERIMENT).experiment_id
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = process_tags() | {PID_TAG: gone.stdout.strip()}
+    now = int(time.time() * 1000)
+    too_old = now - int(ORPHANED_AFTER.total_seconds() * 1000) - 60_000
+    elsewhere = {"rpcwatch.host": "another-worker", PID_TAG: "1"}
+
+    def run(tags: dict[str, str], start: int = now) -> str:
+        created = client.create_run(experiment, start_time=start, tags=tags)
+        client.log_text(created.info.run_id, "weights", "model/weights.txt")
+        return created.info.run_id
+
+    live, dead_unregistered, dead_registered = run(process_tags()), run(dead), run(dead)
+    young_elsewhere, old_elsewhere = run(elsewhere), run(elsewhere, too_old)
+    client.create_registered_model(model_name(1))
+    client.create_model_version(model_name(1), client.get_run(dead_registered).info.artifact_uri, dead_registered)
+
+    closed = close_orphaned_runs(client, experiment)
+    assert sorted(closed) == sorted([dead_unregistered, dead_registered, old_elsewhere])
+    status = {r: client.get_run(r).info.status for r in (live, young_elsewhere, *closed)}
+    assert status == {live: "RUNNING", young_elsewhere: "RUNNING"} | dict.fromkeys(closed, "FAILED")
+    reasons = {r: client.get_run(r).data.tags[FAILED_REASON_TAG] for r in closed}
+    assert "is gone" in reasons[dead_unregistered] and "open for" in reasons[old_elsewhere]
+    assert f"registered as {model_name(1)} v1" in reasons[dead_registered]
+
+    def has_artifacts(run_id: str) -> bool:
+        return (Path(client.get_run(run_id).info.artifact_uri.removeprefix("file://")) / "model").is_dir()
+
+    assert has_artifacts(dead_registered) and has_artifacts(live)
+    assert not has_artifacts(dead_unregistered) and not has_artifacts(old_elsewhere)

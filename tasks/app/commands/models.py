@@ -31,19 +31,29 @@ def cmd_stale(args: argparse.Namespace) -> int:
 
 
 def _train_row(outcome: dict[str, Any]) -> list[object]:
-    """One trained (or skipped) pattern as a row under TRAIN_HEADERS."""
+    """One trained (or skipped, or failed) pattern as a row under TRAIN_HEADERS."""
     if "skipped" in outcome:
-        return [outcome["pattern_id"], "-", "skipped", outcome["skipped"][:60], "", "", ""]
+        return [outcome["pattern_id"], "-", outcome.get("decision", "skipped"), outcome["skipped"][:60], "", "", ""]
     m = outcome["metrics"]
     return [
         outcome["pattern_id"],
         outcome["model_version"],
         outcome["decision"],
         outcome["reason"][:60],
-        f"{m['model_mape_calls']:.3f}",
-        f"{m['mape_calls_over_floor']:.2f}",
-        f"{m['mape_calls_vs_seasonal_naive']:.2f}",
+        *(_metric(m.get(k), spec) for k, spec in METRIC_COLUMNS),
     ]
+
+
+# the metrics under TRAIN_HEADERS; null (undefined: an exact baseline, no busy node) shows as n/a
+METRIC_COLUMNS = (
+    ("model_mape_calls", ".3f"),
+    ("mape_calls_over_floor", ".2f"),
+    ("mape_calls_vs_seasonal_naive", ".2f"),
+)
+
+
+def _metric(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -1,9 +1,9 @@
-"""Commands that show and judge results, read-only: `anomalies` and `summary` (the published
-snapshot, else the warehouse), `evaluate` (anomalies and incidents against injected labels or a
-fault list), `plot` (rpc_series and anomalies of one node, to a PNG), `replay`, which writes
-span captures back to back as evaluation input (files, no table), and `inject`, which adds labelled
-attack spans to such a replay (files, no table). `sql` (SQL on the published snapshot) lives in
-`tasks.app.commands.sql` and is registered here, after them."""
+"""Commands that show and judge results, read-only: `anomalies`, `summary` and `plot` (a node's
+series, forecast and irregular points, to a PNG), which read the published snapshot, else the
+warehouse; `evaluate` (anomalies and incidents against injected labels or a fault list), `replay`,
+which writes span captures back to back as evaluation input (files, no table), and `inject`, which
+adds labelled attack spans to such a replay (files, no table). `sql` (SQL on the published
+snapshot) lives in `tasks.app.commands.sql` and is registered here, after them."""
 
 from __future__ import annotations
 
@@ -87,7 +87,9 @@ def cmd_plot(args: argparse.Namespace) -> int:
         args.out
         or settings.home / "plots" / f"pattern-{args.pattern}-{args.node.replace(':', '_').replace('/', '_')}.png"
     )
-    print(f"wrote {plot_node(settings, args.pattern, args.node, args.hours, out)}")
+    wrote = plot_node(settings, args.pattern, args.node, args.hours, out)
+    say_source(settings)
+    print(f"wrote {wrote}")
     return 0
 
 

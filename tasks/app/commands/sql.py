@@ -1,7 +1,13 @@
 """`rpcwatch sql`: SQL on the published snapshot `<home>/analytics.duckdb`, read-only. With a QUERY,
 runs it in this process's DuckDB and prints a table (or JSON); without one, opens the DuckDB CLI on
-the snapshot (`-readonly`). Never the warehouse: the snapshot can be read while a run writes, and
-it is written in a storage format the `duckdb-cli` on PyPI reads (tasks.publish)."""
+the snapshot. Never the warehouse: the snapshot can be read while a run writes, and it is written in
+a storage format the `duckdb-cli` on PyPI reads (tasks.publish).
+
+Analysts get the snapshot and nothing else: a QUERY is exactly one statement that reads (SELECT,
+DESCRIBE, SHOW, EXPLAIN, PRAGMA, CALL) on a sandboxed connection (tasks.warehouse.READER_CONFIG: no
+other file, URL or database, no extension, no setting changed); the CLI is opened read-only, without
+an init file, with extensions neither installed nor loaded and then in its safe mode (the same
+sandbox, and no dot command that writes a file, opens another or runs a shell)."""
 
 from __future__ import annotations
 
@@ -11,10 +17,20 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tasks.app.commands.common import AddParser, add_common_options, settings_from
 
+if TYPE_CHECKING:
+    import duckdb
+
 INSTALL_CLI = ".venv/bin/pip install duckdb-cli==1.5.6"  # the version tasks.publish writes for (a test dependency)
+# Statement kinds a QUERY may be (DESCRIBE, SHOW, SUMMARIZE parse as SELECT); everything else (COPY,
+# ATTACH, INSTALL, LOAD, SET, EXPORT, CREATE, ...) is refused before it runs, the sandbox besides.
+READING_STATEMENTS = ("SELECT", "EXPLAIN", "PRAGMA", "CALL")
+# Run by the CLI before the analyst's first line, in order; any failure ends the CLI (fails closed).
+# `.safe_mode` turns off external access, locks the configuration and the file-touching dot commands.
+CLI_LOCKDOWN = ("SET autoinstall_known_extensions = false; SET autoload_known_extensions = false", ".safe_mode")
 
 
 def duckdb_cli() -> Path | None:
@@ -38,19 +54,51 @@ def snapshot_path(args: argparse.Namespace) -> Path:
     return path
 
 
-def run_query(path: Path, query: str) -> tuple[list[str], list[tuple]]:
-    """(column names, rows) of `query` on the snapshot opened read-only; no rows for a statement that
-    returns none. A DuckDB error (syntax, unknown table, a write) is a ValueError, one message."""
+def one_statement(query: str) -> duckdb.Statement:
+    """The single reading statement `query` holds (a duckdb Statement), or a ValueError saying why not."""
     import duckdb
 
     try:
-        with duckdb.connect(str(path), read_only=True) as con:
-            con.execute(query)
+        statements = duckdb.extract_statements(query)
+    except duckdb.Error as err:
+        raise ValueError(f"query failed: {_first_line(err)}") from err
+    if len(statements) != 1:
+        raise ValueError(f"query failed: give exactly one SQL statement (got {len(statements)})")
+    kind = statements[0].type.name
+    if kind not in READING_STATEMENTS:
+        allowed = ", ".join(READING_STATEMENTS)
+        raise ValueError(f"query failed: the snapshot is read-only and only queries run here ({allowed}), not {kind}")
+    return statements[0]
+
+
+def _first_line(err: Exception) -> str:
+    """DuckDB's message without its multi-line hints (the CLI error stays one line)."""
+    return (str(err).splitlines() or [type(err).__name__])[0]
+
+
+def run_query(path: Path, query: str) -> tuple[list[str], list[tuple]]:
+    """(column names, rows) of `query`, one reading statement, on the snapshot opened sandboxed
+    (tasks.warehouse.open_sandboxed_reader); no rows for a statement that returns none. A DuckDB error
+    (syntax, unknown table, a write, a file outside the snapshot) is a ValueError, one line."""
+    import duckdb
+
+    from tasks.warehouse import open_sandboxed_reader
+
+    statement = one_statement(query)
+    try:
+        with open_sandboxed_reader(path) as con:
+            con.execute(statement.query)
             if con.description is None:
                 return [], []
             return [d[0] for d in con.description], con.fetchall()
     except duckdb.Error as err:
-        raise ValueError(f"query failed: {err}") from err
+        raise ValueError(f"query failed: {_first_line(err)}") from err
+
+
+def cli_argv(cli: Path, path: Path) -> list[str]:
+    """The DuckDB CLI on the snapshot, read-only and locked down (`CLI_LOCKDOWN`, no init file)."""
+    lockdown = [arg for command in CLI_LOCKDOWN for arg in ("-cmd", command)]
+    return [str(cli), "-readonly", "-no-init", *lockdown, str(path)]
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
@@ -65,7 +113,7 @@ def cmd_sql(args: argparse.Namespace) -> int:
             )
         print(f"(read-only: {path}, published by the last run; .quit to leave)", file=sys.stderr)
         sys.stderr.flush()
-        os.execv(cli, [str(cli), "-readonly", str(path)])
+        os.execv(cli, cli_argv(cli, path))
     headers, rows = run_query(path, args.query)
     if args.json:
         print(json.dumps([dict(zip(headers, r)) for r in rows], default=str, indent=1))

@@ -1,7 +1,7 @@
 """Commands for the pipeline stages: `synth` (writes trace files), `ingest`, `validate`, `aggregate`,
 `run` (one hour through every stage), `cluster` and `patterns`. The stages write the warehouse
 tables (calls, quarantine, ingest_log, validation_runs, rpc_series, patterns...); these commands
-print what they did."""
+print what they did. `patterns` only reads: the published snapshot, else the warehouse."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from tasks.app.commands.common import (
     AddParser,
     add_common_options,
     ingested_hours,
+    say_source,
     settings_from,
     source_hours,
 )
@@ -162,10 +163,13 @@ def cmd_cluster(args: argparse.Namespace) -> int:
 
 
 def cmd_patterns(args: argparse.Namespace) -> int:
-    from tasks.app.report import table
-    from tasks.patterns.stage import pattern_table
+    from tasks.app.report import table, table_of
+    from tasks.patterns.stage import PATTERNS_SQL
 
-    print(table(*pattern_table(settings_from(args))))
+    settings = settings_from(args)
+    rows = table_of(settings, PATTERNS_SQL)  # the published snapshot: a run holding the warehouse never blocks it
+    say_source(settings)
+    print(table(*rows))
     return 0
 
 
