@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import json
 import shutil
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from tasks.keys import node_key
+from tasks.models.features import FEATURES
 from tasks.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -215,3 +218,36 @@ def synthetic_pattern(pid: int, rng: np.random.Generator, steps: int = 360, node
     values[:, :, 2] = np.where(values[:, :, 0] > 0, rt * 2.5, np.nan)
     buckets = np.arange(np.datetime64("2026-01-01T00:00"), steps, dtype="datetime64[m]").astype("datetime64[s]")
     return PatternData(pid, 1, f"g{pid}", [f"n{i}" for i in range(n)], edges, buckets, values, 60)
+
+
+def export_pattern_data(data: Any, folder: Path, first: int = 0, steps: int | None = None) -> Path:
+    """`steps` buckets (default: all) of a `PatternData` from `first`, written as
+    `tasks.models.series.export_pattern` writes them (series Parquet + meta JSON); returns the meta."""
+    folder.mkdir(parents=True, exist_ok=True)
+    steps = len(data.buckets) - first if steps is None else steps
+    buckets = data.buckets[first : first + steps]
+    t, n = np.meshgrid(np.arange(len(buckets)), np.arange(len(data.nodes)), indexing="ij")
+    values = data.values[first : first + steps]
+    table = pd.DataFrame(
+        {
+            "bucket_ts": buckets[t.ravel()].astype("datetime64[us]"),
+            "node": np.array(data.nodes)[n.ravel()],
+            **{name: values[:, :, f].ravel() for f, name in enumerate(FEATURES)},
+        }
+    )
+    parquet = folder / f"pattern-{data.pattern_id}.parquet"
+    pq.write_table(pa.Table.from_pandas(table, preserve_index=False), parquet)
+    start = pd.Timestamp(buckets[0]).to_pydatetime().replace(tzinfo=UTC)
+    meta = {
+        "pattern_id": data.pattern_id,
+        "version": data.version,
+        "graph_hash": data.graph_hash,
+        "nodes": data.nodes,
+        "edges": data.edges,
+        "bucket_seconds": data.bucket_seconds,
+        "start": start.isoformat(),
+        "end": (start + timedelta(seconds=steps * data.bucket_seconds)).isoformat(),
+    }
+    path = folder / f"pattern-{data.pattern_id}.json"
+    path.write_text(json.dumps(meta))
+    return path

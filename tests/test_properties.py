@@ -27,23 +27,13 @@ from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 
 from helpers import START
+from tasks.ingest.exports import OTLP_COLUMNS  # the columns the bundled `otel` mapping names
 from tasks.ingest.stage import IngestError
 from tasks.ingest.validate import BatchValidationError
 from tasks.settings import load_settings
 
 DOCUMENTED_ERRORS = (IngestError, BatchValidationError)  # an hour may stop with these, and only these
 HOURS = 3  # a first model trains at hour 1 (RPCWATCH_MIN_TRAIN_HOURS=1) and scores hour 2
-OTEL_COLUMNS = [
-    "trace_id",
-    "span_id",
-    "parent_span_id",
-    "service_name",
-    "name",
-    "start_time_unix_nano",
-    "end_time_unix_nano",
-    "status_code",
-    "kind",
-]
 # names are data: quotes, SQL, separators of node keys, control and non-ASCII characters
 HOSTILE_ALPHABET = st.characters(codec="utf-8", exclude_categories=("Cs",), exclude_characters="\x00")
 PLAIN_NAMES = ["front", "auth", "cart", "db", "pay", "search"]
@@ -183,7 +173,7 @@ def _write(folder: Path, hour_index: int, rows: list[list]) -> Path:
     path = folder / f"spans-{hour_index}.csv"
     with path.open("w", newline="", encoding="utf-8") as out:
         writer = csv.writer(out)
-        writer.writerow(OTEL_COLUMNS)
+        writer.writerow(OTLP_COLUMNS)
         writer.writerows(rows)
     return path
 

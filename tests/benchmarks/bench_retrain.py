@@ -22,7 +22,6 @@ converged champion (`--champion-epochs 200`) still fine-tuned for about as long 
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import sys
 import tempfile
@@ -32,53 +31,17 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a script: the tests' helpers are not on the path
 
-from helpers import synthetic_pattern  # noqa: E402
-from tasks.models.features import FEATURES  # noqa: E402
+from helpers import export_pattern_data, synthetic_pattern  # noqa: E402
 from tasks.models.jobs import TrainJob, TrainShard  # noqa: E402
 from tasks.models.registry import setup_mlflow  # noqa: E402
-from tasks.models.series import PatternData  # noqa: E402
 from tasks.models.shards import shard_jobs  # noqa: E402
 from tasks.settings import Settings, load_settings  # noqa: E402
 
 HOUR = timedelta(hours=1)
 TARGET_S = 900.0
-
-
-def export(data: PatternData, first: int, steps: int, folder: Path) -> Path:
-    """`steps` buckets of the pattern from `first`, written as `series.export_pattern` writes them."""
-    folder.mkdir(parents=True, exist_ok=True)
-    buckets = data.buckets[first : first + steps]
-    t, n = np.meshgrid(np.arange(len(buckets)), np.arange(len(data.nodes)), indexing="ij")
-    values = data.values[first : first + steps]
-    table = pd.DataFrame(
-        {
-            "bucket_ts": buckets[t.ravel()].astype("datetime64[us]"),
-            "node": np.array(data.nodes)[n.ravel()],
-            **{name: values[:, :, f].ravel() for f, name in enumerate(FEATURES)},
-        }
-    )
-    parquet = folder / f"pattern-{data.pattern_id}.parquet"
-    pq.write_table(pa.Table.from_pandas(table, preserve_index=False), parquet)
-    start = pd.Timestamp(buckets[0]).to_pydatetime().replace(tzinfo=UTC)
-    meta = {
-        "pattern_id": data.pattern_id,
-        "version": data.version,
-        "graph_hash": data.graph_hash,
-        "nodes": data.nodes,
-        "edges": data.edges,
-        "bucket_seconds": data.bucket_seconds,
-        "start": start.isoformat(),
-        "end": (start + timedelta(seconds=steps * data.bucket_seconds)).isoformat(),
-    }
-    path = folder / f"pattern-{data.pattern_id}.json"
-    path.write_text(json.dumps(meta))
-    return path
 
 
 def _train(args: tuple[dict[str, str], Path, TrainShard]) -> list[dict]:
@@ -111,8 +74,12 @@ def main() -> int:
         env = {"RPCWATCH_DEVICE": "cpu", "RPCWATCH_TRAIN_SHARDS": str(args.workers)}
         settings = load_settings(env=env, home=root / "home")
         setup_mlflow(settings)  # the registry's tables made once (the DAG's plan task does it), not raced
-        old = [TrainJob(d.pattern_id, ["new"], hour - HOUR, export(d, 0, steps, root / "old")) for d in datas]
-        new = [TrainJob(d.pattern_id, ["model_age"], hour, export(d, 60, steps, root / "new")) for d in datas]
+        old = [
+            TrainJob(d.pattern_id, ["new"], hour - HOUR, export_pattern_data(d, root / "old", 0, steps)) for d in datas
+        ]
+        new = [
+            TrainJob(d.pattern_id, ["model_age"], hour, export_pattern_data(d, root / "new", 60, steps)) for d in datas
+        ]
         setup = env | {"RPCWATCH_WARM_START": "false", "RPCWATCH_TRAIN_MAX_EPOCHS": str(args.champion_epochs)}
         started = time.perf_counter()
         print(f"set-up: {args.patterns} champions from scratch ({args.champion_epochs} epochs) ...", flush=True)

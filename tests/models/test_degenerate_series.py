@@ -4,19 +4,16 @@ others; undefined ratios are NaN, and zero-variance residuals never give a band 
 
 from __future__ import annotations
 
-import json
 import math
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 
-from helpers import synthetic_pattern
+from helpers import export_pattern_data, synthetic_pattern
 from tasks.models.detector import flag_points
 from tasks.models.features import CALLS, ERRORS, FEATURES, LATENCIES, RT_MEAN
 from tasks.models.fitting import fit
@@ -170,33 +167,6 @@ def test_zero_variance_latency_residuals_never_give_a_band_of_width_zero(method)
 # --- a shard with a pattern whose training raises ------------------------------------------------
 
 
-def export(data: PatternData, folder: Path) -> Path:
-    """The pattern as `tasks.models.series.export_pattern` writes it (series Parquet + meta JSON)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    t, n = np.meshgrid(np.arange(len(data.buckets)), np.arange(len(data.nodes)), indexing="ij")
-    frame = pd.DataFrame(
-        {
-            "bucket_ts": data.buckets[t.ravel()].astype("datetime64[us]"),
-            "node": np.array(data.nodes)[n.ravel()],
-            **{name: data.values[t.ravel(), n.ravel(), f] for f, name in enumerate(FEATURES)},
-        }
-    )
-    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), folder / f"pattern-{data.pattern_id}.parquet")
-    meta = {
-        "pattern_id": data.pattern_id,
-        "version": data.version,
-        "graph_hash": data.graph_hash,
-        "nodes": data.nodes,
-        "edges": data.edges,
-        "bucket_seconds": data.bucket_seconds,
-        "start": str(data.buckets[0]) + "+00:00",
-        "end": str(data.buckets[-1] + np.timedelta64(data.bucket_seconds, "s")) + "+00:00",
-    }
-    path = folder / f"pattern-{data.pattern_id}.json"
-    path.write_text(json.dumps(meta))
-    return path
-
-
 NORMAL, POISONED, SHORT = 11, 12, 13
 
 
@@ -209,7 +179,7 @@ def _shard(tmp_path: Path) -> list[TrainJob]:
     ]
     datas.append(_pattern(SHORT, calls=5, rt=3.0, steps=1))
     folder = tmp_path / "exports"
-    return [TrainJob(d.pattern_id, ["no_champion"], HOUR, export(d, folder)) for d in datas]
+    return [TrainJob(d.pattern_id, ["no_champion"], HOUR, export_pattern_data(d, folder)) for d in datas]
 
 
 def _poison(monkeypatch: pytest.MonkeyPatch, where: str, jobs: list[TrainJob]) -> str:
@@ -278,7 +248,7 @@ def test_a_retrained_quiet_pattern_replaces_its_champion_that_no_window_can_scor
 
     torch.set_num_threads(1)
     settings = load_settings(env={"RPCWATCH_DEVICE": "cpu"}, home=tmp_path / "home")
-    [job] = [TrainJob(2, ["age"], HOUR, export(DEGENERATE["all_zero"], tmp_path / "exports"))]
+    [job] = [TrainJob(2, ["age"], HOUR, export_pattern_data(DEGENERATE["all_zero"], tmp_path / "exports"))]
     [first] = train_patterns(settings, [job], CFG)
     [second] = train_patterns(settings, [job], CFG)
     assert isinstance(first, TrainOutcome) and isinstance(second, TrainOutcome)
