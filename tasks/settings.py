@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from tasks.failpoints import VARIABLE as CRASH_VARIABLE
+
 PREFIX = "RPCWATCH_"
 KNOWN_RPC_TYPES = ("rpc", "http", "mq", "mc", "db", "userDefined", "span", "UNKNOWN")
 FORMATS = ("alibaba-v2022", "alibaba-v2021", "spans")
@@ -37,7 +39,7 @@ LAKE_WRITER_SLOTS = 16  # the writer pool's size on a lake (conflicting commits 
 ENV_NAMES = {"warehouse_mode": "RPCWATCH_WAREHOUSE"}  # fields whose variable is not RPCWATCH_<FIELD>
 # RPCWATCH_* variables that are not settings (so not warned about as unknown), and who reads them
 OTHER_VARIABLES = {
-    "RPCWATCH_CRASH_AT": "tasks.failpoints: a named crash point, for crash tests",
+    CRASH_VARIABLE: "tasks.failpoints: a named crash point, for crash tests",
     "RPCWATCH_EXTRA": "the Dockerfile: which optional extra the image installs",
     "RPCWATCH_IMAGE": "docker-compose.yml: the image the services run",
     "RPCWATCH_GPU_TORCH_INDEX": "the Dockerfile: where a GPU image takes torch from",

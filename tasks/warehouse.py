@@ -185,12 +185,16 @@ def lock_holder(error: str) -> str | None:
     return found.group(1).strip() if found else None
 
 
+def first_line(error: Exception) -> str:
+    """An error's message without DuckDB's multi-line hints: what a one-line CLI error shows."""
+    return (str(error).splitlines() or [type(error).__name__])[0]
+
+
 def why_unopenable(path: Path, error: duckdb.Error, writing: bool, waited_s: float = 0) -> CannotOpen:
     """What went wrong opening `path`, for people, in one line: a lock (and its holder, after waiting
     `waited_s` seconds for it), a file that is no DuckDB database, a permission, a folder; else
     DuckDB's own first line."""
-    text = str(error)
-    first = (text.splitlines() or [type(error).__name__])[0]
+    text, first = str(error), first_line(error)
     doing = f"cannot open {path} for writing" if writing else f"cannot read {path}"
     holder = lock_holder(text)
     if holder is not None:

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import duckdb
 
 from tasks.clock import naive_utc
-from tasks.models.store import ensure_store
+from tasks.models.store import ensure_store, sqlite_file
 from tasks.settings import Settings
 
 if TYPE_CHECKING:
@@ -164,11 +164,8 @@ _ARTIFACT_URI_COLUMNS = (
 
 def _home_database(settings: Settings) -> Path | None:
     """The sqlite file of the embedded store when it lives in the home (None: another store)."""
-    uri = tracking_uri(settings)
-    if not uri.startswith("sqlite:///"):
-        return None
-    db = Path(uri.removeprefix("sqlite:///")).resolve()
-    return db if db.parent == settings.home.resolve() else None
+    db = sqlite_file(tracking_uri(settings))
+    return db if db is not None and db.parent == settings.home.resolve() else None
 
 
 def relocate_artifacts(settings: Settings, recorded: str | None = None) -> int:
@@ -456,8 +453,8 @@ def _pages(search: Callable[..., Any], filter_string: str) -> Iterator[Any]:
 def registry_mirror(settings: Settings, known: set[tuple[int, int]]) -> RegistryMirror | None:
     """The registry as DuckDB's `models` mirrors it, with a row for every registered (pattern,
     version) not in `known`. None when no registry exists yet."""
-    uri = tracking_uri(settings)
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+    db = sqlite_file(tracking_uri(settings))
+    if db is not None and not db.exists():
         return None  # nothing was ever registered: do not create a registry just to read it
     client = setup_mlflow(settings).MlflowClient()
     like = f"name LIKE '{MODEL_PREFIX}%'"

@@ -58,10 +58,12 @@ def one_statement(query: str) -> duckdb.Statement:
     """The single reading statement `query` holds (a duckdb Statement), or a ValueError saying why not."""
     import duckdb
 
+    from tasks.warehouse import first_line
+
     try:
         statements = duckdb.extract_statements(query)
     except duckdb.Error as err:
-        raise ValueError(f"query failed: {_first_line(err)}") from err
+        raise ValueError(f"query failed: {first_line(err)}") from err
     if len(statements) != 1:
         raise ValueError(f"query failed: give exactly one SQL statement (got {len(statements)})")
     kind = statements[0].type.name
@@ -71,18 +73,13 @@ def one_statement(query: str) -> duckdb.Statement:
     return statements[0]
 
 
-def _first_line(err: Exception) -> str:
-    """DuckDB's message without its multi-line hints (the CLI error stays one line)."""
-    return (str(err).splitlines() or [type(err).__name__])[0]
-
-
 def run_query(path: Path, query: str) -> tuple[list[str], list[tuple]]:
     """(column names, rows) of `query`, one reading statement, on the snapshot opened sandboxed
     (tasks.warehouse.open_sandboxed_reader); no rows for a statement that returns none. A DuckDB error
     (syntax, unknown table, a write, a file outside the snapshot) is a ValueError, one line."""
     import duckdb
 
-    from tasks.warehouse import open_sandboxed_reader
+    from tasks.warehouse import first_line, open_sandboxed_reader
 
     statement = one_statement(query)
     try:
@@ -92,7 +89,7 @@ def run_query(path: Path, query: str) -> tuple[list[str], list[tuple]]:
                 return [], []
             return [d[0] for d in con.description], con.fetchall()
     except duckdb.Error as err:
-        raise ValueError(f"query failed: {_first_line(err)}") from err
+        raise ValueError(f"query failed: {first_line(err)}") from err
 
 
 def cli_argv(cli: Path, path: Path) -> list[str]:
