@@ -115,6 +115,9 @@ class Settings:
     trace_alpha: float = 0.01  # ... alarmed at this chance of one false alarm per hour (Bonferroni)
     incident_gap_buckets: int = 3  # flagged points of a pattern at most this far apart: one incident
     incident_min_buckets: int = 3  # ... spanning at least this many buckets (or one point scoring >= 3)
+    # the alarm policy's one sensitivity setting (tasks.scoring.policy): expected false incidents a day,
+    # calibrated on the scored history; the fixed rule above holds until there is enough history
+    alarm_false_per_day: float = 1.0
     device: str = "auto"
     # retraining: the stale patterns of an hour are split into this many training tasks (shards of
     # similar cost), each training its patterns stacked on a GPU (`batch_training` auto) or one by one
@@ -250,6 +253,7 @@ RANGES: dict[str, tuple[float, float | None, str]] = {
     "trace_alpha": (0, 1, "()"),
     "incident_gap_buckets": (1, None, "[]"),
     "incident_min_buckets": (1, None, "[]"),
+    "alarm_false_per_day": (0, None, "()"),
     "alert_min_score": (0, None, "[]"),
     "train_shards": (1, 1024, "[]"),
     "train_max_epochs": (1, None, "[]"),  # Airflow maps at most 1,024 tasks

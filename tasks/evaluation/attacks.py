@@ -9,15 +9,25 @@ fresh trace and span ids, shifted in time), deterministic for a seed:
 - `scraping_amplification`: copies of real traces whose query RPC (a call made with HTTP GET) is
   repeated `AMPLIFICATION` times the replay's largest per-trace fan-out of any RPC.
 - `slow_exfiltration`: a low-rate stream on the replay's rarest RPCs with transfers of 15-60 s.
+- `internal_flood`: an internal service's busiest operation called by a service never seen calling
+  it (a new edge), at `FLOOD_FACTOR` times the operation's replay rate (at least `FLOOD_FACTOR` a
+  minute); each call is a trace of its own, rooted at the caller's client span.
+- `endpoint_enumeration`: a scanner behind the entry service: 30-60 never-seen paths of one service
+  a minute (`SCAN_WORDS` under the service's common path), each requested once or twice.
 
-Placement: after the first `train_s` of the replay (the models learn there), `spacing_s` apart,
-in stretches free of the fault windows of its `fault_list.json` (`inject_time` .. `window_end`,
-`MARGIN_S` either side). An attack lasts `NOMINAL_S`, cut to the free stretch (at least `MIN_S`):
-Nezha days have a fault every ~3 minutes, so there attacks last about 1-1.5 minutes.
+Placement. On a filled replay (`replay.json` fill: true, `rpcwatch replay --fill`) every attack lies
+in the fault-free fill after the clean prefix (`prefix_end`), lasts its whole `NOMINAL_S` (2-7 min),
+and has at least `ROOM_S` of attack-free fill before and after it (no capture, no fault window
+within `ROOM_S`), so that false incidents around it can be counted. On a replay without fill (the
+"dirty history": captures back to back) attacks go after the first `train_s`, `spacing_s` apart,
+in stretches free of the fault windows (`inject_time` .. `window_end`, `MARGIN_S` either side), cut
+to the stretch (at least `MIN_S`): Nezha days have a fault every ~3 minutes, so there attacks last
+about 1-1.5 minutes.
 
-Reads the replay's span Parquet (`dt=/hour=`, Nezha columns) and fault list. Writes, never touching
-the replay's files, `attacks-<kind>.parquet` into the hour partitions and `labels.parquet` (see
-`LABELS_SCHEMA`) at the root; a rerun first removes what the last one wrote. Judged by `labels.py`.
+Reads the replay's span Parquet (`dt=/hour=`, Nezha columns), `replay.json`, `runs.parquet` and
+fault list. Writes, never touching the replay's files, `attacks-<kind>.parquet` into the hour
+partitions and `labels.parquet` (see `LABELS_SCHEMA`) at the root; a rerun first removes what the
+last one wrote. Judged by `labels.py`.
 """
 
 from __future__ import annotations
@@ -36,17 +46,40 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.evaluation.replay import FAULT_WINDOW_S, NS
+from tasks.evaluation.replay import FAULT_WINDOW_S, META, NS, capture_spans, replay_meta
 from tasks.ingest.formats import SpanMapping
 from tasks.synth.events import LABEL_SCHEMA
 
-ATTACK_KINDS = ("lateral_movement", "credential_stuffing", "scraping_amplification", "slow_exfiltration")
-NOMINAL_S = dict(zip(ATTACK_KINDS, (240, 120, 180, 420)))  # how long each kind lasts where there is room
+ATTACK_KINDS = (
+    "lateral_movement",
+    "credential_stuffing",
+    "scraping_amplification",
+    "slow_exfiltration",
+    "internal_flood",
+    "endpoint_enumeration",
+)
+NOMINAL_S = dict(zip(ATTACK_KINDS, (240, 120, 180, 420, 180, 120)))  # how long each kind lasts where there is room
 MIN_S, MARGIN_S, SLACK_S = 60, 15, 60  # shortest attack; gap to fault windows; detection slack after an attack
+ROOM_S = (
+    300  # attack-free fill before and after each attack in a filled replay (5 min: several buckets and trace windows)
+)
 FLOOD_FACTOR, AMPLIFICATION = 15, 4
+SCAN_RATE = (30, 60)  # never-seen paths a minute of an endpoint enumeration
+SCAN_WORDS = (
+    "admin", "backup", "config", "debug", "env", "console", "actuator", "swagger", "api-docs", "metrics",
+    "health", "export", "internal", "test", "old", "private", "upload", "files", "dump", "status",
+    "graphql", "shell", "manage", "keys", "tokens", "secrets", "logs", "git", "trace", "heapdump",
+    "users", "accounts", "settings", "system", "v2", "beta", "dev", "staging", "login", "reset",
+)  # fmt: skip
+SCAN_SUFFIXES = ("", ".bak", ".old", ".json", "/list", "/all", "/1", "/config")
 LOGIN_SERVICES, SENSITIVE = ("ts-auth-service", "ts-user-service"), ("user", "auth", "payment", "order", "contacts")
-# the synthetic labels' columns plus `services` (whose incidents count) and `spans` (how many added)
-LABELS_SCHEMA = LABEL_SCHEMA.append(pa.field("services", pa.list_(pa.string()))).append(pa.field("spans", pa.int64()))
+# the synthetic labels' columns plus `services` (whose incidents count), `spans` (how many added) and
+# `first_trace_end` (when the attack's first trace ends: detection delays count from there)
+LABELS_SCHEMA = (
+    LABEL_SCHEMA.append(pa.field("services", pa.list_(pa.string())))
+    .append(pa.field("spans", pa.int64()))
+    .append(pa.field("first_trace_end", pa.timestamp("ms", tz="UTC")))
+)
 US = 1000  # ns per Duration unit (us)
 ENV = "RPCWATCH_MIN_TRAIN_HOURS=0.5"  # as `make trainticket` runs a replay
 
@@ -66,6 +99,12 @@ class Replay:
         """Spans called from another service (one RPC each), with their `rpc` label."""
         calls = self.spans[self.spans.caller.notna() & (self.spans.caller != self.spans.svc)]
         return calls.assign(rpc=calls.caller + ":" + calls.svc + ":" + calls.OperationName)
+
+    @property
+    def minutes(self) -> float:
+        """How long the replay's traffic lasts, in minutes (rates are per minute of it)."""
+        starts = self.spans.StartTimeUnixNano
+        return max(float(starts.max() - starts.min()) / NS / 60, 1 / 60)
 
     def traces(self, ids: pd.Series | set[str]) -> dict[str, pd.DataFrame]:
         """The complete traces among `ids`, each as its rows in start order, by trace id."""
@@ -87,6 +126,13 @@ class Attack:
     services: list[str] = field(default_factory=list)
     spans: pd.DataFrame = field(default_factory=pd.DataFrame)
     note: str = ""
+
+    @property
+    def first_trace_end_ns(self) -> int:
+        """When the attack's first trace (the earliest to start) ends: detection delays count from here."""
+        first = self.spans.TraceID[self.spans.StartTimeUnixNano.idxmin()]
+        rows = self.spans[self.spans.TraceID == first]
+        return int((rows.StartTimeUnixNano + rows.Duration * US).max())
 
 
 class Ids:
@@ -128,16 +174,27 @@ def fault_windows(path: Path) -> list[tuple[pd.Timestamp, pd.Timestamp]]:
     return sorted((start, pd.Timestamp(f.get("window_end") or start + window)) for start, f in faults)
 
 
+Stretch = tuple[int, int]  # [lo, hi) in ns
+
+
+def _free(lo: int, hi: int, blocked: list[Stretch]) -> list[Stretch]:
+    """[lo, hi) less the blocked intervals, as ordered stretches."""
+    free, cursor = [], lo
+    for a, b in sorted(blocked) + [(hi, hi)]:
+        if min(a, hi) > cursor:
+            free.append((cursor, min(a, hi)))
+        cursor = max(cursor, b)
+    return free
+
+
 def place(
     kinds: list[str], start_ns: int, end_ns: int, faults: list[tuple[pd.Timestamp, pd.Timestamp]],
     train_s: int, spacing_s: int,
 ) -> list[tuple[str, int, int]]:  # fmt: skip
-    """(kind, start, end) of each attack: in order, after `train_s`, `spacing_s` apart, in free stretches."""
-    free, cursor = [], start_ns + train_s * NS
-    for lo, hi in [(a.value - MARGIN_S * NS, b.value + MARGIN_S * NS) for a, b in faults] + [(end_ns, end_ns)]:
-        if min(lo, end_ns) > cursor:
-            free.append((cursor, min(lo, end_ns)))
-        cursor = max(cursor, hi)
+    """(kind, start, end) of each attack on a replay without fill: in order, after `train_s`,
+    `spacing_s` apart, in stretches free of fault windows, cut to the stretch (at least `MIN_S`)."""
+    blocked = [(a.value - MARGIN_S * NS, b.value + MARGIN_S * NS) for a, b in faults]
+    free = _free(start_ns + train_s * NS, end_ns, blocked)
     out, cursor = [], start_ns + train_s * NS
     for kind in kinds:
         need = min(NOMINAL_S[kind], MIN_S) * NS
@@ -147,6 +204,42 @@ def place(
         lo, hi = slot
         out.append((kind, lo, min(hi, lo + NOMINAL_S[kind] * NS)))
         cursor = out[-1][2] + spacing_s * NS
+    return out
+
+
+def fill_stretches(folder: Path) -> list[Stretch] | None:
+    """The stretches of fill (ns) after the clean prefix of a filled replay, clear of every capture
+    and fault window; None for a replay without fill."""
+    if not (folder / META).is_file():  # written before fill existed: captures back to back
+        return None
+    meta = replay_meta(folder)
+    if not meta.get("fill"):
+        return None
+    blocked = [(a.value, b.value) for a, b in capture_spans(folder)]
+    faults = fault_windows(folder / "fault_list.json")
+    blocked += [(a.value - MARGIN_S * NS, b.value + MARGIN_S * NS) for a, b in faults]
+    return _free(pd.Timestamp(meta["prefix_end"]).value, pd.Timestamp(meta["end"]).value, blocked)
+
+
+def place_in_fill(kinds: list[str], stretches: list[Stretch], room_s: int = ROOM_S) -> list[tuple[str, int, int]]:
+    """(kind, start, end) of each attack in a filled replay: whole (`NOMINAL_S`), each as early as
+    it fits inside one stretch of fill with `room_s` of fill free of attacks before and after it
+    (two attacks are at least `room_s` apart and share the fill between them)."""
+    room = room_s * NS
+    out: list[tuple[str, int, int]] = []
+    for kind in kinds:
+        need = NOMINAL_S[kind] * NS
+        taken = [(lo, hi) for _, lo, hi in out]
+        pieces = [p for lo, hi in stretches for p in _free(lo, hi, taken)]
+        slot = next((lo + room for lo, hi in pieces if hi - lo - 2 * room >= need), None)
+        if slot is None:
+            longest = max((hi - lo for lo, hi in pieces), default=0) // NS
+            raise ValueError(
+                f"no stretch of fill after the prefix holds {kind} ({need // NS} s) with {room_s} s of "
+                f"attack-free fill either side (the longest free stretch left is {longest} s): replay with "
+                "more fill, or inject fewer kinds"
+            )
+        out.append((kind, slot, slot + need))
     return out
 
 
@@ -217,16 +310,22 @@ def _uses(replay: Replay, attack: Attack, rpc: str, spans: list[pd.DataFrame], n
     attack.services = [s for s in dict.fromkeys((caller, callee)) if s not in replay.entry | {"USER"}] or [callee]
 
 
+def _new_edges(replay: Replay, calls: pd.DataFrame, kind: str, into: set[str] | None = None) -> list[tuple[str, str]]:
+    """(A, B) pairs of internal services (no entry service; B among `into` if given) where A never
+    calls B in the replay; those into a service with a sensitive name, if any."""
+    edges = set(zip(calls.caller, calls.svc))
+    callers = sorted(set(calls.caller) - replay.entry)
+    callees = sorted(set(calls.svc) - replay.entry if into is None else into - replay.entry)
+    pairs = [(a, b) for a in callers for b in callees if a != b and (a, b) not in edges]
+    if not pairs:
+        raise ValueError(f"{kind}: every internal service already calls every other")
+    return [p for p in pairs if any(w in p[1] for w in SENSITIVE)] or pairs
+
+
 def lateral_movement(replay: Replay, attack: Attack, rng: np.random.Generator, ids: Ids) -> None:
     """Copies of real traces through service A, each with a new call from A to B (an edge never seen)."""
     calls = replay.calls()
-    edges = set(zip(calls.caller, calls.svc))
-    callers = sorted(set(calls.caller) - replay.entry)
-    callees = sorted(set(calls.svc) - replay.entry)
-    pairs = [(a, b) for a in callers for b in callees if a != b and (a, b) not in edges]
-    if not pairs:
-        raise ValueError("lateral_movement: every service already calls every other")
-    sensitive = [p for p in pairs if any(w in p[1] for w in SENSITIVE)] or pairs
+    sensitive = _new_edges(replay, calls, attack.kind)
     a, b = sensitive[int(rng.integers(len(sensitive)))]
     into_b = calls[calls.svc == b]
     op = into_b.OperationName.value_counts().sort_index().idxmax()
@@ -260,8 +359,7 @@ def credential_stuffing(replay: Replay, attack: Attack, rng: np.random.Generator
     rpc = login.rpc.value_counts().sort_index().idxmax()
     login = login[login.rpc == rpc]
     templates = replay.traces(login.TraceID)
-    minutes = (replay.spans.StartTimeUnixNano.max() - replay.spans.StartTimeUnixNano.min()) / NS / 60
-    rate = len(login) / max(minutes, 1 / 60)
+    rate = len(login) / replay.minutes
     n = math.ceil(FLOOD_FACTOR * rate * (attack.end_ns - attack.start_ns) / NS / 60)
     keys = sorted(templates)
     picks = [keys[int(i)] for i in rng.integers(len(keys), size=n)]
@@ -329,8 +427,139 @@ def slow_exfiltration(replay: Replay, attack: Attack, rng: np.random.Generator, 
     )
 
 
+def _sample(ids: pd.Series, replay: Replay, rng: np.random.Generator, most: int = 50) -> dict[str, pd.DataFrame]:
+    """Up to `most` of the complete traces among `ids`, drawn for the seed (templates to copy)."""
+    keys = sorted(set(ids) & replay.complete)
+    picked = sorted(keys[int(i)] for i in rng.choice(len(keys), size=min(most, len(keys)), replace=False))
+    return replay.traces(set(picked))
+
+
+def _root_value(trace: pd.DataFrame) -> str:
+    """What the trace's root span has as its parent id (the mapping's root value, e.g. `root`)."""
+    return str(trace.ParentID[~trace.ParentID.isin(set(trace.SpanID))].iloc[0])
+
+
+def _as_own_trace(trace: pd.DataFrame, call: pd.Series, pod: str, caller: str, client_op: str) -> pd.DataFrame:
+    """The call's subtree under a new root: a client span in `pod` (service `caller`) as long as the
+    call's real client span (or, where the call has none, the call itself, named `client_op`)."""
+    unit = _unit(trace, call)
+    root = trace[trace.SpanID == unit.SpanID].head(1)
+    root = root.assign(PodName=pod, svc=caller, ParentID=_root_value(trace), caller=None, via=None)
+    below = _subtree(trace, str(call.SpanID))
+    if unit.SpanID == call.SpanID:  # no client span to copy: one of its own
+        root = root.assign(SpanID=root.SpanID + "c", OperationName=client_op)
+        below = below.assign(ParentID=below.ParentID.where(below.SpanID != call.SpanID, root.SpanID.iloc[0]))
+    return pd.concat([root, below], ignore_index=True)
+
+
+def internal_flood(replay: Replay, attack: Attack, rng: np.random.Generator, ids: Ids) -> None:
+    """Service B's busiest internal operation (one that services other than the entry call) called
+    by a service A never seen calling B, at `FLOOD_FACTOR` times the operation's replay rate (at
+    least `FLOOD_FACTOR` a minute). A process in a compromised pod serves no incoming request, so
+    each call is a trace of its own: A's client span as its root (as OpenTelemetry starts a client
+    span without a parent), then B's real work for the call."""
+    calls = replay.calls()
+    internal = calls[~calls.caller.isin(replay.entry)]
+    pairs = _new_edges(replay, calls, attack.kind, set(internal.svc))
+    a, b = pairs[int(rng.integers(len(pairs)))]
+    op = internal.OperationName[internal.svc == b].value_counts().sort_index().idxmax()
+    served = calls[(calls.svc == b) & (calls.OperationName == op)]
+    rate = max(FLOOD_FACTOR * len(served) / replay.minutes, FLOOD_FACTOR)
+    n = math.ceil(rate * (attack.end_ns - attack.start_ns) / NS / 60)
+    pod = replay.spans.PodName[replay.spans.svc == a].value_counts().sort_index().idxmax()
+    used = calls.via[(calls.caller == a) & calls.via.notna()]
+    client_op = used.value_counts().sort_index().idxmax() if len(used) else op
+    templates = []
+    for trace in _sample(served.TraceID, replay, rng).values():
+        call = trace[(trace.svc == b) & (trace.OperationName == op) & (trace.caller != b)].iloc[0]
+        templates.append(_as_own_trace(trace, call, pod, a, client_op))
+    picks = rng.integers(len(templates), size=n)
+    copies = [_copy(templates[int(k)], t, ids) for k, t in zip(picks, _times(rng, attack.start_ns, attack.end_ns, n))]
+    _uses(replay, attack, f"{a}:{b}:{op}", copies, f"new edge {a} -> {b} ({op}): {n} calls at {rate:.1f}/min")
+
+
+def _common_path(operations: list[str]) -> str:
+    """The leading path segments the operations share, always short of a whole operation
+    ("/api/v1/travelservice"); "" when none is a path."""
+    paths = [o.strip("/").split("/") for o in operations if o.startswith("/")]
+    if not paths:
+        return ""
+    common: list[str] = []
+    for parts in zip(*paths):
+        if len(set(parts)) > 1:
+            break
+        common.append(parts[0])
+    common = common[: min(map(len, paths)) - 1]
+    return "/" + "/".join(common) if common else ""
+
+
+def _scan_paths(base: str, known: set[str], n: int, rng: np.random.Generator) -> list[str]:
+    """`n` distinct paths under `base` from a scanner's word list, none of them in `known`."""
+    candidates = [f"{base}/{w}{s}" for s in SCAN_SUFFIXES for w in SCAN_WORDS]
+    more = 2
+    while len(set(candidates) - known) < n:  # a long scan: numbered words
+        candidates += [f"{base}/{w}{more}" for w in SCAN_WORDS]
+        more += 1
+    fresh = [c for c in dict.fromkeys(candidates) if c not in known]
+    return [fresh[int(i)] for i in rng.permutation(len(fresh))[:n]]
+
+
+def _ancestry(trace: pd.DataFrame, span_id: str) -> pd.DataFrame:
+    """The span and its ancestors up to the root, nothing else."""
+    parent = dict(zip(trace.SpanID, trace.ParentID))
+    keep = [span_id]
+    while parent.get(keep[-1]) in parent and parent[keep[-1]] not in keep:
+        keep.append(parent[keep[-1]])
+    return trace[trace.SpanID.isin(keep)]
+
+
+def endpoint_enumeration(replay: Replay, attack: Attack, rng: np.random.Generator, ids: Ids) -> None:
+    """A scanner behind the entry service: `SCAN_RATE` never-seen paths of one service a minute
+    (evenly spread, so any minute holds at least the lower rate), each requested once or twice.
+    Each request copies a real entry -> service call with its ancestors, renamed to the path; the
+    service answers without calling on (its subtree is cut)."""
+    calls = replay.calls()
+    inward = calls[calls.caller.isin(replay.entry) & ~calls.svc.isin(replay.entry)]
+    inward = inward[inward.TraceID.isin(replay.complete)]
+    if inward.empty:
+        raise ValueError(f"{attack.kind}: no call from an entry service into another service to copy")
+    svc = sorted(set(inward.svc))[int(rng.integers(inward.svc.nunique()))]
+    inward = inward[inward.svc == svc]
+    entry = inward.caller.value_counts().sort_index().idxmax()
+    inward = inward[inward.caller == entry]
+    base = _common_path(sorted(set(inward.OperationName)))
+    rate = int(rng.integers(SCAN_RATE[0], SCAN_RATE[1] + 1))
+    n = math.ceil(rate * (attack.end_ns - attack.start_ns) / NS / 60)
+    paths = _scan_paths(base, set(replay.spans.OperationName[replay.spans.svc == svc]), n, rng)
+    templates = []
+    for trace in _sample(inward.TraceID, replay, rng).values():
+        call = trace[(trace.svc == svc) & (trace.caller == entry)].iloc[0]
+        templates.append((_ancestry(trace, str(call.SpanID)), call.SpanID))
+    step, out = (attack.end_ns - attack.start_ns) / n, []
+    for i, (path, u, twice) in enumerate(zip(paths, rng.random(n), rng.random(n) < 0.5)):
+        first = attack.start_ns + int((i + u) * step)
+        again = min(first + int(rng.uniform(0.2, 3.0) * NS), attack.end_ns - 1)
+        for at in [first, again][: 1 + int(twice)]:
+            rows, call_id = templates[int(rng.integers(len(templates)))]
+            named = rows.assign(OperationName=rows.OperationName.where(rows.SpanID != call_id, path))
+            out.append(_copy(named, at, ids))
+    attack.spans, attack.services = pd.concat(out, ignore_index=True), [svc]
+    attack.rpcs = [f"{entry}:{svc}:{p}" for p in paths]
+    attack.note = f"{n} never-seen paths of {svc} under {base or '/'} ({rate}/min), {len(out)} requests"
+
+
 BUILDERS: dict[str, Callable[[Replay, Attack, np.random.Generator, Ids], None]] = dict(
-    zip(ATTACK_KINDS, (lateral_movement, credential_stuffing, scraping_amplification, slow_exfiltration))
+    zip(
+        ATTACK_KINDS,
+        (
+            lateral_movement,
+            credential_stuffing,
+            scraping_amplification,
+            slow_exfiltration,
+            internal_flood,
+            endpoint_enumeration,
+        ),
+    )
 )
 
 
@@ -358,16 +587,24 @@ def write_labels(attacks: list[Attack], path: Path) -> None:
     ts = partial(pd.Timestamp, tz="UTC")
     rows = [
         {"event_id": f"A{i:02d}-{a.kind}", "kind": a.kind, "start": ts(a.start_ns), "end": ts(a.end_ns),
-         "request_type": "attack", "rpcs": a.rpcs, "note": a.note, "services": a.services, "spans": len(a.spans)}
+         "request_type": "attack", "rpcs": a.rpcs, "note": a.note, "services": a.services, "spans": len(a.spans),
+         "first_trace_end": ts(a.first_trace_end_ns)}
         for i, a in enumerate(attacks, 1)
     ]  # fmt: skip
     pq.write_table(pa.Table.from_pylist(rows, LABELS_SCHEMA), path)
 
 
 def inject_attacks(
-    folder: Path, kinds: list[str] | None = None, seed: int = 0, train_s: int = 40 * 60, spacing_s: int = 300
+    folder: Path,
+    kinds: list[str] | None = None,
+    seed: int = 0,
+    train_s: int = 40 * 60,
+    spacing_s: int = 120,
+    room_s: int = ROOM_S,
 ) -> list[Attack]:
-    """Add the attacks (in `ATTACK_KINDS` order) to the replay in `folder`; write their spans and labels."""
+    """Add the attacks (in `ATTACK_KINDS` order) to the replay in `folder`; write their spans and
+    labels. A filled replay places them in its fill (`place_in_fill`, `room_s`); one without fill
+    after `train_s`, `spacing_s` apart (`place`)."""
     unknown = sorted(set(kinds or ATTACK_KINDS) - set(ATTACK_KINDS))
     if unknown:
         raise ValueError(f"unknown attack kind(s) {', '.join(unknown)}; choose from {', '.join(ATTACK_KINDS)}")
@@ -375,8 +612,12 @@ def inject_attacks(
     replay = load_replay(folder)
     starts = replay.spans.StartTimeUnixNano
     wanted = [k for k in ATTACK_KINDS if k in (kinds or ATTACK_KINDS)]
-    faults = fault_windows(folder / "fault_list.json")
-    plan = place(wanted, int(starts.min()), int(starts.max()), faults, train_s, spacing_s)
+    stretches = fill_stretches(folder)
+    if stretches is None:
+        faults = fault_windows(folder / "fault_list.json")
+        plan = place(wanted, int(starts.min()), int(starts.max()), faults, train_s, spacing_s)
+    else:
+        plan = place_in_fill(wanted, stretches, room_s)
     attacks = []
     for kind, lo, hi in plan:
         attack = Attack(kind, lo, hi)
@@ -387,12 +628,18 @@ def inject_attacks(
     return attacks
 
 
+def _rpcs(attack: Attack) -> str:
+    more = len(attack.rpcs) - 1
+    return attack.rpcs[0] + (f" (+{more} more)" if more > 0 else "")
+
+
 def inject_report(attacks: list[Attack], folder: Path) -> str:
     """What `rpcwatch inject` prints: each attack, then where the labels went and what to run next."""
     from tasks.app.report import table
 
-    rows = [[a.kind, _stamp(a.start_ns), _stamp(a.end_ns)[11:], len(a.spans), *a.rpcs, a.note] for a in attacks]
+    rows = [[a.kind, _stamp(a.start_ns), _stamp(a.end_ns)[11:], len(a.spans), _rpcs(a), a.note] for a in attacks]
     labels = folder / "labels.parquet"
-    run = f"{ENV} rpcwatch run --source {folder} --format spans --mapping nezha-trainticket"
+    env = "" if fill_stretches(folder) is not None else f"{ENV} "  # a filled replay's prefix is long enough
+    run = f"{env}rpcwatch run --source {folder} --format spans --mapping nezha-trainticket"
     done = table(["kind", "start", "end", "spans added", "RPC", "what"], rows)
-    return f"{done}\nlabels: {labels}\nnext: {run}\n      {ENV} rpcwatch evaluate --labels {labels}"
+    return f"{done}\nlabels: {labels}\nnext: {run}\n      {env}rpcwatch evaluate --labels {labels}"

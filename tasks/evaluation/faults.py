@@ -34,7 +34,7 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -46,7 +46,8 @@ import pandas as pd
 from tasks.evaluation.naive import naive_points
 from tasks.keys import split_node_key
 from tasks.models.registry import first_champion_at
-from tasks.scoring.incidents import INCIDENT_COLUMNS, Incident, incidents_of
+from tasks.scoring.incidents import INCIDENT_COLUMNS, Incident, anomaly_points, calibration_history, incidents_of
+from tasks.scoring.policy import CURVE, threshold
 from tasks.scoring.trace_scoring import KIND as TRACE_KIND
 from tasks.settings import Settings
 from tasks.warehouse import opened
@@ -56,6 +57,8 @@ DEFAULT_WINDOW = FAULT_WINDOW  # the name earlier callers used
 POD_SUFFIX = re.compile(r"^(.+)-[^-]+-[^-]+$")  # Kubernetes pod name -> its deployment (service)
 DETECTORS = ("rpcwatch", "naive")
 UNITS = ("points", "incidents")
+PRE_EFFECT = timedelta(seconds=90)  # code faults' effects can start this long before the recorded injection
+SETTLE = timedelta(seconds=60)  # after a fault's window its service may still settle
 
 
 @dataclass
@@ -74,6 +77,10 @@ class FaultScores:
     per_fault: list[str] = field(default_factory=list)
     culprit_top1: float | None = None
     culprit_top3: float | None = None
+    hits: list[bool] = field(default_factory=list)  # per fault: detected
+    visible: int | None = None  # faults the ceiling calls visible (None: not judged)
+    detected_visible: int | None = None
+    background: FalseAlarms | None = None  # false alarms over the fill and the real captures
 
     @property
     def free_minutes_alarmed(self) -> float:
@@ -92,7 +99,43 @@ class FaultScores:
         }
         if incidents:
             out |= {"culprit_top1": self.culprit_top1, "culprit_top3": self.culprit_top3}
+        out |= {"visible": self.visible, "detected_visible": self.detected_visible}
+        out |= self.background.as_json() if self.background else {"false_incidents_per_day": None}
         return out
+
+    def judge_visibility(self, visible: list[bool]) -> None:
+        """Count the detected faults among those the ceiling calls visible (one flag per fault)."""
+        self.visible = sum(visible)
+        self.detected_visible = sum(h and v for h, v in zip(self.hits, visible))
+
+
+@dataclass(frozen=True)
+class FalseAlarms:
+    """False alarms of one detector and unit: alarms starting in fault-free fill (per day of fill)
+    and the share of the real captures' fault-free minutes inside an alarm. Points: each fault-free
+    minute with an irregular point is one alarm."""
+
+    fill_hours: float
+    false_fill: int
+    real_free_minutes: int
+    real_free_minutes_alarmed: int
+
+    @property
+    def per_day(self) -> float | None:
+        return self.false_fill / (self.fill_hours / 24) if self.fill_hours > 0 else None
+
+    @property
+    def real_share(self) -> float | None:
+        return self.real_free_minutes_alarmed / self.real_free_minutes if self.real_free_minutes else None
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "false_incidents_per_day": self.per_day,
+            "fill_hours": round(self.fill_hours, 2),
+            "false_in_fill": self.false_fill,
+            "real_fault_free_minutes": self.real_free_minutes,
+            "real_fault_free_minutes_alarmed": self.real_free_minutes_alarmed,
+        }
 
 
 def load_faults(path: Path) -> pd.DataFrame:
@@ -202,6 +245,7 @@ def score_faults(
         free_points.drop_duplicates(["raised", "caller", "callee"]).shape[0] / max(minutes, 1),
         _by_type(faults, hits, chances),
         per_fault,
+        hits=hits,
     )
 
 
@@ -310,8 +354,10 @@ def _judge(
     faults: pd.DataFrame,
     buckets: pd.DatetimeIndex,
     seconds: int,
+    background: Background | None = None,
 ) -> dict[str, FaultScores]:
-    """One detector in both units: its points, and its incidents' starts (with the culprit shares)."""
+    """One detector in both units: its points, and its incidents' starts (with the culprit shares);
+    with a `background`, the false alarms over its fill and real captures."""
     step = int(buckets.freq.n) if buckets.freq is not None else seconds  # the grid's cell, seconds
     alarms = points.assign(duration_s=np.where(points.get("kind", "") == TRACE_KIND, step, seconds))
     by_points = score_faults(
@@ -319,16 +365,116 @@ def _judge(
     )
     by_incidents = score_faults(f"{name} incident starts", _starts(incidents, seconds, step), faults, buckets, step)
     by_incidents.culprit_top1, by_incidents.culprit_top3 = culprit_shares(incidents, points, faults, step)
+    if background is not None:
+        cells = background.cells(buckets, step)
+        by_points.background = cells.point_alarms(_cells(alarms, step).bucket_ts)
+        by_incidents.background = cells.incident_alarms(incidents)
     return {"points": by_points, "incidents": by_incidents}
 
 
-def evaluate_faults(settings: Settings, faults_path: Path) -> FaultEvaluation:
+@dataclass(frozen=True)
+class Background:
+    """Where a replay's time is real capture (the rest is fill), and the listed faults' zones: from
+    `[inject_time - PRE_EFFECT, window_end + SETTLE]` nothing counts as a false alarm (code faults
+    can act before the recorded time; a service takes a while to settle)."""
+
+    captures: list[tuple[pd.Timestamp, pd.Timestamp]]
+    zones: list[tuple[pd.Timestamp, pd.Timestamp]]
+    end: pd.Timestamp | None = None  # where the replay's traffic ends (its last hour is partial)
+
+    def clip(self, end: pd.Timestamp) -> pd.Timestamp:
+        """The evaluated range's end, no later than the replay's traffic: the empty rest of its
+        last hour is the replay's end, not an outage."""
+        return end if self.end is None else min(end, self.end)
+
+    @classmethod
+    def of(cls, faults_path: Path, faults: pd.DataFrame) -> Background | None:
+        """The background of a replay's fault list (None for a fault list that is not a replay's)."""
+        folder = Path(faults_path).parent
+        if not (folder / "runs.parquet").is_file():
+            return None
+        from tasks.evaluation.replay import capture_spans, replay_meta
+
+        captures = [(_naive(a), _naive(b)) for a, b in capture_spans(folder)]
+        listed = faults[faults.inject_time.notna()]
+        zones = list(zip(listed.inject_time - PRE_EFFECT, listed.window_end + SETTLE))
+        return cls(captures, zones, pd.Timestamp(replay_meta(folder)["end"]))
+
+    def cells(self, buckets: pd.DatetimeIndex, step: int) -> BackgroundCells:
+        ends = buckets + pd.Timedelta(seconds=step)
+        in_capture = _overlaps(buckets, ends, self.captures)
+        in_zone = _overlaps(buckets, ends, self.zones)
+        return BackgroundCells(buckets, step, ~in_capture & ~in_zone, in_capture & ~in_zone)
+
+
+@dataclass(frozen=True)
+class BackgroundCells:
+    """The evaluated grid's cells that are fault-free fill and fault-free real capture."""
+
+    buckets: pd.DatetimeIndex
+    step: int
+    fill: np.ndarray
+    real: np.ndarray
+
+    def _minutes(self, mask: np.ndarray) -> set[pd.Timestamp]:
+        return set(self.buckets[mask].floor("min"))
+
+    def point_alarms(self, alarmed: pd.Series) -> FalseAlarms:
+        """Each fault-free minute holding an alarmed cell is one alarm."""
+        alarmed_minutes = set(pd.to_datetime(alarmed).dt.floor("min"))
+        fill_minutes = self._minutes(self.fill) - self._minutes(~self.fill)  # whole fill minutes only
+        real_minutes = self._minutes(self.real)
+        return FalseAlarms(
+            float(self.fill.sum()) * self.step / 3600,
+            len(fill_minutes & alarmed_minutes),
+            len(real_minutes),
+            len(real_minutes & alarmed_minutes),
+        )
+
+    def incident_alarms(self, incidents: list[Incident]) -> FalseAlarms:
+        """Incidents starting in a fill cell, and real fault-free minutes inside an incident."""
+        fill_starts = set(self.buckets[self.fill])
+        starts = [pd.Timestamp(i.start_ts).floor(f"{self.step}s") for i in incidents]
+        covered = np.zeros(len(self.buckets), dtype=bool)
+        for i in incidents:
+            covered |= np.asarray(
+                (self.buckets + pd.Timedelta(seconds=self.step) > pd.Timestamp(i.start_ts))
+                & (self.buckets < pd.Timestamp(i.end_ts))
+            )
+        real_minutes = self._minutes(self.real)
+        return FalseAlarms(
+            float(self.fill.sum()) * self.step / 3600,
+            sum(s in fill_starts for s in starts),
+            len(real_minutes),
+            len(real_minutes & self._minutes(self.real & covered)),
+        )
+
+
+def _naive(ts: pd.Timestamp) -> pd.Timestamp:
+    return ts.tz_convert(None) if ts.tzinfo is not None else ts
+
+
+def _overlaps(
+    starts: pd.DatetimeIndex, ends: pd.DatetimeIndex, spans: list[tuple[pd.Timestamp, pd.Timestamp]]
+) -> np.ndarray:
+    """Which cells [start, end) overlap any of the spans."""
+    out = np.zeros(len(starts), dtype=bool)
+    for lo, hi in spans:
+        out |= np.asarray((ends > lo) & (starts <= hi))
+    return out
+
+
+def evaluate_faults(settings: Settings, faults_path: Path, visible: pd.DataFrame | None = None) -> FaultEvaluation:
     """rpcwatch and the naive rule on the observable faults injected after the first model was
-    trained, judged on irregular points and on incident starts."""
+    trained, judged on irregular points and on incident starts; with the ceiling's verdicts
+    (`visible`: inject_time, service, visible), also on the visible faults alone. On a replay, the
+    false alarms over its fill and its real captures' fault-free minutes (`Background`)."""
     listed = load_faults(faults_path)
     unobservable = listed[~listed.observable].reset_index(drop=True)
+    background = Background.of(faults_path, listed)
     with opened(settings.warehouse, read_only=True) as con:
         start, end = evaluated_range(con)
+        end = background.clip(end) if background else end
         [(seconds,)] = con.execute("SELECT max(bucket_seconds) FROM rpc_series").fetchall()  # as the run bucketed
         ours = con.execute(
             "SELECT bucket_ts, caller, callee, node, score, kind FROM anomalies "
@@ -350,10 +496,24 @@ def evaluate_faults(settings: Settings, faults_path: Path) -> FaultEvaluation:
     step = min(seconds, settings.trace_step_s) if seconds % settings.trace_step_s == 0 else seconds
     buckets = pd.date_range(start, end, freq=f"{step}s")
     scores = {
-        "rpcwatch": _judge("rpcwatch", ours, our_incidents, faults, buckets, seconds),
-        "naive": _judge("naive", naive, naive_incidents, faults, buckets, seconds),
+        "rpcwatch": _judge("rpcwatch", ours, our_incidents, faults, buckets, seconds, background),
+        "naive": _judge("naive", naive, naive_incidents, faults, buckets, seconds, background),
     }
+    if visible is not None:
+        flags = _visible_flags(faults, visible)
+        faults = faults.assign(visible=flags)
+        for units in scores.values():
+            for unit in units.values():
+                unit.judge_visibility(flags)
     return FaultEvaluation(scores, faults, unobservable)
+
+
+def _visible_flags(faults: pd.DataFrame, verdicts: pd.DataFrame) -> list[bool]:
+    """The ceiling's verdict for each judged fault (matched on injection time and service)."""
+    by_fault = {
+        (pd.Timestamp(t), s): bool(v) for t, s, v in zip(verdicts.inject_time, verdicts.service, verdicts.visible)
+    }
+    return [by_fault.get((pd.Timestamp(t), s), False) for t, s in zip(faults.inject_time, faults.service)]
 
 
 def _share(value: float | None) -> str:
@@ -378,16 +538,28 @@ def fault_report(evaluation: FaultEvaluation) -> str:
             f"{s.free_minutes_alarmed:.0%}",
             _share(s.culprit_top1),
             _share(s.culprit_top3),
+            "-" if s.visible is None else f"{s.detected_visible} / {s.visible}",
+            "-" if s.background is None or s.background.per_day is None else f"{s.background.per_day:.1f}",
+            "-" if s.background is None else _share(s.background.real_share),
         ]
         for s in scores
     ]
     headers = ["detector", "faults", "detected", "by chance", "above chance", "median delay s"]
     headers += ["alarms / fault-free min", "fault-free min alarmed", "culprit top-1", "culprit top-3"]
+    headers += ["visible detected", "false / day (fill)", "real fault-free min alarmed"]
+    visible = "visible" in evaluation.faults
     per = [
-        [f.real_inject_time, f.service, f.inject_type, *(s.per_fault[i] for s in scores)]
+        [
+            f.real_inject_time,
+            f.service,
+            f.inject_type,
+            *(["yes" if f.visible else "no"] if visible else []),
+            *(s.per_fault[i] for s in scores),
+        ]
         for i, f in enumerate(evaluation.faults.itertuples())
     ]
-    lines = [table(headers, rows), "", table(["injected at", "service", "type", *(s.name for s in scores)], per)]
+    per_headers = ["injected at", "service", "type", *(["visible"] if visible else []), *(s.name for s in scores)]
+    lines = [table(headers, rows), "", table(per_headers, per)]
     if len(evaluation.unobservable):
         gone = [[f.real_inject_time, f.service, f.inject_type, f.reason] for f in evaluation.unobservable.itertuples()]
         lines += ["", "unobservable (listed, not counted):", table(["injected at", "service", "type", "reason"], gone)]
@@ -395,6 +567,105 @@ def fault_report(evaluation: FaultEvaluation) -> str:
         "",
         "by chance: the detector's add-one smoothed alarm rate on the injected service in fault-free buckets, "
         "over each fault's window (buckets taken as independent); alarms: irregular points, or incident "
-        "starts x RPCs; culprit: the incident's own suspects first (see tasks.evaluation.faults)",
+        "starts x RPCs; culprit: the incident's own suspects first (see tasks.evaluation.faults); visible: by the "
+        "ceiling (`--ceiling`); false / day: alarms starting in fault-free fill, per day of fill (points: alarmed "
+        "fill minutes); real fault-free min alarmed: the real captures' fault-free minutes inside an alarm",
     ]
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    """rpcwatch's incidents re-decided by the alarm policy at one setting (false incidents a day;
+    None: the fixed rule alone, as before the policy)."""
+
+    setting: float | None
+    visible: int | None
+    detected_visible: int | None
+    detected: int
+    faults: int
+    median_delay_s: float
+    false_per_day: float | None
+    real_share: float | None
+
+    def as_json(self) -> dict[str, object]:
+        return asdict(self) | {"median_delay_s": None if np.isnan(self.median_delay_s) else self.median_delay_s}
+
+
+def operating_curve(
+    settings: Settings, faults_path: Path, visible: pd.DataFrame | None = None, values: tuple[float, ...] = CURVE
+) -> list[CurvePoint]:
+    """Detection of (visible) faults and false incidents per day of fill at each setting of the alarm
+    policy, from the stored points: the models are trained once, only the decision changes."""
+    listed = load_faults(faults_path)
+    background = Background.of(faults_path, listed)
+    with opened(settings.warehouse, read_only=True) as con:
+        start, end = evaluated_range(con)
+        end = background.clip(end) if background else end
+        [(seconds,)] = con.execute("SELECT max(bucket_seconds) FROM rpc_series").fetchall()
+        gap = settings.incident_gap_buckets
+        points = anomaly_points(con, start - pd.Timedelta(hours=1), end + pd.Timedelta(seconds=seconds))
+        hours = list(pd.date_range(start.floor("h"), end, freq="h").to_pydatetime())
+        history = {h: calibration_history(con, h, gap, seconds, settings.incident_min_buckets) for h in hours}
+        decided = {
+            x: incidents_of(
+                con,
+                points,
+                gap,
+                settings.incident_min_buckets,
+                seconds,
+                {} if x is None else {h: t for h, hist in history.items() if (t := threshold(hist, x)) is not None},
+            )
+            for x in (*values, None)  # None: the fixed rule alone, for comparison
+        }
+    judged = listed.observable & (listed.inject_time >= start) & (listed.inject_time < end)
+    faults = listed[judged].reset_index(drop=True)
+    step = min(seconds, settings.trace_step_s) if seconds % settings.trace_step_s == 0 else seconds
+    buckets = pd.date_range(start, end, freq=f"{step}s")
+    flags = _visible_flags(faults, visible) if visible is not None else None
+    curve = []
+    for x, incidents in decided.items():
+        mine = [i for i in incidents if start <= pd.Timestamp(i.start_ts) <= end]
+        scores = score_faults("rpcwatch", _starts(mine, seconds, step), faults, buckets, step)
+        if flags is not None:
+            scores.judge_visibility(flags)
+        alarms = background.cells(buckets, step).incident_alarms(mine) if background else None
+        curve.append(
+            CurvePoint(
+                x,
+                scores.visible,
+                scores.detected_visible,
+                scores.detected,
+                scores.faults,
+                scores.median_delay_s,
+                alarms.per_day if alarms else None,
+                alarms.real_share if alarms else None,
+            )
+        )
+    return curve
+
+
+def curve_report(curve: list[CurvePoint], default: float) -> str:
+    """The operating curve as a table, the default setting marked."""
+    from tasks.app.report import table
+
+    rows = [
+        [
+            "fixed rule" if c.setting is None else f"{c.setting:g}" + (" (default)" if c.setting == default else ""),
+            f"{c.detected} / {c.faults}",
+            "-" if c.visible is None else f"{c.detected_visible} / {c.visible}",
+            "-" if np.isnan(c.median_delay_s) else f"{c.median_delay_s:.0f}",
+            "-" if c.false_per_day is None else f"{c.false_per_day:.1f}",
+            _share(c.real_share),
+        ]
+        for c in curve
+    ]
+    headers = ["setting (false incidents / day)", "detected", "visible detected", "median delay s"]
+    headers += ["false incidents / day (fill)", "real fault-free min in incident"]
+    return "\n".join(
+        [
+            "Operating curve: rpcwatch's incident starts re-decided by the alarm policy at each setting "
+            "(RPCWATCH_ALARM_FALSE_PER_DAY), models trained once:",
+            table(headers, rows),
+        ]
+    )

@@ -8,7 +8,11 @@ length) for both detectors: rpcwatch's anomalies and the naive rule's points
 event-wise (detected / (detected + false)).
 
 Attack labels (`rpcwatch inject`, kinds `tasks.evaluation.attacks.ATTACK_KINDS`) need no truth
-file: `evaluate_attacks` judges them on incident starts and the services they touch.
+file: `evaluate_attacks` judges them on incident starts and the services they touch; an attack's
+delay runs from the end of its first trace to the end of the first alarm's first bucket, and the
+false incidents around it are those starting within `ROOM_S` of it that no event explains.
+
+`labels_json` is what `rpcwatch evaluate --labels --json` prints.
 
 Reads the warehouse's `anomalies`, `rpc_series` (naive rule), `trace_patterns`, `score_runs` and
 `forecast_errors`, the labels Parquet and the synthetic truth next to it
@@ -27,12 +31,32 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from tasks.evaluation.attacks import ATTACK_KINDS, SLACK_S, fault_windows
+from tasks.evaluation.attacks import ATTACK_KINDS, ROOM_S, SLACK_S, fault_windows
 from tasks.evaluation.naive import naive_points
 from tasks.keys import node_label, split_node_key
 from tasks.scoring.incidents import anomaly_points, incidents_of
 from tasks.settings import Settings
 from tasks.warehouse import opened
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One labelled event as a detector did on it: its delay (None: missed) and, for attacks, the
+    false incidents starting within `ROOM_S` of it."""
+
+    event: str
+    kind: str
+    delay_s: float | None
+    false_around: int | None = None
+
+    def as_json(self) -> dict[str, object]:
+        out: dict[str, object] = {
+            "event": self.event,
+            "kind": self.kind,
+            "detected": self.delay_s is not None,
+            "delay_s": self.delay_s,
+        }
+        return out | ({"false_incidents_around": self.false_around} if self.false_around is not None else {})
 
 
 @dataclass
@@ -44,7 +68,30 @@ class Scores:
     true_incidents: int
     false_alarms_per_pattern_hour: float
     median_delay_s: float
-    per_event: dict[str, str] = field(default_factory=dict)
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    @property
+    def per_event(self) -> dict[str, str]:
+        """Each event as the report shows it: "detected after N s" or "missed"."""
+        return {
+            o.event: "missed" if o.delay_s is None else f"detected after {max(0.0, o.delay_s):.0f} s"
+            for o in self.outcomes
+        }
+
+    def as_json(self) -> dict[str, object]:
+        """The summary the report shows, with each event (`events`) and `false_incidents`."""
+        return {
+            "detector": self.name,
+            "events": [o.as_json() for o in self.outcomes],
+            "detected": self.detected,
+            "recall": _number(self.recall),
+            "incidents": self.incidents,
+            "false_incidents": self.incidents - self.true_incidents,
+            "precision": _number(self.precision),
+            "f1": _number(self.f1),
+            "median_delay_s": _number(self.median_delay_s),
+            "false_alarms_per_pattern_hour": _number(self.false_alarms_per_pattern_hour),
+        }
 
     @property
     def recall(self) -> float:
@@ -61,6 +108,11 @@ class Scores:
     def f1(self) -> float:
         p, r = self.precision, self.recall
         return 2 * p * r / (p + r) if p + r else 0.0
+
+
+def _number(value: float) -> float | None:
+    """JSON has no NaN: None instead."""
+    return None if value != value else float(value)
 
 
 @dataclass(frozen=True)
@@ -142,14 +194,12 @@ def _score(
 ) -> Scores:
     """Recall and delay over the non-drift events; true incidents: those explained by any event."""
     points, events = detector.points, labels[labels.kind != "drift"]
-    per_event, delays = {}, []
+    outcomes, delays = [], []
     for event in events.itertuples():
         hit = _match(points, event, event_patterns.get(event.request_type, set()), seconds)
         if len(hit):
             delays.append((hit.bucket_ts.min() - event.start.tz_convert(None)).total_seconds())
-            per_event[event.event_id] = f"detected after {max(0, delays[-1]):.0f} s"
-        else:
-            per_event[event.event_id] = "missed"
+        outcomes.append(Outcome(event.event_id, event.kind, delays[-1] if len(hit) else None))
     true = sum(
         any(_explains(e, a, event_patterns.get(e.request_type, set()), seconds) for e in labels.itertuples())
         for a in detector.alarms
@@ -158,12 +208,12 @@ def _score(
     return Scores(
         detector.name,
         len(events),
-        sum(v != "missed" for v in per_event.values()),
+        len(delays),
         len(detector.alarms),
         true,
         false / max(pattern_hours, 1),
         float(np.median(delays)) if delays else float("nan"),
-        per_event,
+        outcomes,
     )
 
 
@@ -258,31 +308,42 @@ def _widened(windows: list[Window], seconds: int) -> list[Window]:
     return [(lo - pd.Timedelta(seconds=seconds), hi + pd.Timedelta(seconds=SLACK_S)) for lo, hi in windows]
 
 
+def _first_trace_end(attack) -> pd.Timestamp:
+    """When the attack's first trace ended (labels written before that column: its start)."""
+    end = getattr(attack, "first_trace_end", None)
+    return (attack.start if end is None or pd.isna(end) else end).tz_convert(None)
+
+
 def _score_attacks(
     name: str, alarms: list[Touching], labels: pd.DataFrame, faults: list[Window], seconds: int, pattern_hours: int
 ) -> Scores:
-    """Detected: an incident starts in an attack's widened window touching one of its services;
-    delay: from its start to the first such incident start. False: incidents starting in no widened
-    attack or fault window."""
-    bucket, slack = pd.Timedelta(seconds=seconds), pd.Timedelta(seconds=SLACK_S)
-    windows, per_event, delays = _widened(faults, seconds), {}, []
+    """Detected: an incident starts in an attack's widened window touching one of its services.
+    Delay: from the end of the attack's first trace to the end of the first such incident's first
+    bucket (0 if that bucket ends earlier). False: incidents starting in no widened attack or fault
+    window; around an attack: the false ones starting within `ROOM_S` of it."""
+    bucket, slack, room = (pd.Timedelta(seconds=s) for s in (seconds, SLACK_S, ROOM_S))
+    windows, hits = _widened(faults, seconds), []
     for attack in labels.itertuples():
         lo, hi = attack.start.tz_convert(None) - bucket, attack.end.tz_convert(None) + slack
         windows.append((lo, hi))
-        hits = [s for s, services in alarms if lo <= s <= hi and services & set(attack.services)]
-        if hits:
-            delays.append(max(0.0, (min(hits) - attack.start.tz_convert(None)).total_seconds()))
-        per_event[attack.event_id] = f"detected after {delays[-1]:.0f} s" if hits else "missed"
-    false = sum(not any(lo <= s <= hi for lo, hi in windows) for s, _ in alarms)
+        hits.append([s for s, services in alarms if lo <= s <= hi and services & set(attack.services)])
+    false = [s for s, _ in alarms if not any(lo <= s <= hi for lo, hi in windows)]
+    outcomes = []
+    for attack, hit in zip(labels.itertuples(), hits):
+        delay = max(0.0, (min(hit) + bucket - _first_trace_end(attack)).total_seconds()) if hit else None
+        near = (attack.start.tz_convert(None) - room, attack.end.tz_convert(None) + room)
+        around = sum(near[0] <= s <= near[1] for s in false)
+        outcomes.append(Outcome(attack.event_id, attack.kind, delay, around))
+    delays = [o.delay_s for o in outcomes if o.delay_s is not None]
     return Scores(
         name,
         len(labels),
         len(delays),
         len(alarms),
-        len(alarms) - false,
-        false / max(pattern_hours, 1),
+        len(alarms) - len(false),
+        len(false) / max(pattern_hours, 1),
         float(np.median(delays)) if delays else float("nan"),
-        per_event,
+        outcomes,
     )
 
 
@@ -316,6 +377,12 @@ def evaluate_attacks(
         _score_attacks("naive median/MAD", theirs, labels, faults, seconds, pattern_hours),
         {"fault_windows": float(len(faults)), "rpcwatch_incidents_in_fault_windows": float(in_faults)},
     )
+
+
+def labels_json(ours: Scores, naive: Scores, extra: dict[str, float]) -> dict[str, object]:
+    """`rpcwatch evaluate --labels --json`: each detector's summary with its `events` and
+    `false_incidents` (under `rpcwatch` and `naive`), and the extra figures."""
+    return {"rpcwatch": ours.as_json(), "naive": naive.as_json(), "extra": {k: _number(v) for k, v in extra.items()}}
 
 
 def label_report(ours: Scores, naive: Scores, extra: dict[str, float]) -> str:

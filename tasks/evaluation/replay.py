@@ -31,10 +31,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import duckdb
+import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from tasks.evaluation import fill as fill_
 from tasks.ingest.formats import SpanMapping, quote_identifier
 from tasks.progress import progress as progress_bar
 
@@ -130,17 +133,21 @@ def _run_table(con: duckdb.DuckDBPyConnection, run: Run, mapping: SpanMapping) -
     return table, int(read) - table.num_rows
 
 
-def _write_run(con: duckdb.DuckDBPyConnection, run: Run, mapping: SpanMapping, out: Path) -> tuple[int, int]:
-    """Write one run hour-partitioned; returns (spans written, duplicates dropped)."""
+def _write_run(con: duckdb.DuckDBPyConnection, run: Run, mapping: SpanMapping, out: Path) -> tuple[pa.Table, int]:
+    """Write one run hour-partitioned; returns (its spans in replay time, duplicates dropped)."""
     table, dropped = _run_table(con, run, mapping)
+    write_partitioned(table, mapping, out, f"part-{run.day}-run{run.run:02d}.parquet")
+    return table, dropped
+
+
+def write_partitioned(table: pa.Table, mapping: SpanMapping, out: Path, name: str) -> None:
+    """Spans into `dt=/hour=` folders of `out` by start time, one file `name` per hour."""
     hours = pc.divide(table[mapping.start], pa.scalar(3600 * NS, pa.int64()))
     for hour in sorted(set(hours.to_pylist())):
         ts = datetime.fromtimestamp(hour * 3600, UTC)
         folder = out / f"dt={ts:%Y-%m-%d}" / f"hour={ts:%H}"
         folder.mkdir(parents=True, exist_ok=True)
-        part = table.filter(pc.equal(hours, hour))
-        pq.write_table(part, folder / f"part-{run.day}-run{run.run:02d}.parquet")
-    return table.num_rows, dropped
+        pq.write_table(table.filter(pc.equal(hours, hour)), folder / name)
 
 
 def _service(pod: str, mapping: SpanMapping) -> str:
@@ -199,40 +206,129 @@ def _replay_faults(day: Path, runs: list[Run], mapping: SpanMapping) -> list[dic
     return out
 
 
+@dataclass
+class Layout:
+    """Where a replay puts things: back to back, or (`fill`) a clean prefix then the captures as
+    taken with fault-free fill between (`tasks.evaluation.fill`)."""
+
+    fill: bool = False
+    prefix_s: int = fill_.PREFIX_S
+    max_gap_s: int = fill_.MAX_GAP_S
+    seed: int = 0
+
+
+def place_as_taken(runs: list[Run], start: datetime, max_gap_s: int) -> None:
+    """The first run at `start`, each next one after the real gap before it (at most `max_gap_s`)."""
+    cursor = int(start.timestamp()) * NS
+    for i, run in enumerate(runs):
+        if i:
+            cursor = runs[i - 1].replay_end_ns + min(run.real_start_ns - runs[i - 1].real_end_ns, max_gap_s * NS)
+        run.offset_ns = cursor - run.real_start_ns
+
+
+def _fault_times(day: Path) -> list[tuple[int, int]]:
+    """Each fault of the day as (injection, window end) in ns, real time."""
+    faults = [f for hour in json.loads((day / "fault_list.json").read_text()).values() for f in hour]
+    out = []
+    for f in faults:
+        ns = int(datetime.fromisoformat(f["inject_time"]).replace(tzinfo=UTC).timestamp()) * NS
+        out.append((ns, ns + FAULT_WINDOW_S * NS))
+    return out
+
+
+def _fill_day(
+    day: str,
+    runs: list[Run],
+    tables: list[pa.Table],
+    faults: list[tuple[int, int]],
+    lead: tuple[int, int],
+    tail_ns: int,
+    mapping: SpanMapping,
+    layout: Layout,
+    out: Path,
+) -> tuple[int, int]:
+    """Fill before, between and after the day's placed captures; returns (traces, spans) written."""
+    parts, rates = [], []
+    for run, table in zip(runs, tables):
+        capture = (run.replay_start_ns, run.replay_end_ns)
+        shifted = [(i + run.offset_ns, e + run.offset_ns) for i, e in faults]
+        parts.append(fill_.fault_free_traces(table, mapping, capture, shifted))
+        rates.append(fill_.trace_rate(table, mapping, capture))
+    pool = fill_.build_pool(parts, mapping)
+    stretches = [(lead[0], lead[1], rates[0], rates[0])]
+    stretches += [
+        (a.replay_end_ns + 1, b.replay_start_ns, ra, rb) for a, b, ra, rb in zip(runs, runs[1:], rates, rates[1:])
+    ]
+    stretches += (
+        [(runs[-1].replay_end_ns + 1, runs[-1].replay_end_ns + tail_ns, rates[-1], rates[-1])] if tail_ns else []
+    )
+    rng = np.random.default_rng([layout.seed, int(day.replace("-", ""))])
+    starts = np.concatenate([fill_.draw_starts(rng, *s) for s in stretches if s[1] > s[0]])
+    picks = rng.integers(0, pool.traces, size=len(starts))
+    spans = fill_.fill_spans(pool, mapping, starts, picks, 0, fill_.id_tag(day, layout.seed))
+    write_partitioned(spans, mapping, out, f"part-fill-{day}.parquet")
+    return len(starts), spans.num_rows
+
+
 def replay_days(
     days: list[Path],
     out: Path,
     start: datetime,
     mapping_name: str = "nezha-trainticket",
     progress: Callable[[str], None] = print,
+    layout: Layout | None = None,
 ) -> dict[str, int]:
-    """Write the days' runs back to back from `start` into `out`; returns counts (runs, rows,
-    duplicates dropped, faults, of which moved to their capture's start and unobservable)."""
+    """Write the days' runs from `start` into `out`, back to back or (layout.fill) as taken after a
+    clean prefix with fill between; returns counts (runs, rows, duplicates dropped, faults, of which
+    moved to their capture's start and unobservable; fill traces and spans)."""
+    layout = layout or Layout()
     mapping = SpanMapping.load(mapping_name)
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    cursor, rows, dropped = start, 0, 0
+    cursor, rows, dropped, filled = int(start.timestamp()) * NS, 0, 0, [0, 0]
     all_runs: list[Run] = []
     faults: list[dict] = []
     with duckdb.connect() as con:
-        for day in days:
+        for i, day in enumerate(days):
             runs = find_runs(day, mapping)
-            place(runs, cursor)
-            day_dropped = 0
+            lead_s = (layout.prefix_s if i == 0 else fill_.DAY_GAP_S) if layout.fill else 0
+            if layout.fill:
+                place_as_taken(runs, datetime.fromtimestamp(cursor // NS + lead_s, UTC), layout.max_gap_s)
+            else:
+                place(runs, datetime.fromtimestamp(cursor // NS, UTC))
+            day_dropped, tables = 0, []
             for run in progress_bar(runs, f"{day.name} captures", unit="capture"):
-                written, gone = _write_run(con, run, mapping, out)
-                rows, day_dropped = rows + written, day_dropped + gone
+                table, gone = _write_run(con, run, mapping, out)
+                rows, day_dropped = rows + table.num_rows, day_dropped + gone
+                tables.append(table if layout.fill else None)
+            if layout.fill:
+                tail = fill_.TAIL_S * NS if i == len(days) - 1 else 0
+                traces, spans = _fill_day(
+                    day.name,
+                    runs,
+                    tables,
+                    _fault_times(day),
+                    (cursor, runs[0].replay_start_ns),
+                    tail,
+                    mapping,
+                    layout,
+                    out,
+                )
+                filled = [filled[0] + traces, filled[1] + spans]
+                progress(f"{day.name}: {traces:,} fault-free traces ({spans:,} spans) filled around the captures")
             day_faults = _replay_faults(day, runs, mapping)
             faults, all_runs, dropped = faults + day_faults, all_runs + runs, dropped + day_dropped
-            cursor = datetime.fromtimestamp(runs[-1].replay_end_ns // NS + 1, UTC)
+            cursor = (runs[-1].replay_end_ns // NS + 1) * NS + (tail if layout.fill else 0)
             progress(
                 f"{day.name}: {len(runs)} runs, {sum(len(r.files) for r in runs)} files, "
-                f"{(runs[-1].replay_end_ns - runs[0].replay_start_ns) / NS / 60:.0f} min of traffic, "
+                f"{(runs[-1].replay_end_ns - runs[0].replay_start_ns) / NS / 60:.0f} min from first to last capture, "
                 f"{day_dropped:,} duplicate spans dropped, {_fault_counts(day_faults)}"
             )
     _write_runs(all_runs, out / "runs.parquet")
     (out / "fault_list.json").write_text(json.dumps({"faults": faults}, indent=1))
+    prefix_end = int(start.timestamp()) * NS + (layout.prefix_s * NS if layout.fill else 0)
+    _write_meta(out, layout.fill, int(start.timestamp()) * NS, prefix_end, cursor)
     return {
         "runs": len(all_runs),
         "rows": rows,
@@ -240,7 +336,39 @@ def replay_days(
         "faults": len(faults),
         "moved": sum("note" in f for f in faults),
         "unobservable": sum(not f["observable"] for f in faults),
+        "fill_traces": filled[0],
+        "fill_spans": filled[1],
     }
+
+
+META = "replay.json"
+
+
+def _write_meta(out: Path, fill: bool, start_ns: int, prefix_end_ns: int, end_ns: int) -> None:
+    meta = {"fill": fill, "start": _stamp(start_ns), "prefix_end": _stamp(prefix_end_ns), "end": _stamp(end_ns)}
+    (out / META).write_text(json.dumps(meta, indent=1))
+
+
+def replay_meta(folder: Path) -> dict:
+    """`replay.json`: fill (bool), start, prefix_end (end of the clean prefix; = start without fill)
+    and end, as "YYYY-MM-DD HH:MM:SS" UTC. Replays written before it existed: derived from runs."""
+    path = folder / META
+    if path.is_file():
+        return json.loads(path.read_text())
+    runs = pq.read_table(folder / "runs.parquet").to_pandas()
+    first, last = runs.replay_start.min(), runs.replay_end.max()
+    return {
+        "fill": False,
+        "start": f"{first:%Y-%m-%d %H:%M:%S}",
+        "prefix_end": f"{first:%Y-%m-%d %H:%M:%S}",
+        "end": f"{last:%Y-%m-%d %H:%M:%S}",
+    }
+
+
+def capture_spans(folder: Path) -> list[tuple[pd.Timestamp, pd.Timestamp]]:
+    """Where each real capture sits in replay time (start, end), in order."""
+    runs = pq.read_table(folder / "runs.parquet").to_pandas().sort_values("replay_start")
+    return list(zip(runs.replay_start, runs.replay_end))
 
 
 def _fault_counts(faults: list[dict]) -> str:
@@ -275,7 +403,8 @@ def _write_runs(runs: list[Run], path: Path) -> None:
 
 def replay_hours(out: Path) -> list[datetime]:
     """The replay's hours, in order (for `rpcwatch run`)."""
-    runs = pq.read_table(out / "runs.parquet").to_pandas()
-    first, last = runs.replay_start.min(), runs.replay_end.max()
-    hour = first.floor("h").to_pydatetime()
-    return [hour + timedelta(hours=i) for i in range(int((last - first.floor("h")) / timedelta(hours=1)) + 1)]
+    meta = replay_meta(out)
+    first = pd.Timestamp(meta["start"], tz="UTC").floor("h")
+    last = pd.Timestamp(meta["end"], tz="UTC")
+    hour = first.to_pydatetime()
+    return [hour + timedelta(hours=i) for i in range(int((last - first) / timedelta(hours=1)) + 1)]

@@ -18,7 +18,12 @@ import pandas as pd
 import pyarrow as pa
 
 from tasks.clock import HOUR, naive_utc
+from tasks.scoring.novel import NEW_EDGE, NEW_INTERFACE
+from tasks.scoring.policy import CALIBRATION_HOURS, threshold
 
+# a run whose calling service uses this many never-seen RPCs (new interfaces of known edges) in one
+# bucket is decisive: a deploy adds a few endpoints, a scanner enumerates dozens
+SCAN_INTERFACES = 10
 PEAK_SCORE = 3.0  # a run shorter than `incident_min_buckets` is an incident when a point scores this much
 # the product's groups: a pattern's points, or a calling service's novel RPCs
 GROUP_SQL = "coalesce(CAST(pattern_id AS VARCHAR), 'novel:' || caller)"
@@ -64,29 +69,59 @@ runs AS (
 """
 
 
-def incidents_sql(points_sql: str) -> str:
-    """The incidents rows (as the `incidents` table holds them) of the points `points_sql` selects;
-    lists sorted, so that a rebuild gives identical rows; culprits ranked by their points' summed
-    score (ties by name)."""
+def run_stats_sql(points_sql: str) -> str:
+    """Every run of the points `points_sql` selects, whether the policy keeps it or not: its
+    incidents-table columns plus `evidence_mass` (the most score its points sum to within any
+    $horizon: persistence counts up to the fixed rule's span, not over a whole day), `buckets` and
+    `decisive` (it holds a never-seen edge, or `SCAN_INTERFACES` never-seen interfaces in one
+    bucket). Lists sorted, so that a rebuild gives identical rows; culprits ranked by their points'
+    summed score (ties by name)."""
     return (
         runs_sql(points_sql)
-        + """,
+        + f""",
+bucket_sums AS (
+    SELECT grp, run, bucket_ts, sum(score) AS total,
+           count(DISTINCT node) FILTER (WHERE kind = 'novel_rpc' AND feature = '{NEW_INTERFACE}') AS new_interfaces
+    FROM runs GROUP BY ALL),
+windowed AS (
+    SELECT grp, run, max(within) AS evidence_mass, max(new_interfaces) AS most_new_interfaces FROM (
+        SELECT grp, run, new_interfaces, sum(total) OVER (PARTITION BY grp, run ORDER BY bucket_ts
+                                          RANGE BETWEEN $horizon PRECEDING AND CURRENT ROW) AS within
+        FROM bucket_sums) GROUP BY ALL),
 blamed AS (
     SELECT grp, run, culprit, sum(score) AS weight FROM runs WHERE culprit IS NOT NULL GROUP BY ALL),
 ranked AS (
     SELECT grp, run, list(culprit ORDER BY weight DESC, culprit) AS culprits FROM blamed GROUP BY ALL),
-kept AS (
+run_stats AS (
     SELECT grp, run, md5(grp || ':' || CAST(min(bucket_ts) AS VARCHAR))[:12] AS incident_id,
            min(bucket_ts) AS start_ts, max(bucket_ts) + $bucket AS end_ts,
            list_sort(list(DISTINCT pattern_id) FILTER (WHERE pattern_id IS NOT NULL)) AS patterns,
            list_sort(list(DISTINCT node)) AS nodes, max(score) AS peak_score,
            list_sort(list(DISTINCT kind)) AS kinds, count(*) AS points, """
         + EVIDENCE_SQL
-        + """ AS evidence
-    FROM runs GROUP BY grp, run
-    HAVING count(DISTINCT bucket_ts) >= $min_buckets OR max(score) >= $peak)
+        + f""" AS evidence,
+           count(DISTINCT bucket_ts) AS buckets, bool_or(kind = 'novel_rpc' AND feature = '{NEW_EDGE}') AS decisive
+    FROM runs GROUP BY grp, run),
+stats AS (
+    SELECT * EXCLUDE (decisive), decisive OR most_new_interfaces >= {SCAN_INTERFACES} AS decisive
+    FROM run_stats JOIN windowed USING (grp, run))
+"""
+    )
+
+
+def incidents_sql(points_sql: str) -> str:
+    """The incidents rows (as the `incidents` table holds them) of the points `points_sql` selects:
+    the runs the alarm policy keeps (`tasks.scoring.policy`): decisive ones, and candidates (runs
+    spanning $min_buckets buckets or with a point scoring $peak) whose evidence reaches the
+    threshold of the hour they start in ($th_hours / $th_values; none: every candidate)."""
+    return (
+        run_stats_sql(points_sql)
+        + """,
+thresholds AS (SELECT unnest(CAST($th_hours AS TIMESTAMP[])) AS hour, unnest(CAST($th_values AS DOUBLE[])) AS threshold)
 SELECT incident_id, start_ts, end_ts, patterns, nodes, peak_score, kinds, points, coalesce(culprits, []), evidence
-FROM kept LEFT JOIN ranked USING (grp, run)
+FROM stats LEFT JOIN ranked USING (grp, run) LEFT JOIN thresholds t ON t.hour = date_trunc('hour', stats.start_ts)
+WHERE decisive OR ((buckets >= $min_buckets OR peak_score >= $peak)
+                   AND (t.threshold IS NULL OR evidence_mass >= t.threshold))
 """
     )
 
@@ -140,17 +175,30 @@ class Incident:
         )
 
 
-def _rule_params(gap_buckets: int, min_buckets: int, seconds: int) -> dict[str, object]:
+def rule_params(
+    gap_buckets: int, min_buckets: int, seconds: int, thresholds: dict[datetime, float] | None = None
+) -> dict[str, object]:
+    """The parameters of `incidents_sql`: the run rule, the fixed rule, and the policy's threshold
+    per hour (none: the fixed rule everywhere)."""
+    hours = sorted(thresholds or {})
     return {
         "gap": timedelta(seconds=gap_buckets * seconds),
         "bucket": timedelta(seconds=seconds),
         "min_buckets": min_buckets,
         "peak": PEAK_SCORE,
+        "horizon": timedelta(seconds=max(min_buckets - 1, 0) * seconds),
+        "th_hours": hours,
+        "th_values": [float((thresholds or {})[h]) for h in hours],
     }
 
 
 def incidents_of(
-    con: duckdb.DuckDBPyConnection, points: pd.DataFrame | pa.Table, gap_buckets: int, min_buckets: int, seconds: int
+    con: duckdb.DuckDBPyConnection,
+    points: pd.DataFrame | pa.Table,
+    gap_buckets: int,
+    min_buckets: int,
+    seconds: int,
+    thresholds: dict[datetime, float] | None = None,
 ) -> list[Incident]:
     """The incident rule over any points: columns bucket_ts, grp (the group runs are formed in),
     pattern_id (may be null), node, score, kind, and optionally culprit, feature, observed,
@@ -161,7 +209,8 @@ def incidents_of(
     con.register(POINTS_VIEW, points)
     try:
         rows = con.execute(
-            incidents_sql(GIVEN_POINTS_SQL) + "ORDER BY 2, 1", _rule_params(gap_buckets, min_buckets, seconds)
+            incidents_sql(GIVEN_POINTS_SQL) + "ORDER BY 2, 1",
+            rule_params(gap_buckets, min_buckets, seconds, thresholds),
         ).fetchall()
     finally:
         con.unregister(POINTS_VIEW)
@@ -202,24 +251,81 @@ def _incident_span(
 
 
 def rebuild_incidents(
-    con: duckdb.DuckDBPyConnection, hour: datetime, gap_buckets: int, seconds: int, min_buckets: int
+    con: duckdb.DuckDBPyConnection,
+    hour: datetime,
+    gap_buckets: int,
+    seconds: int,
+    min_buckets: int,
+    false_per_day: float | None = None,
 ) -> int:
     """Flagged points of one pattern (novel RPCs: of one calling service) no more than `gap_buckets`
-    apart are one incident: a flood is one incident, not 300 rows. A run must span `min_buckets`
-    buckets (like an alert's `for: 3m`) unless a point is far out (score >= `PEAK_SCORE`).
+    apart are one run: a flood is one incident, not 300 rows. Which runs are incidents is the alarm
+    policy's call (`tasks.scoring.policy`) at `false_per_day` (None: the fixed rule only, a run
+    spanning `min_buckets` buckets or one point scoring >= `PEAK_SCORE`).
 
     The hour's points just changed: the incidents of every run touching the hour, however far it
     reaches into earlier or later hours, are rebuilt whole (one row per run, extended; never a
     second row for its tail), so the table is the same whatever order hours are (re)scored in.
     Returns the number of incidents rebuilt."""
-    params = _rule_params(gap_buckets, min_buckets, seconds)
     gap, bucket = timedelta(seconds=gap_buckets * seconds), timedelta(seconds=seconds)
     start, end = _incident_span(
         con, naive_utc(hour), naive_utc(hour + HOUR), gap, bucket, margin=gap * max(min_buckets, 1)
     )  # a run too short to be stored fits in it
+    thresholds = (
+        {}
+        if false_per_day is None
+        else policy_thresholds(con, _hours(start, end), gap_buckets, seconds, min_buckets, false_per_day)
+    )
+    params = rule_params(gap_buckets, min_buckets, seconds, thresholds)
     con.execute("DELETE FROM incidents WHERE start_ts < ? AND end_ts > ?", [end, start])
     [(inserted,)] = con.execute(
         f"INSERT INTO incidents ({INCIDENT_COLUMNS}) " + INCIDENTS_SQL,
         {"lo": start, "hi": end, **params},
     ).fetchall()
     return int(inserted)
+
+
+def _hours(start: datetime, end: datetime) -> list[datetime]:
+    first = start.replace(minute=0, second=0, microsecond=0)
+    return [first + HOUR * i for i in range(int((end - first) / HOUR) + 1)]
+
+
+# the hour and evidence of the candidates (non-decisive runs the fixed rule keeps) of [$lo, $hi)
+CALIBRATION_SQL = (
+    run_stats_sql(ANOMALY_POINTS_SQL)
+    + """SELECT date_trunc('hour', start_ts), evidence_mass FROM stats
+WHERE NOT decisive AND (buckets >= $min_buckets OR peak_score >= $peak)"""
+)
+SCORED_HOURS_SQL = "SELECT DISTINCT hour FROM score_runs WHERE status = 'scored' AND hour >= ? AND hour < ?"
+
+
+def policy_thresholds(
+    con: duckdb.DuckDBPyConnection,
+    hours: list[datetime],
+    gap_buckets: int,
+    seconds: int,
+    min_buckets: int,
+    false_per_day: float,
+) -> dict[datetime, float]:
+    """Per hour, the evidence a run starting in it needs (`tasks.scoring.policy.threshold`), from
+    the runs of the `CALIBRATION_HOURS` before it; hours without enough history are left out."""
+    out = {}
+    for hour in hours:
+        value = threshold(calibration_history(con, hour, gap_buckets, seconds, min_buckets), false_per_day)
+        if value is not None:
+            out[hour] = value
+    return out
+
+
+def calibration_history(
+    con: duckdb.DuckDBPyConnection, hour: datetime, gap_buckets: int, seconds: int, min_buckets: int
+) -> dict[datetime, list[float]]:
+    """The candidates' evidence in each scored hour of the `CALIBRATION_HOURS` before `hour`."""
+    lo = hour - timedelta(hours=CALIBRATION_HOURS)
+    rule = rule_params(gap_buckets, min_buckets, seconds)
+    params = {"lo": lo, "hi": hour, **{k: rule[k] for k in ("gap", "bucket", "horizon", "min_buckets", "peak")}}
+    by_hour: dict[datetime, list[float]] = {h: [] for (h,) in con.execute(SCORED_HOURS_SQL, [lo, hour]).fetchall()}
+    for start_hour, evidence in con.execute(CALIBRATION_SQL, params).fetchall():
+        if start_hour in by_hour:
+            by_hour[start_hour].append(float(evidence))
+    return by_hour

@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import NamedTuple
 
 import duckdb
@@ -236,10 +236,15 @@ def score_hour(settings: Settings, hour: datetime) -> ScoreReport:
         report.scored = [pid for pid in critical if pid in scored]
         report.skipped = {pid: skipped[pid] for pid in critical if pid in skipped}
         store_hour(con, hour, scored, report.skipped)
-        report.novel = novel_anomalies(con, hour, scored_at)
+        report.novel = novel_anomalies(con, hour, scored_at, timedelta(hours=settings.train_history_hours))
         report.anomalies = sum(len(r.rows) for r in scored.values()) + report.novel
         report.incidents = rebuild_incidents(
-            con, hour, settings.incident_gap_buckets, settings.bucket_seconds, settings.incident_min_buckets
+            con,
+            hour,
+            settings.incident_gap_buckets,
+            settings.bucket_seconds,
+            settings.incident_min_buckets,
+            settings.alarm_false_per_day,
         )
         con.execute("COMMIT")
     report.seconds = time.perf_counter() - started

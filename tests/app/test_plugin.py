@@ -102,7 +102,7 @@ def _hand_made_home(tmp_path, monkeypatch, shift=timedelta(0)):
     """A published home: pattern 1 (entry -> the hostile service -> its db) with a 6-minute spike on
     the hostile RPC ending 20 min before now, a new RPC 10 min before now, a drop in pattern 2 three
     days ago (all moved back by `shift`). Incidents made by the product's rule. Returns the settings."""
-    from tasks.scoring.incidents import INCIDENT_COLUMNS, INCIDENTS_SQL, PEAK_SCORE
+    from tasks.scoring.incidents import INCIDENT_COLUMNS, INCIDENTS_SQL, rule_params
     from tasks.settings import load_settings
     from tasks.warehouse import opened
 
@@ -159,14 +159,7 @@ def _hand_made_home(tmp_path, monkeypatch, shift=timedelta(0)):
             "recorded_at) VALUES (1, 'rpcwatch-pattern-1', 3, 1, 'champion', ?)",
             [now],
         )
-        params = {
-            "lo": old - timedelta(hours=1),
-            "hi": NOW + timedelta(hours=1),
-            "gap": timedelta(minutes=3),
-            "bucket": timedelta(minutes=1),
-            "min_buckets": 3,
-            "peak": PEAK_SCORE,
-        }
+        params = {"lo": old - timedelta(hours=1), "hi": NOW + timedelta(hours=1), **rule_params(3, 3, 60)}
         con.execute(f"INSERT INTO incidents ({INCIDENT_COLUMNS}) " + INCIDENTS_SQL, params)
     publish(settings)
     monkeypatch.setenv("RPCWATCH_HOME", str(settings.home))

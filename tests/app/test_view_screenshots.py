@@ -115,7 +115,7 @@ def _with_evidence(snapshot: Path) -> None:
     its incidents rebuilt by today's rule from its own anomalies, default settings (the copy only)."""
     import duckdb
 
-    from tasks.scoring.incidents import INCIDENT_COLUMNS, INCIDENTS_SQL, PEAK_SCORE
+    from tasks.scoring.incidents import INCIDENT_COLUMNS, INCIDENTS_SQL, rule_params
     from tasks.settings import load_settings
 
     s = load_settings(env={})
@@ -125,14 +125,7 @@ def _with_evidence(snapshot: Path) -> None:
         con.execute("ALTER TABLE incidents ADD COLUMN evidence VARCHAR")
         con.execute("DELETE FROM incidents")
         [(lo, hi)] = con.execute("SELECT min(bucket_ts), max(bucket_ts) + INTERVAL 1 DAY FROM anomalies").fetchall()
-        params = {
-            "lo": lo,
-            "hi": hi,
-            "gap": timedelta(seconds=s.incident_gap_buckets * s.bucket_seconds),
-            "bucket": timedelta(seconds=s.bucket_seconds),
-            "min_buckets": s.incident_min_buckets,
-            "peak": PEAK_SCORE,
-        }
+        params = {"lo": lo, "hi": hi, **rule_params(s.incident_gap_buckets, s.incident_min_buckets, s.bucket_seconds)}
         con.execute(f"INSERT INTO incidents ({INCIDENT_COLUMNS}) " + INCIDENTS_SQL, params)
 
 

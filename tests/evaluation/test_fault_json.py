@@ -144,3 +144,55 @@ def test_culprit_ranking_by_callee_score_then_caller_score():
     )
     # callee sums: svc-a 3, db 1, svc-b 1, gw 0; db and svc-b tie as callee, neither is a caller: name
     assert rank_services(incident, points) == ["svc-a", "db", "svc-b", "gw"]
+
+
+def _replay_beside(path) -> None:
+    """A replay's runs next to the fault list: three captures, the rest of 01:00-01:59 is fill."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    spans = [(_at(65), _at(75)), (_at(88), _at(96)), (_at(105), _at(110))]
+    pq.write_table(
+        pa.Table.from_pylist(
+            [{"day": "d", "run": i, "replay_start": a, "replay_end": b} for i, (a, b) in enumerate(spans)]
+        ),
+        path.parent / "runs.parquet",
+    )
+    meta = {
+        "fill": True,
+        "start": "2026-01-01 00:00:00",
+        "prefix_end": "2026-01-01 01:05:00",
+        "end": "2026-01-01 02:00:00",
+    }
+    (path.parent / "replay.json").write_text(json.dumps(meta))
+
+
+def test_false_alarms_are_counted_over_the_fill_and_the_real_captures_apart(warehouse, tmp_path, capsys):
+    path = tmp_path / "fault_list.json"
+    _fault_list(path)
+    _replay_beside(path)
+    assert main(["evaluate", "--home", str(warehouse.home), "--faults", str(path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # 60 judged minutes: 26 in captures (11 + 9 + 6), of which 13 in the faults' zones (01:08-01:13,
+    # 01:28-01:34: 90 s before the injection to 60 s after the window); 34 minutes of fill
+    for unit in ("points", "incidents"):
+        ours = out["rpcwatch"][unit]
+        assert ours["fill_hours"] == pytest.approx(34 / 60, abs=0.01)
+        assert ours["false_in_fill"] == 1, unit  # the 01:40 point and its incident, in the fill
+        assert ours["false_incidents_per_day"] == pytest.approx(1 / (34 / 60 / 24))
+        assert (ours["real_fault_free_minutes"], ours["real_fault_free_minutes_alarmed"]) == (13, 0)
+        # the ceiling has no calls to go on here: `visible` is left null, not guessed
+        assert (ours["visible"], ours["detected_visible"]) == (None, None)
+
+
+def test_the_operating_curve_has_five_settings_and_marks_the_default(warehouse, tmp_path, capsys):
+    path = tmp_path / "fault_list.json"
+    _fault_list(path)
+    _replay_beside(path)
+    assert main(["evaluate", "--home", str(warehouse.home), "--faults", str(path), "--curve"]) == 0
+    text = capsys.readouterr().out
+    assert "Operating curve" in text and "1 (default)" in text
+    assert main(["evaluate", "--home", str(warehouse.home), "--faults", str(path), "--json", "--curve"]) == 0
+    curve = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["curve"]
+    assert [c["setting"] for c in curve] == [0.25, 0.5, 1.0, 2.0, 4.0, None]  # None: the fixed rule
+    assert all(c["faults"] == 2 and c["false_per_day"] is not None for c in curve)

@@ -4,6 +4,7 @@ product's rule (so the gap setting changes them)."""
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from tasks.app.cli import main
 from tasks.evaluation.labels import evaluate_labels, label_report
 from tasks.settings import Settings
 from tasks.synth.events import LABEL_SCHEMA
@@ -140,3 +142,27 @@ def test_nothing_scored_is_a_clear_error(settings, tmp_path):
         con.execute("DELETE FROM score_runs")
     with pytest.raises(ValueError, match="nothing scored yet"):
         evaluate_labels(settings, labels)
+
+
+def test_the_json_holds_every_event_and_the_false_incidents_of_each_detector(labelled, capsys):
+    settings, labels = labelled
+    assert main(["evaluate", "--home", str(settings.home), "--labels", str(labels), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"rpcwatch", "naive"} <= set(out)
+    assert out["rpcwatch"]["events"] == [
+        {"event": "e1", "kind": "traffic_spike", "detected": True, "delay_s": 120.0},
+        {"event": "e2", "kind": "latency", "detected": False, "delay_s": None},
+        {"event": "e3", "kind": "novel_rpc", "detected": True, "delay_s": 60.0},
+    ]
+    assert [e["detected"] for e in out["naive"]["events"]] == [True, False, False]
+    ours, naive = out["rpcwatch"], out["naive"]
+    assert (ours["false_incidents"], naive["false_incidents"]) == (2, 0)
+    assert (ours["detected"], ours["incidents"], ours["median_delay_s"]) == (2, 5, 90)
+    assert ours["precision"] == pytest.approx(0.5) and ours["recall"] == pytest.approx(2 / 3)
+    assert out["extra"]["d1_alarm_hours"] == 1.0 and out["extra"]["forecast_mape_calls"] is None, "no NaN in JSON"
+
+
+def test_the_ceiling_still_needs_a_fault_list(labelled):
+    settings, labels = labelled
+    with pytest.raises(SystemExit, match="--ceiling and --curve go with --faults only"):
+        main(["evaluate", "--home", str(settings.home), "--labels", str(labels), "--ceiling"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from tasks.app.commands import sql
@@ -32,35 +33,57 @@ def cmd_anomalies(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     if args.faults:
-        from tasks.evaluation.faults import evaluate_faults, fault_report
+        from tasks.evaluation.ceiling import ceiling_report, evaluate_ceiling
+        from tasks.evaluation.faults import curve_report, evaluate_faults, fault_report, operating_curve
 
-        evaluation = evaluate_faults(settings, args.faults)
-        print(json.dumps(evaluation.as_json(), default=str) if args.json else fault_report(evaluation))
+        visibility = None
         if args.ceiling:
-            from tasks.evaluation.ceiling import ceiling_report, evaluate_ceiling
-
-            print(ceiling_report(evaluate_ceiling(settings, args.faults)))
+            visibility = evaluate_ceiling(settings, args.faults)
+        elif args.json:  # `visible` is the ceiling's verdict; null where the ceiling cannot judge
+            try:
+                visibility = evaluate_ceiling(settings, args.faults)
+            except ValueError as why:
+                print(f"rpcwatch: visible left null: {why}", file=sys.stderr)
+        evaluation = evaluate_faults(settings, args.faults, visibility)
+        curve = operating_curve(settings, args.faults, visibility) if args.curve else None
+        if args.json:
+            extra = {"curve": [c.as_json() for c in curve]} if curve else {}
+            print(json.dumps(evaluation.as_json() | extra, default=str))
+            return 0
+        print(fault_report(evaluation))
+        if curve:
+            print("", curve_report(curve, settings.alarm_false_per_day), sep="\n")
+        if args.ceiling:
+            print("", ceiling_report(visibility), sep="\n")
     else:
-        if args.json or args.ceiling:
-            raise SystemExit("--json and --ceiling go with --faults only")
-        from tasks.evaluation.labels import evaluate_labels, label_report
+        if args.ceiling or args.curve:
+            raise SystemExit("--ceiling and --curve go with --faults only")
+        from tasks.evaluation.labels import evaluate_labels, label_report, labels_json
 
-        print(label_report(*evaluate_labels(settings, args.labels)))
+        scores = evaluate_labels(settings, args.labels)
+        print(json.dumps(labels_json(*scores)) if args.json else label_report(*scores))
     return 0
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from tasks.evaluation.replay import replay_days, replay_hours
+    from tasks.evaluation.replay import Layout, replay_days, replay_hours
 
-    counts = replay_days(args.days, args.out, parse_utc(args.start), args.mapping)
+    layout = Layout(fill=args.fill, prefix_s=int(args.prefix_hours * 3600), seed=args.seed)
+    counts = replay_days(args.days, args.out, parse_utc(args.start), args.mapping, layout=layout)
     hours = replay_hours(args.out)
+    how = (
+        f"after a {args.prefix_hours:g} h fault-free prefix, as taken, with {counts['fill_traces']:,} fault-free "
+        f"traces ({counts['fill_spans']:,} spans) filled around them"
+        if args.fill
+        else "back to back"
+    )
     wrote = (
-        f"wrote {counts['rows']:,} spans of {counts['runs']} runs back to back into {args.out} "
-        f"({hours[0]:%Y-%m-%d %H:00} .. {hours[-1]:%H:00}), {counts['duplicates']:,} duplicate spans dropped; "
-        f"{counts['faults']} faults in replay time: {counts['moved']} moved to the start of their capture, "
+        f"wrote {counts['rows']:,} spans of {counts['runs']} runs {how} into {args.out} "
+        f"({hours[0]:%Y-%m-%d %H:00} .. {hours[-1]:%Y-%m-%d %H:00}), {counts['duplicates']:,} duplicate spans "
+        f"dropped; {counts['faults']} faults in replay time: {counts['moved']} moved to the start of their capture, "
         f"{counts['unobservable']} unobservable (no capture in their window: listed, not counted)"
     )
-    after = "RPCWATCH_MIN_TRAIN_HOURS=0.5 \\\n"
+    after = "" if args.fill else "RPCWATCH_MIN_TRAIN_HOURS=0.5 \\\n"
     run = f"        rpcwatch run --source {args.out} --format spans --mapping {args.mapping}\n"
     print(
         wrote,
@@ -121,12 +144,23 @@ def _register_anomalies_and_evaluate(add_parser: AddParser) -> None:
     what.add_argument(
         "--faults", type=Path, help="fault_list.json (Nezha layout; `rpcwatch replay` writes one in replay time)"
     )
-    p.add_argument("--json", action="store_true", help="with --faults: one JSON object (detector -> unit -> scores)")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object: with --faults detector -> unit -> scores; with --labels `rpcwatch` and `naive`, "
+        "each with its `events` (event, kind, detected, delay_s) and `false_incidents`",
+    )
     p.add_argument(
         "--ceiling",
         action="store_true",
         help="with --faults: also what the traces hold, a label-using check of which faults change their "
-        "service's calls more than fault-free time does (slow: a minute a day of TrainTicket)",
+        "service's calls more than fault-free time does (seconds a day of TrainTicket)",
+    )
+    p.add_argument(
+        "--curve",
+        action="store_true",
+        help="with --faults: the operating curve, detection and false incidents per day at five settings "
+        "of the alarm policy (models trained once)",
     )
     p.set_defaults(func=cmd_evaluate)
 
@@ -140,6 +174,14 @@ def register(add_parser: AddParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="folder for the hour-partitioned spans and fault list")
     p.add_argument("--start", default="2023-01-29T08:00", help="replay time of the first span")
     p.add_argument("--mapping", default="nezha-trainticket", help="span column mapping")
+    p.add_argument(
+        "--fill",
+        action="store_true",
+        help="a clean prefix, then the captures as taken with fault-free traffic resampled from the day's "
+        "own fault-free traces between them (false alarms can be counted over hours)",
+    )
+    p.add_argument("--prefix-hours", type=float, default=6.0, help="with --fill: the clean prefix models learn on")
+    p.add_argument("--seed", type=int, default=0, help="with --fill: which resampling")
     p.set_defaults(func=cmd_replay)
 
     p = add_parser("inject", help="add labelled attack traffic (built from its own traces) to a replay folder")
@@ -147,7 +189,7 @@ def register(add_parser: AddParser) -> None:
     p.add_argument(
         "--kinds",
         help="comma-separated; default all: lateral_movement,credential_stuffing,"
-        "scraping_amplification,slow_exfiltration",
+        "scraping_amplification,slow_exfiltration,internal_flood,endpoint_enumeration",
     )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_inject)
