@@ -54,12 +54,13 @@ import duckdb
 import numpy as np
 import pandas as pd
 
-from tasks.evaluation.faults import evaluated_range, load_faults
+from tasks.evaluation.faults import PRE_EFFECT, SETTLE, evaluated_range, load_faults
 from tasks.settings import Settings
 from tasks.warehouse import opened
 
-GUARD_BEFORE_S = 90  # a fault may act this long before its recorded injection: not fault-free for its service
-GUARD_AFTER_S = 60  # ... and resumes this long after the fault's window (recovery)
+# as the evaluation's false alarms: a fault may act before its recorded injection (not fault-free for
+# its own service here) and its service settles after the window
+GUARD_BEFORE_S, GUARD_AFTER_S = int(PRE_EFFECT.total_seconds()), int(SETTLE.total_seconds())
 STEP_S = 10  # fault-free windows start this far apart on the laid-out fault-free time
 HIGH_Q, LOW_Q = 0.95, 0.05  # "slow": beyond the RPC's fault-free 95th percentile; "short": below its 5th
 ALARM_SHARE = 0.05  # the false-alarm budget: visible = beyond the fault-free windows' 95th percentile
