@@ -286,8 +286,10 @@ def rebuild_incidents(
 
 
 def _hours(start: datetime, end: datetime) -> list[datetime]:
+    """The hours [start, end) touches. In seconds: inside Airflow `start` may be a pendulum
+    DateTime, whose differences do not divide by a plain timedelta."""
     first = start.replace(minute=0, second=0, microsecond=0)
-    return [first + HOUR * i for i in range(int((end - first) / HOUR) + 1)]
+    return [first + HOUR * i for i in range(int((end - first).total_seconds() // 3600) + 1)]
 
 
 # the hour and evidence of the candidates (non-decisive runs the fixed rule keeps) of [$lo, $hi)

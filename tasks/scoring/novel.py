@@ -26,7 +26,7 @@ NEW_EDGE, NEW_INTERFACE = "new_edge", "new_interface"
 UNKNOWN = "UNKNOWN"  # the caller of a call whose parent span was not captured: no edge to judge
 SEEN_SQL = """EXISTS (SELECT 1 FROM rpc_series r
     WHERE r.caller = n.caller AND r.callee = n.callee AND r.rpc_type = n.rpc_type {same_interface}
-      AND r.bucket_ts < n.bucket_ts AND r.bucket_ts >= n.bucket_ts - to_seconds($memory_s))"""
+      AND r.bucket_ts < n.bucket_ts AND r.bucket_ts >= n.bucket_ts - $memory)"""
 NOVEL_SQL = f"""
 INSERT INTO anomalies ({", ".join(ANOMALY_COLUMNS)})
 SELECT bucket_ts, NULL, {node_key_sql("n")}, caller, callee, interface,
@@ -44,7 +44,5 @@ def novel_anomalies(
     many were written."""
     start, end = naive_utc(hour), naive_utc(hour + HOUR)
     con.execute("DELETE FROM anomalies WHERE kind = 'novel_rpc' AND bucket_ts >= ? AND bucket_ts < ?", [start, end])
-    # the memory is bound as seconds: inside Airflow's task runner DuckDB cannot bind a timedelta of days
-    params = {"scored_at": scored_at, "start": start, "end": end, "memory_s": int(memory.total_seconds())}
-    row = con.execute(NOVEL_SQL, params).fetchone()
+    row = con.execute(NOVEL_SQL, {"scored_at": scored_at, "start": start, "end": end, "memory": memory}).fetchone()
     return int(row[0]) if row else 0

@@ -164,3 +164,13 @@ def test_many_never_seen_interfaces_in_one_bucket_are_decisive_a_few_are_not(his
         _insert(con, scan(10, 3) + scan(30, 12))  # a deploy's few new endpoints; a scanner's dozen
         rebuild_incidents(con, H, 3, 60, 3, false_per_day=1.0)
         assert [t.minute for t, _ in _incidents(con)] == [30]
+
+
+def test_an_hour_given_as_airflow_gives_it_is_decided_the_same(history):
+    """Airflow hands tasks pendulum DateTimes; their differences do not divide by a plain timedelta."""
+    import pendulum
+
+    with opened(history.warehouse) as con:
+        _insert(con, [_point(H + timedelta(minutes=20), 1, 40.0)])
+        rebuild_incidents(con, pendulum.instance(H, tz="UTC"), 3, 60, 3, false_per_day=1.0)
+        assert [t.minute for t, _ in _incidents(con)] == [20]
