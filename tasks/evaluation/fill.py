@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tasks.ingest.formats import SpanMapping
+from tasks.ingest.formats import UNITS_TO_MS, SpanMapping
 
 NS = 1_000_000_000
 PREFIX_S = 6 * 3600  # the clean prefix: where the first models train and calibrate
@@ -62,12 +62,16 @@ class Pool:
         return len(self.first)
 
 
+def duration_ns(mapping: SpanMapping) -> int:
+    """Nanoseconds per unit of the mapping's `duration` column (the units `formats` knows)."""
+    return round(UNITS_TO_MS[mapping.duration_unit or "us"] * 1_000_000)
+
+
 def _end_ns(spans: pa.Table, mapping: SpanMapping) -> np.ndarray:
     start = spans[mapping.start].to_numpy().astype(np.int64)
     if mapping.end:
         return spans[mapping.end].to_numpy().astype(np.int64)
-    scale = {"us": 1000, "ms": 1_000_000, "ns": 1}[mapping.duration_unit or "us"]
-    return start + spans[mapping.duration].to_numpy().astype(np.int64) * scale
+    return start + spans[mapping.duration].to_numpy().astype(np.int64) * duration_ns(mapping)
 
 
 def fault_free_traces(
@@ -100,7 +104,11 @@ def build_pool(parts: list[pa.Table], mapping: SpanMapping) -> Pool:
     spans = pa.concat_tables(parts, promote_options="default") if parts else None
     if spans is None or spans.num_rows == 0:
         raise ValueError("no fault-free traces to fill with: every capture lies within a fault's window")
-    spans = spans.sort_by([(mapping.trace_id, "ascending"), (mapping.start, "ascending")])
+    # a total order (span id last): spans starting together come from DuckDB in any order, and the
+    # pool's order decides which trace a draw copies
+    spans = spans.sort_by(
+        [(mapping.trace_id, "ascending"), (mapping.start, "ascending"), (mapping.span_id, "ascending")]
+    )
     trace = spans[mapping.trace_id].to_numpy(zero_copy_only=False)
     boundaries = np.flatnonzero(np.r_[True, trace[1:] != trace[:-1]])
     size = np.diff(np.r_[boundaries, len(trace)])

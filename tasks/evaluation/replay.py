@@ -18,6 +18,10 @@ lists it and does not count it.
 Reads each day folder's span CSVs and `fault_list.json`; no warehouse tables. Outputs under
 `out`: the span partitions, `runs.parquet` (day, run, real and replay start/end, offset) and
 `fault_list.json` (the Nezha layout, times in replay time, real time kept).
+
+With a `Layout(fill=True)` (`rpcwatch replay --fill`) the runs are placed as they were taken
+(gaps over `fill.MAX_GAP_S` shortened) after a clean prefix, and `tasks.evaluation.fill` fills the
+stretches between them with fault-free traffic; `replay.json` says where the prefix ends.
 """
 
 from __future__ import annotations
@@ -78,7 +82,7 @@ def _file_ranges(
     if mapping.duration is None:
         raise ValueError("replay needs a span mapping with a `duration` column")
     start, duration = quote_identifier(mapping.start), quote_identifier(mapping.duration)
-    scale = {"us": 1000, "ms": 1_000_000, "ns": 1}[mapping.duration_unit or "us"]
+    scale = fill_.duration_ns(mapping)
     out = []
     for f in files:
         [(lo, hi)] = con.execute(

@@ -1,8 +1,10 @@
 """Incidents: flagged points that belong together, one row per run of points.
 
 The one incident rule of rpcwatch: a group's flagged points (a pattern's; novel RPCs: a calling
-service's) at most `incident_gap_buckets` apart form a run; a run is an incident when it spans
-`incident_min_buckets` buckets (like an alert's `for: 3m`) or one point scores >= `PEAK_SCORE`.
+service's) at most `incident_gap_buckets` apart form a run; which runs are incidents is the alarm
+policy's decision (`tasks.scoring.policy`): decisive runs at once, and candidates (spanning
+`incident_min_buckets` buckets, like an alert's `for: 3m`, or one point scoring >= `PEAK_SCORE`)
+whose evidence reaches the bar calibrated for their hour.
 `rebuild_incidents` applies it to `anomalies` (reads `anomalies` and `incidents`; writes
 `incidents`); `incidents_of` applies the same SQL to any set of points (the evaluation's naive
 rule, or anomalies read back), reading only what it is given.
