@@ -40,6 +40,7 @@ class ForecastPanel:
     title: str
     flagged: np.ndarray | None = None
     phi: float = 1.0
+    ceiling: tuple[tuple[float, float], ...] = ()  # the band's `CountBand.ceiling`
 
 
 def forecast_plot(
@@ -52,9 +53,11 @@ def forecast_plot(
     path: Path,
     flagged: np.ndarray | None = None,
     phi: float = 1.0,
+    ceiling: tuple[tuple[float, float], ...] = (),
 ) -> Path:
     """Real vs predicted calls per bucket, the calibrated band shaded, flagged points marked."""
-    return forecast_panels([ForecastPanel(times, observed, expected, alpha, alarm_p, title, flagged, phi)], path)
+    panel = ForecastPanel(times, observed, expected, alpha, alarm_p, title, flagged, phi, ceiling)
+    return forecast_panels([panel], path)
 
 
 def forecast_panels(panels: list[ForecastPanel], path: Path) -> Path:
@@ -77,9 +80,10 @@ def forecast_panels(panels: list[ForecastPanel], path: Path) -> Path:
 
 
 def _draw_forecast(ax: Axes, p: ForecastPanel) -> None:
-    from tasks.models.thresholds import count_band
+    from tasks.models.thresholds import count_band, count_ceiling
 
     lo, hi = count_band(p.expected, p.alpha, p.alarm_p, p.phi)
+    hi = np.maximum(hi, count_ceiling(p.expected, p.ceiling))
     ax.fill_between(p.times, lo, hi, color="tab:orange", alpha=0.18, label=f"threshold band (p={p.alarm_p:g})")
     ax.plot(p.times, p.observed, color="black", lw=1.0, label="real")
     ax.plot(p.times, p.expected, color="tab:orange", lw=1.4, label="predicted")
@@ -141,6 +145,7 @@ def plot_node(settings: Settings, pattern_id: int, node: str, hours: int, out: P
         out,
         flagged,
         band.phi,
+        band.ceiling,
     )
 
 

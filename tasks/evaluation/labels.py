@@ -1,11 +1,11 @@
 """Evaluate detection against injected-event labels, next to the naive per-RPC median/MAD rule.
 
 An event counts as detected when an anomaly overlaps its window (one bucket of slack before, two
-after) on one of its RPCs or on a pattern its request type's traces belong to. Incidents come from
-the product's own rule (`tasks.scoring.incidents.incidents_of`, with the settings' gap and minimum
-length) for both detectors: rpcwatch's anomalies and the naive rule's points
-(`tasks.evaluation.naive`). Incidents that overlap no event are false alarms; precision is
-event-wise (detected / (detected + false)).
+after) on one of its RPCs or on a pattern its request type's traces belong to. rpcwatch's incidents
+are those its alarm policy decided (the `incidents` table, as the view and alerts show them); the
+naive rule's points (`tasks.evaluation.naive`) are grouped by the product's fixed rule
+(`tasks.scoring.incidents.incidents_of`, with the settings' gap and minimum length). Incidents that
+overlap no event are false alarms; precision is event-wise (detected / (detected + false)).
 
 Attack labels (`rpcwatch inject`, kinds `tasks.evaluation.attacks.ATTACK_KINDS`) need no truth
 file: `evaluate_attacks` judges them on incident starts and the services they touch; an attack's
@@ -14,8 +14,8 @@ false incidents around it are those starting within `ROOM_S` of it that no event
 
 `labels_json` is what `rpcwatch evaluate --labels --json` prints.
 
-Reads the warehouse's `anomalies`, `rpc_series` (naive rule), `trace_patterns`, `score_runs` and
-`forecast_errors`, the labels Parquet and the synthetic truth next to it
+Reads the warehouse's `anomalies`, `incidents`, `rpc_series` (naive rule), `trace_patterns`,
+`score_runs` and `forecast_errors`, the labels Parquet and the synthetic truth next to it
 (`truth/trace_templates.parquet`); for attacks `incidents`, `rpc_series` and `score_runs`, and
 the `fault_list.json` next to the labels. Writes nothing.
 """
@@ -230,14 +230,33 @@ def _scored_range(con: duckdb.DuckDBPyConnection) -> tuple[datetime, datetime, i
 def _detectors(
     con: duckdb.DuckDBPyConnection, settings: Settings, start: datetime, end: datetime
 ) -> tuple[Detector, Detector]:
-    """rpcwatch's anomalies and the naive rule's points over [start, end), with their incidents."""
+    """rpcwatch's anomalies and the naive rule's points over [start, end), with their incidents:
+    rpcwatch's as its alarm policy decided them (the `incidents` table, what the view and alerts
+    show), the naive rule's by the fixed rule."""
     seconds = settings.bucket_seconds
     ours = anomaly_points(con, start, end)
     naive = naive_points(con, seconds, start, end)
     return (
-        Detector("rpcwatch", _label_points(ours), _alarms(con, ours, settings, seconds)),
+        Detector("rpcwatch", _label_points(ours), _stored_alarms(con, start, end, seconds)),
         Detector("naive median/MAD", _label_points(naive), _alarms(con, naive, settings, seconds)),
     )
+
+
+def _stored_alarms(con: duckdb.DuckDBPyConnection, start: datetime, end: datetime, seconds: int) -> list[Alarm]:
+    """rpcwatch's incidents starting in [start, end), as stored."""
+    rows = con.execute(
+        "SELECT start_ts, end_ts, nodes, patterns FROM incidents WHERE start_ts >= ? AND start_ts < ? ORDER BY 1",
+        [start, end],
+    ).fetchall()
+    return [
+        Alarm(
+            pd.Timestamp(s),
+            pd.Timestamp(e) - pd.Timedelta(seconds=seconds),
+            frozenset(node_label(n) for n in nodes),
+            frozenset(p for p in patterns or []),
+        )
+        for s, e, nodes, patterns in rows
+    ]
 
 
 def _label_points(points: pd.DataFrame) -> pd.DataFrame:

@@ -24,7 +24,7 @@ from tasks.models.features import CALLS, COUNTS, ERRORS, LATENCIES
 from tasks.models.forecast import Normaliser, Prepared, TrainConfig, input_windows, make_model, predict
 from tasks.models.nn import graph_edge_index
 from tasks.models.registry import cached_artifacts
-from tasks.models.thresholds import NodeBands, Thresholds, count_bands, latency_band
+from tasks.models.thresholds import NodeBands, Thresholds, count_bands, count_ceiling, latency_band
 from tasks.models.trace_model import TRACE_MODEL_ARTIFACT, TraceModel
 from tasks.settings import Settings
 
@@ -83,7 +83,16 @@ def _count_limits(
         phi.reshape(-1),
     )
     shape = expected.shape[:2] + (len(COUNTS),)
-    return lo.reshape(shape), hi.reshape(shape)
+    return lo.reshape(shape), np.maximum(hi.reshape(shape), count_ceilings(expected, bands))
+
+
+def count_ceilings(expected: np.ndarray, bands: Sequence[NodeBands]) -> np.ndarray:
+    """`count_ceiling` of every node's counts [S, N, len(COUNTS)]: no count at or below it is a spike."""
+    out = np.zeros(expected.shape[:2] + (len(COUNTS),))
+    for n, node in enumerate(bands):
+        for c, f in enumerate(COUNTS):
+            out[:, n, c] = count_ceiling(expected[:, n, f], node.count(f).ceiling)
+    return out
 
 
 def _latency_groups(

@@ -143,7 +143,16 @@ def _plots(fitted: Fitted, folder: Path, top: int = 3) -> list[Path]:
         band = fitted.thresholds.nodes[node].calls
         title = f"pattern {data.pattern_id} · {node}"
         panels.append(
-            ForecastPanel(times, obs[:, n, CALLS], fitted.pred[:, n, CALLS], band.alpha, alarm_p, title, phi=band.phi)
+            ForecastPanel(
+                times,
+                obs[:, n, CALLS],
+                fitted.pred[:, n, CALLS],
+                band.alpha,
+                alarm_p,
+                title,
+                phi=band.phi,
+                ceiling=band.ceiling,
+            )
         )
     return [forecast_panels(panels, folder / "forecast.png")]
 

@@ -8,7 +8,8 @@ uses (`Detector.alarm_p`, lowered per hour by Bonferroni):
 - calls: a point alarms when observed > upper (traffic_spike) or observed < lower (traffic_drop),
   with lower / upper the alarm_p / 2 lower and upper quantiles of phi x a negative-binomial
   (Poisson) count of mean expected / phi (`tasks.models.thresholds.count_bands`, computed here at
-  every point rather than only where a point may lie outside): the band is [lower, upper];
+  every point rather than only where a point may lie outside), upper at least the count normal
+  traffic reached under such a forecast (`count_ceiling`): the band is [lower, upper];
 - rt_mean, rt_p95 (only where the version judges latency by its bands, i.e. without a trace
   model): one-sided, observed > upper = expected x exp(k sigma / sqrt(max(calls / phi, 1))) alarms
   where the node had calls; lower is NULL, and upper is NULL where the node had no calls (nothing
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tasks.models.detector import Detector
+from tasks.models.detector import Detector, count_ceilings
 from tasks.models.features import CALLS, LATENCIES
 from tasks.models.thresholds import count_quantile, latency_band
 from tasks.scoring.store import ForecastRows
@@ -42,7 +43,9 @@ def bands(detector: Detector, observed: np.ndarray, expected: np.ndarray) -> tup
     lam = np.maximum(expected[:, :, CALLS] / phi, 1e-9)
     alpha = np.broadcast_to(np.array([node.calls.alpha for node in detector.bands]), lam.shape)
     lower[:, :, CALLS] = phi * count_quantile("ppf", q, lam, alpha)
-    upper[:, :, CALLS] = phi * count_quantile("isf", q, lam, alpha)
+    upper[:, :, CALLS] = np.maximum(
+        phi * count_quantile("isf", q, lam, alpha), count_ceilings(expected, detector.bands)[:, :, 0]
+    )
     if detector.trace_model is None:
         calls = observed[:, :, CALLS]
         for f in LATENCIES:

@@ -236,7 +236,13 @@ def score_hour(settings: Settings, hour: datetime) -> ScoreReport:
         report.scored = [pid for pid in critical if pid in scored]
         report.skipped = {pid: skipped[pid] for pid in critical if pid in skipped}
         store_hour(con, hour, scored, report.skipped)
-        report.novel = novel_anomalies(con, hour, scored_at, timedelta(hours=settings.train_history_hours))
+        report.novel = novel_anomalies(
+            con,
+            hour,
+            scored_at,
+            memory=timedelta(hours=settings.train_history_hours),
+            warmup=timedelta(hours=settings.min_train_hours),
+        )
         report.anomalies = sum(len(r.rows) for r in scored.values()) + report.novel
         report.incidents = rebuild_incidents(
             con,

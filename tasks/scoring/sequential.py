@@ -1,7 +1,11 @@
 """A detector run over a span of buckets as if bucket by bucket: a flagged observation is replaced
 by its forecast before it enters later windows, so a long flood keeps being flagged and its end
 does not echo as a drop. A run of more than MAX_CLEANED_RUN flags is accepted as a new level (no
-runaway). `forecast_span` reads the span (`pattern_series`, and `anomalies` for the points of the
+runaway). A flagged count is never cleaned to a forecast beyond the node's normal level (the mean of
+its calibration data) on the far side from the observation: after an outage, a lull, or a level
+accepted as new, the forecast sits low, and cleaning the recovery's "spikes" to it would hold it
+there, flagging the recovery for MAX_CLEANED_RUN buckets; cleaned to the normal level, the forecast
+comes back with the traffic. `forecast_span` reads the span (`pattern_series`, and `anomalies` for the points of the
 lead-in already flagged); nothing here writes a table.
 """
 
@@ -14,6 +18,7 @@ import duckdb
 import numpy as np
 
 from tasks.models.detector import Detector, Flag
+from tasks.models.features import COUNTS
 from tasks.scoring.grid import Grid, cleaned, fetch_flagged, fetch_series
 
 MAX_CLEANED_RUN = 30  # after this many flagged buckets in a row (30 min) a level is accepted as the new normal
@@ -60,11 +65,12 @@ def forecast_sequentially(detector: Detector, values: np.ndarray, targets: np.nd
     pending = _Pending(values, targets)
     flags: list[Flag] = []
     run = np.zeros(values.shape[1:], dtype=int)  # flagged buckets in a row per (node, feature)
+    level = normal_level(detector, values.shape[2])
     for s, t in enumerate(targets):
         if not pending.fresh[s]:
             pending.refresh(detector, clean, targets, s + np.flatnonzero(~pending.fresh[s:]))
         flags.extend(pending.found[s])
-        if _clean_sample(clean, t, pending.expected[s], pending.found[s], run):
+        if _clean_sample(clean, t, pending.expected[s], pending.found[s], run, level):
             pending.fresh &= ~_sees(targets, t, detector)
     return Forecast(pending.expected, pending.observed, flags)
 
@@ -75,18 +81,37 @@ def _sees(targets: np.ndarray, t: int, detector: Detector) -> np.ndarray:
     return (targets >= t + horizon) & (targets <= t + horizon + window - 1)
 
 
-def _clean_sample(clean: np.ndarray, t: int, expected: np.ndarray, here: list[Flag], run: np.ndarray) -> bool:
-    """Replace bucket t's flagged points by their forecasts, unless their run of flags is longer than
-    MAX_CLEANED_RUN (an unflagged bucket ends the run); `run` is updated in place. True if `clean` changed."""
+def normal_level(detector: Detector, features: int) -> np.ndarray:
+    """Each node's normal calls and errors [N, F] (the mean of its calibration data; NaN where the
+    model did not keep it, and for latency)."""
+    level = np.full((len(detector.bands), features), np.nan)
+    for n, node in enumerate(detector.bands):
+        for f in COUNTS:
+            mean = node.count(f).mean
+            level[n, f] = np.nan if mean is None else mean
+    return level
+
+
+def _clean_sample(
+    clean: np.ndarray, t: int, expected: np.ndarray, here: list[Flag], run: np.ndarray, level: np.ndarray
+) -> bool:
+    """Replace bucket t's flagged points by their forecasts (a spike's never below the node's normal
+    `level`, a drop's never above it), unless their run of flags is longer than MAX_CLEANED_RUN (an
+    unflagged bucket ends the run); `run` is updated in place. True if `clean` changed."""
     if not here:
         run[:] = 0
         return False
     flagged = np.zeros(run.shape, dtype=bool)
+    target = expected.copy()
     for flag in here:
         flagged[flag.node, flag.feature] = True
+        normal = level[flag.node, flag.feature]
+        if not np.isnan(normal):
+            bound = max if flag.direction == "up" else min
+            target[flag.node, flag.feature] = bound(target[flag.node, flag.feature], normal)
     run[:] = np.where(flagged, run + 1, 0)
     replace = flagged & (run <= MAX_CLEANED_RUN)
-    clean[t][replace] = expected[replace]
+    clean[t][replace] = target[replace]
     return bool(replace.any())
 
 

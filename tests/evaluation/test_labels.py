@@ -14,6 +14,7 @@ import pytest
 
 from tasks.app.cli import main
 from tasks.evaluation.labels import evaluate_labels, label_report
+from tasks.scoring.incidents import rebuild_incidents
 from tasks.settings import Settings
 from tasks.synth.events import LABEL_SCHEMA
 from tasks.warehouse import opened
@@ -95,7 +96,24 @@ def _write_home(settings: Settings, folder: Path) -> Path:
             "rt_p95, bucket_seconds) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             _rpc_series(),
         )
+    decide_incidents(settings)
     return labels
+
+
+def decide_incidents(settings: Settings) -> None:
+    """The incidents the pipeline stores for the two hours, by its alarm policy at `settings`
+    (two hours of history: the fixed rule)."""
+    with opened(settings.warehouse) as con:
+        con.execute("DELETE FROM incidents")
+        for hour in (T, T + timedelta(hours=1)):
+            rebuild_incidents(
+                con,
+                hour,
+                settings.incident_gap_buckets,
+                settings.bucket_seconds,
+                settings.incident_min_buckets,
+                settings.alarm_false_per_day,
+            )
 
 
 @pytest.fixture
@@ -118,11 +136,13 @@ def test_rpcwatch_and_the_naive_rule_are_scored_against_the_labels(labelled):
     assert extra["forecast_mape_calls"] != extra["forecast_mape_calls"], "no forecast errors stored: nan"
 
 
-def test_the_gap_setting_changes_the_incidents_the_evaluation_counts(labelled):
+def test_the_evaluation_counts_the_incidents_the_pipeline_decided_at_its_settings(labelled):
     settings, labels = labelled
+    decide_incidents(settings.with_(incident_gap_buckets=4))
     ours, naive, _ = evaluate_labels(settings.with_(incident_gap_buckets=4), labels)
     assert (ours.incidents, ours.true_incidents) == (6, 3), "10:50-10:56 is now one run of 4 buckets"
     assert ours.precision == pytest.approx(2 / 5) and ours.recall == pytest.approx(2 / 3)
+    decide_incidents(settings.with_(incident_min_buckets=4))
     ours, _, _ = evaluate_labels(settings.with_(incident_min_buckets=4), labels)
     assert (ours.incidents, ours.true_incidents) == (1, 1), "only the far-out novel point is left"
 

@@ -91,3 +91,35 @@ def test_the_edge_by_edge_graph_convolution_gives_pyg_s_bits():
             x = torch.randn(rows, nodes, 32) * 4
             with torch.no_grad():
                 assert torch.equal(fast(x, edge_index), stock(x, edge_index)), (nodes, rows)
+
+
+def test_a_count_normal_traffic_reached_under_as_low_a_forecast_is_no_spike():
+    """A sparse, bursty RPC: after a quiet minute the forecaster says ~0.1, and validation shows the
+    next minute bringing 6-9 calls (one trace calls it in a loop). Its Poisson band at 0.1 is [0, 2]:
+    every normal burst would be a spike. The ceiling learnt in validation lets those through and
+    still flags a flood."""
+    from tasks.models.thresholds import NodeBands, ceiling_steps, count_ceiling
+
+    pred = np.array([0.1, 0.1, 0.1, 0.1, 3.0, 3.0, 3.5, 4.0])
+    obs = np.array([0.0, 6.0, 9.0, 0.0, 5.0, 12.0, 3.0, 8.0])
+    steps = ceiling_steps(pred, obs)
+    assert steps == ((0.1, 9.0), (3.0, 12.0))  # a running maximum over the forecasts, kept where it rises
+    assert count_ceiling(np.array([0.01, 0.1, 2.9, 3.0, 50.0]), steps).tolist() == [9.0, 9.0, 9.0, 12.0, 12.0]
+    assert count_ceiling(np.array([1.0]), ()).tolist() == [0.0]  # models calibrated before ceilings: no floor
+
+    quiet = CountBand(0.0, 1.0, 0.0)
+    lat = LatencyBand(0.3, 5.0)
+    expected = np.zeros((3, 1, len(FEATURES)))
+    expected[:, 0, CALLS] = 0.1
+    observed = expected.copy()
+    observed[:, 0, CALLS] = [9.0, 10.0, 40.0]
+    without = NodeBands(CountBand(0.0, 1.0, 2.0), quiet, lat, lat)
+    learnt = NodeBands(CountBand(0.0, 1.0, 2.0, steps), quiet, lat, lat)
+    spikes = [
+        [f.sample for f in flag_points(observed, expected, [bands], 1e-3) if f.kind == "traffic_spike"]
+        for bands in (without, learnt)
+    ]
+    assert spikes == [[0, 1, 2], [1, 2]]  # 9 calls reached under a forecast of 0.1 in validation: no spike
+    doc = Thresholds(1e-3, "quantile", {"n": learnt}, 0.2).to_json()
+    assert doc["nodes"]["n"]["calls"]["ceiling"] == [list(s) for s in steps]
+    assert Thresholds.from_json(json.loads(json.dumps(doc))).nodes["n"] == learnt
