@@ -46,7 +46,7 @@ import pandas as pd
 from tasks.evaluation.naive import naive_points
 from tasks.keys import split_node_key
 from tasks.models.registry import first_champion_at
-from tasks.scoring.incidents import INCIDENT_COLUMNS, Incident, anomaly_points, calibration_history, incidents_of
+from tasks.scoring.incidents import Incident, anomaly_points, calibration_history, incidents_of, stored_incidents
 from tasks.scoring.policy import CURVE, threshold
 from tasks.scoring.trace_scoring import KIND as TRACE_KIND
 from tasks.settings import Settings
@@ -321,15 +321,6 @@ def _start_duration(incident: Incident, seconds: int, step: int) -> int:
     return step if incident.kinds == [TRACE_KIND] or not on_grid else seconds
 
 
-def _our_incidents(con: duckdb.DuckDBPyConnection, start: pd.Timestamp, end: pd.Timestamp) -> list[Incident]:
-    """The stored incidents starting in [start, end]."""
-    rows = con.execute(
-        f"SELECT {INCIDENT_COLUMNS} FROM incidents WHERE start_ts >= ? AND start_ts <= ?",
-        [start, end],
-    ).fetchall()
-    return [Incident.from_row(row) for row in rows]
-
-
 @dataclass
 class FaultEvaluation:
     """Each detector in each unit, the judged faults, and the unobservable ones (listed only)."""
@@ -481,7 +472,7 @@ def evaluate_faults(settings: Settings, faults_path: Path, visible: pd.DataFrame
             "WHERE bucket_ts >= ? AND bucket_ts <= ?",
             [start, end],
         ).df()
-        our_incidents = _our_incidents(con, start, end)
+        our_incidents = stored_incidents(con, start, end)
         naive = naive_points(con, seconds, start, end + pd.Timedelta(seconds=seconds))
         naive_incidents = incidents_of(
             con, naive, settings.incident_gap_buckets, settings.incident_min_buckets, seconds

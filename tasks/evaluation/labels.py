@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 from tasks.evaluation.attacks import ATTACK_KINDS, ROOM_S, SLACK_S, fault_windows
 from tasks.evaluation.naive import naive_points
 from tasks.keys import node_label, split_node_key
-from tasks.scoring.incidents import anomaly_points, incidents_of
+from tasks.scoring.incidents import anomaly_points, incidents_of, stored_incidents
 from tasks.settings import Settings
 from tasks.warehouse import opened
 
@@ -244,18 +244,15 @@ def _detectors(
 
 def _stored_alarms(con: duckdb.DuckDBPyConnection, start: datetime, end: datetime, seconds: int) -> list[Alarm]:
     """rpcwatch's incidents starting in [start, end), as stored."""
-    rows = con.execute(
-        "SELECT start_ts, end_ts, nodes, patterns FROM incidents WHERE start_ts >= ? AND start_ts < ? ORDER BY 1",
-        [start, end],
-    ).fetchall()
     return [
         Alarm(
-            pd.Timestamp(s),
-            pd.Timestamp(e) - pd.Timedelta(seconds=seconds),
-            frozenset(node_label(n) for n in nodes),
-            frozenset(p for p in patterns or []),
+            pd.Timestamp(i.start_ts),
+            pd.Timestamp(i.end_ts) - pd.Timedelta(seconds=seconds),
+            frozenset(node_label(n) for n in i.nodes),
+            frozenset(i.patterns),
         )
-        for s, e, nodes, patterns in rows
+        for i in stored_incidents(con, start, end)
+        if i.start_ts < end
     ]
 
 

@@ -177,6 +177,14 @@ class Incident:
         )
 
 
+def stored_incidents(con: duckdb.DuckDBPyConnection, start: datetime, end: datetime) -> list[Incident]:
+    """The `incidents` rows starting in [start, end] (both ends included), as the policy stored them."""
+    rows = con.execute(
+        f"SELECT {INCIDENT_COLUMNS} FROM incidents WHERE start_ts >= ? AND start_ts <= ?", [start, end]
+    ).fetchall()
+    return [Incident.from_row(row) for row in rows]
+
+
 def rule_params(
     gap_buckets: int, min_buckets: int, seconds: int, thresholds: dict[datetime, float] | None = None
 ) -> dict[str, object]:
