@@ -192,6 +192,10 @@ def incident_summary(incident: Incident) -> str:
         shown = ", ".join(rpc_text(n) for n in incident.nodes[:3])
         more = f" and {len(incident.nodes) - 3} more" if len(incident.nodes) > 3 else ""
         return f"new RPC {shown}{more} (in no pattern's graph)"
+    from tasks.scoring.extreme import KIND as EXTREME
+
+    if incident.kinds == [EXTREME]:
+        return f"a single call far beyond anything {rpc_text(incident.nodes[0])} did before"
     where = ", ".join(f"pattern {p}" for p in incident.patterns) or "no pattern"
     return f"{', '.join(incident.kinds)} in {where}"
 

@@ -1,8 +1,12 @@
 """Judge detections against injected faults (a Nezha-style `fault_list.json`), next to the naive rule.
 
-Window: a fault's window is [inject_time, inject_time + `FAULT_WINDOW`], clipped to the end of
-its capture (`capture_end` / `window_end`, written by `rpcwatch replay`). A bucket is in the window
-when it overlaps it. Faults that `rpcwatch replay` marked `observable: false` (no capture overlaps
+Window: a fault's window is [inject_time - `PRE_EFFECT`, inject_time + `FAULT_WINDOW`], clipped to
+the end of its capture (`capture_end` / `window_end`, written by `rpcwatch replay`). A bucket is in
+the window when it overlaps it. The lead-in: code faults' effects can start 60-90 s before the
+recorded time (the data set's own notes), and the same stretch is already no fault-free time for the
+false alarms; an alarm there used to be neither a detection nor a false alarm. Added after seeing a
+TrainTicket 01-29 incident start 60 s before its fault's recorded injection; an alarm there counts
+with delay 0. Faults that `rpcwatch replay` marked `observable: false` (no capture overlaps
 their window) are listed with their reason and not counted.
 
 Detection, per unit: `points` — an irregular point on an RPC whose caller or callee is the injected
@@ -164,9 +168,15 @@ def load_faults(path: Path) -> pd.DataFrame:
     return frame.sort_values("inject_time").reset_index(drop=True)
 
 
+def opens(fault: Any) -> pd.Timestamp:
+    """Where a fault's window opens: `PRE_EFFECT` before its recorded injection (code faults act
+    that early; the same lead-in is no fault-free time for the false alarms, `Background`)."""
+    return fault.inject_time - PRE_EFFECT
+
+
 def _in_window(ts: pd.DatetimeIndex, fault: Any, seconds: int) -> Any:
     """Which buckets (by start) overlap the fault's window."""
-    return (ts + pd.Timedelta(seconds=seconds) > fault.inject_time) & (ts <= fault.window_end)
+    return (ts + pd.Timedelta(seconds=seconds) > opens(fault)) & (ts <= fault.window_end)
 
 
 def _free_buckets(buckets: pd.DatetimeIndex, faults: pd.DataFrame, seconds: int) -> np.ndarray:
@@ -274,7 +284,7 @@ def rank_services(incident: Incident, points: pd.DataFrame) -> list[str]:
 def _starts_in(incident: Incident, fault: Any, seconds: int) -> bool:
     """The incident starts in the fault's window on an RPC touching the injected service."""
     start = pd.Timestamp(incident.start_ts)
-    in_window = start + pd.Timedelta(seconds=seconds) > fault.inject_time and start <= fault.window_end
+    in_window = start + pd.Timedelta(seconds=seconds) > opens(fault) and start <= fault.window_end
     return bool(in_window) and any(fault.service in split_node_key(n)[:2] for n in incident.nodes)
 
 

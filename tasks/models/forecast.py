@@ -96,6 +96,16 @@ def windows(n_steps: int, window: int, horizon: int) -> np.ndarray:
     return np.arange(window + horizon - 1, n_steps)
 
 
+def clean_windows(t_idx: np.ndarray, excluded: np.ndarray | None, cfg: TrainConfig) -> np.ndarray:
+    """The target buckets whose whole sample (input window, horizon, target) lies outside the
+    excluded buckets: incidents are neither learnt, validated on nor calibrated against."""
+    if excluded is None or not excluded.any():
+        return t_idx
+    seen = np.concatenate([[0], np.cumsum(excluded)])  # excluded buckets before each index
+    first = t_idx - cfg.horizon - cfg.window + 1
+    return t_idx[seen[t_idx + 1] - seen[first] == 0]
+
+
 def make_model(cfg: TrainConfig, use_graph: bool = True) -> torch.nn.Module:
     from tasks.models.nn import STGCN
 
@@ -146,15 +156,17 @@ def input_windows(
 def prepare(data: PatternData, cfg: TrainConfig) -> Prepared:
     from tasks.models.nn import graph_edge_index
 
-    t_idx = windows(len(data.buckets), cfg.window, cfg.horizon)
+    t_idx = clean_windows(windows(len(data.buckets), cfg.window, cfg.horizon), data.excluded, cfg)
     if len(t_idx) < 20:
+        left_out = "" if data.excluded is None else f" ({int(data.excluded.sum())} buckets inside incidents left out)"
         raise NotEnoughHistory(
             f"pattern {data.pattern_id}: {len(data.buckets)} buckets give {len(t_idx)} windows "
-            f"of {cfg.window}; need at least 20"
+            f"of {cfg.window}{left_out}; need at least 20"
         )
     split = int(len(t_idx) * (1 - cfg.val_fraction))
     train_end = t_idx[split] - cfg.horizon + 1  # no validation bucket leaks into the statistics
-    norm = Normaliser.fit(data.values[:train_end])
+    normal = data.values[:train_end] if data.excluded is None else data.values[:train_end][~data.excluded[:train_end]]
+    norm = Normaliser.fit(normal if len(normal) else data.values[:train_end])
     starts = t_idx - cfg.horizon - cfg.window + 1
     x, offsets = input_windows(norm, data.values, starts, cfg.window)
     y = torch.from_numpy(data.values[t_idx].astype(np.float32))

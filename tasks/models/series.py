@@ -2,11 +2,17 @@
 
 Export (inside the DuckDB writer pool): `pattern_series` rows of one pattern's graph nodes over a
 time range -> `<dir>/pattern-<id>.parquet` plus `<dir>/pattern-<id>.json` (nodes, edges, version,
-graph_hash, range), and the calls of its most recent traces for the trace model ->
+graph_hash, range, excluded stretches), and the calls of its most recent traces for the trace model ->
 `<dir>/pattern-<id>-calls.parquet`. Training (anywhere, in parallel) reads those files only.
 
-Reads `patterns`, `pattern_nodes`, `pattern_edges`, `pattern_series`, `trace_patterns`, `calls`;
-writes no table.
+History hygiene: a model must never learn an incident as normal (a retrain after a flood would
+otherwise widen its band to the flood). The stretches of the range inside an incident of the
+pattern, or one touching its RPCs, are `excluded`: no training, validation or calibration sample
+reads or forecasts a bucket in them (`tasks.models.forecast.prepare`), and the trace model learns
+from no trace rooted in them.
+
+Reads `patterns`, `pattern_nodes`, `pattern_edges`, `pattern_series`, `trace_patterns`, `calls`,
+`incidents`; writes no table.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tasks.clock import naive_utc
 from tasks.models.features import CALLS, FEATURES, LATENCIES
 from tasks.patterns.trace_calls import trace_calls
 
@@ -43,10 +50,35 @@ class PatternData:
     buckets: np.ndarray  # datetime64[s], evenly spaced
     values: np.ndarray
     bucket_seconds: int
+    excluded: np.ndarray | None = None  # [T] bool: buckets inside an incident (none: every bucket is normal)
 
     @property
     def calls(self) -> np.ndarray:
         return self.values[:, :, CALLS]
+
+
+# the stretches of [$start, $end) inside an incident of the pattern or touching one of its RPCs
+EXCLUDED_SQL = """
+SELECT greatest(start_ts, $start) AS lo, least(end_ts, $end) AS hi FROM incidents
+WHERE start_ts < $end AND end_ts > $start AND (list_contains(patterns, $pid) OR list_has_any(nodes, $nodes))
+ORDER BY lo, hi"""
+
+
+def excluded_stretches(
+    con: duckdb.DuckDBPyConnection, pattern_id: int, nodes: list[str], start: datetime, end: datetime
+) -> list[tuple[datetime, datetime]]:
+    """[lo, hi) stretches of [start, end) that training leaves out: the pattern's incidents."""
+    params = {"start": naive_utc(start), "end": naive_utc(end), "pid": pattern_id, "nodes": nodes}
+    return [(lo, hi) for lo, hi in con.execute(EXCLUDED_SQL, params).fetchall()]
+
+
+def _outside(calls: pd.DataFrame, stretches: list[tuple[datetime, datetime]]) -> pd.DataFrame:
+    """The calls of traces rooted outside every stretch."""
+    root = pd.to_datetime(calls["root_ts"])
+    inside = np.zeros(len(calls), dtype=bool)
+    for lo, hi in stretches:
+        inside |= ((root >= pd.Timestamp(lo)) & (root < pd.Timestamp(hi))).to_numpy()
+    return calls[~inside]
 
 
 def _one(con: duckdb.DuckDBPyConnection, sql: str, pattern_id: int) -> tuple[Any, ...]:
@@ -89,6 +121,7 @@ def export_pattern(
         params=[pattern_id, start.replace(tzinfo=None), end.replace(tzinfo=None)],
     ).to_arrow_table()
     pq.write_table(series, parquet)
+    excluded = excluded_stretches(con, pattern_id, nodes, start, end)
     meta = {
         "pattern_id": pattern_id,
         "version": version,
@@ -98,9 +131,11 @@ def export_pattern(
         "bucket_seconds": int(seconds),
         "start": start.isoformat(),
         "end": end.isoformat(),
+        "excluded": [[lo.isoformat(), hi.isoformat()] for lo, hi in excluded],
     }
     calls = trace_calls(con, [pattern_id], start, end, most=TRACE_MODEL_TRACES).get(pattern_id)
     if calls is not None:  # the trace model's training traces
+        calls = _outside(calls, excluded)
         pq.write_table(pa.Table.from_pandas(calls, preserve_index=False), trace_calls_path(parquet))
     path = folder / f"pattern-{pattern_id}.json"
     path.write_text(json.dumps(meta, indent=1))
@@ -150,7 +185,21 @@ def load_pattern(meta_path: Path) -> PatternData:
         buckets,
         values,
         seconds,
+        _excluded_mask(buckets, seconds, meta.get("excluded", [])),
     )
+
+
+def _excluded_mask(buckets: np.ndarray, seconds: int, stretches: list[list[str]]) -> np.ndarray | None:
+    """Per bucket: does it overlap an excluded stretch? None when nothing is excluded."""
+    if not stretches:
+        return None
+    mask = np.zeros(len(buckets), dtype=bool)
+    ends = buckets + np.timedelta64(seconds, "s")
+    for lo, hi in stretches:
+        lo_ts = np.datetime64(datetime.fromisoformat(lo).replace(tzinfo=None), "s")
+        hi_ts = np.datetime64(datetime.fromisoformat(hi).replace(tzinfo=None), "s")
+        mask |= (buckets < hi_ts) & (ends > lo_ts)
+    return mask
 
 
 def training_range(hour_end: datetime, history_hours: int) -> tuple[datetime, datetime]:

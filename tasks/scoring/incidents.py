@@ -20,6 +20,7 @@ import pandas as pd
 import pyarrow as pa
 
 from tasks.clock import HOUR, naive_utc
+from tasks.scoring.extreme import KIND as EXTREME
 from tasks.scoring.novel import NEW_EDGE, NEW_INTERFACE
 from tasks.scoring.policy import CALIBRATION_HOURS, threshold
 
@@ -75,9 +76,9 @@ def run_stats_sql(points_sql: str) -> str:
     """Every run of the points `points_sql` selects, whether the policy keeps it or not: its
     incidents-table columns plus `evidence_mass` (the most score its points sum to within any
     $horizon: persistence counts up to the fixed rule's span, not over a whole day), `buckets` and
-    `decisive` (it holds a never-seen edge, or `SCAN_INTERFACES` never-seen interfaces in one
-    bucket). Lists sorted, so that a rebuild gives identical rows; culprits ranked by their points'
-    summed score (ties by name)."""
+    `decisive` (it holds a never-seen edge, a decisive single call (`tasks.scoring.extreme`), or
+    `SCAN_INTERFACES` never-seen interfaces in one bucket). Lists sorted, so that a rebuild gives
+    identical rows; culprits ranked by their points' summed score (ties by name)."""
     return (
         runs_sql(points_sql)
         + f""",
@@ -102,7 +103,8 @@ run_stats AS (
            list_sort(list(DISTINCT kind)) AS kinds, count(*) AS points, """
         + EVIDENCE_SQL
         + f""" AS evidence,
-           count(DISTINCT bucket_ts) AS buckets, bool_or(kind = 'novel_rpc' AND feature = '{NEW_EDGE}') AS decisive
+           count(DISTINCT bucket_ts) AS buckets,
+           bool_or((kind = 'novel_rpc' AND feature = '{NEW_EDGE}') OR kind = '{EXTREME}') AS decisive
     FROM runs GROUP BY grp, run),
 stats AS (
     SELECT * EXCLUDE (decisive), decisive OR most_new_interfaces >= {SCAN_INTERFACES} AS decisive

@@ -5,7 +5,8 @@ Detectors write points into `anomalies`; the incident rule groups a group's poin
 (`tasks.scoring.incidents`). The policy decides which runs alarm:
 
 - **Decisive evidence needs no persistence.** A run holding a never-seen edge (`novel_rpc`,
-  feature `new_edge`) is an incident at once.
+  feature `new_edge`), a decisive single call (`extreme_call`, `tasks.scoring.extreme`) or
+  `SCAN_INTERFACES` never-seen interfaces of one service in one bucket is an incident at once.
 - **Weak evidence must persist.** Other runs are candidates when they span `incident_min_buckets`
   buckets (like an alert's `for: 3m`) or one point scores >= `PEAK_SCORE`.
 - **The rate is calibrated.** A candidate alarms when its evidence (the most score its points sum
@@ -19,7 +20,8 @@ Detectors write points into `anomalies`; the incident rule groups a group's poin
   otherwise the threshold is the evidence that the setting's share of normal candidates exceeds,
   read off the body of the kept hours' evidence (log scale: median and MAD, a normal tail beyond;
   `SPREAD_FLOOR` keeps near-identical runs from making a threshold any wobble crosses).
-- **Too little history** (fewer than `MIN_CALIBRATION_HOURS` scored hours): candidates alarm.
+- **Too little history** (fewer than `MIN_CALIBRATION_HOURS` scored hours, or fewer than `MIN_BODY`
+  candidates kept as normal: a quantile read off one or two values is no estimate): candidates alarm.
 
 Why empirical: the points come from several detectors whose scores are in different units (band
 widths, orders of magnitude beyond a window's alarm level, calls of a new RPC). Stacking analytic
@@ -34,7 +36,12 @@ where a third to a half of the scored hours lie inside fault-dense captures, the
 past 4 of the 5 visible faults the fixed rule caught, and where most hours raise no candidate the
 quarter left out all of them (the rate read as 0: every candidate alarmed, whatever the setting).
 This fourth one estimates the rate robustly instead (above). The setting's default (1 a day) was
-not changed along the way; `KEEP_Q` was chosen with this version.
+not changed along the way; `KEEP_Q` was chosen with this version. `MIN_BODY` came later, after
+seeing 01-29's 12:00 threshold read off a single kept candidate (half the history's hours lay in
+fault-dense captures, the rest raised one candidate in all) rise above a visible cpu fault: below
+`MIN_BODY` kept candidates the policy now says it cannot calibrate and falls back to the fixed
+rule, as it does with too few hours. Where normal traffic raises 1-5 candidates a day this allows up
+to that many false incidents a day instead of the setting's.
 
 Pure numpy/scipy; the runs' evidence comes from `tasks.scoring.incidents.run_stats_sql`.
 """
@@ -49,6 +56,7 @@ from scipy.stats import norm, poisson
 
 CALIBRATION_HOURS = 24  # the history a threshold is read from
 MIN_CALIBRATION_HOURS = 3  # fewer scored hours: every candidate alarms
+MIN_BODY = 5  # fewer candidates kept as normal: their evidence has no body to read; every candidate alarms
 KEEP_Q = 0.99  # hours with more candidates than this quantile of a Poisson at the robust rate are left out
 SPREAD_FLOOR = 0.25  # the least spread of log evidence assumed (normal runs vary by at least ~30 %)
 MAD_TO_SD = 1.4826  # a normal's standard deviation from its median absolute deviation
@@ -65,7 +73,9 @@ def threshold(by_hour: Mapping[datetime, Sequence[float]], false_per_day: float)
     most = poisson.ppf(KEEP_Q, rate)
     evidence = np.array([e for v in by_hour.values() if len(v) <= most for e in v], dtype=float)
     per_day = rate * 24
-    if per_day <= false_per_day or not len(evidence):  # normal hours raise fewer candidates than the budget
+    if per_day <= false_per_day:  # normal hours raise fewer candidates than the budget
+        return 0.0
+    if len(evidence) < MIN_BODY:  # too few normal candidates to read a quantile from: no calibration yet
         return 0.0
     logs = np.log1p(evidence)
     centre = float(np.median(logs))

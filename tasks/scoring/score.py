@@ -8,11 +8,12 @@ Idempotent per (pattern, hour): rescoring replaces. `score_runs` says per patter
 (scored, or skipped: no champion, graph changed since training, or too little history when no
 series row lies in the model's lead-in before the hour); `forecast_errors` keeps the hour's calls
 MAPE next to the model's calibrated level (the drift rule of the staleness policy reads it). RPCs
-in no pattern graph (`novel_rpcs`) become anomalies of kind `novel_rpc`. Related flagged points
-are grouped into `incidents`.
+in no pattern graph (`novel_rpcs`) become anomalies of kind `novel_rpc`; single calls no earlier
+call of their RPC resembles, of kind `extreme_call` (`tasks.scoring.extreme`). Related flagged
+points are grouped into `incidents`.
 
 Reads `patterns`, `models` (the champions), `pattern_series`, `anomalies` (earlier flags),
-`novel_rpcs`; writes `anomalies`, `forecasts` (the forecast and non-alarm band of every scored
+`novel_rpcs`, `calls`; writes `anomalies`, `forecasts` (the forecast and non-alarm band of every scored
 point, `tasks.scoring.forecasts`), `score_runs`, `forecast_errors` (`tasks.scoring.store`),
 `incidents` (`tasks.scoring.incidents`).
 
@@ -40,6 +41,7 @@ from tasks.models.baselines import metrics
 from tasks.models.detector import Detector, one_torch_thread
 from tasks.models.features import COUNTS, FEATURES
 from tasks.models.registry import ChampionRow, champions, model_name
+from tasks.scoring.extreme import extreme_anomalies
 from tasks.scoring.forecasts import forecast_columns
 from tasks.scoring.grid import Columns, Grid, cleaned, fetch_flagged, fetch_series
 from tasks.scoring.incidents import rebuild_incidents
@@ -63,6 +65,7 @@ class ScoreReport:
     skipped: dict[int, str] = field(default_factory=dict)
     anomalies: int = 0
     novel: int = 0
+    extreme: int = 0  # decisive single calls (tasks.scoring.extreme)
     incidents: int = 0
     seconds: float = 0.0
 
@@ -70,7 +73,8 @@ class ScoreReport:
         skipped = "; ".join(f"{p}: {why}" for p, why in self.skipped.items()) or "none"
         return (
             f"{self.hour:%Y-%m-%d %H:00}: scored {len(self.scored)} patterns, {self.anomalies} irregular points "
-            f"({self.novel} novel RPC), {self.incidents} incidents; skipped: {skipped}; {self.seconds:.1f} s"
+            f"({self.novel} novel RPC, {self.extreme} extreme calls)"
+            f", {self.incidents} incidents; skipped: {skipped}; {self.seconds:.1f} s"
         )
 
 
@@ -243,7 +247,10 @@ def score_hour(settings: Settings, hour: datetime) -> ScoreReport:
             memory=timedelta(hours=settings.train_history_hours),
             warmup=timedelta(hours=settings.min_train_hours),
         )
-        report.anomalies = sum(len(r.rows) for r in scored.values()) + report.novel
+        report.extreme = extreme_anomalies(
+            con, hour, scored_at, settings.bucket_seconds, memory=timedelta(hours=settings.train_history_hours)
+        )
+        report.anomalies = sum(len(r.rows) for r in scored.values()) + report.novel + report.extreme
         report.incidents = rebuild_incidents(
             con,
             hour,

@@ -49,11 +49,16 @@ def test_detection_delay_and_chance_level_on_hand_made_points():
     )  # fault-free, elsewhere
     s = score_faults("x", points, faults, buckets, 5)
     assert (s.detected, s.per_fault) == (1, ["after 13 s"])  # bucket 00:05:10 ends 13 s after the injection
-    p = (1 + 1) / (108 + 2)  # 120 buckets - 12 in the window; one of them touches svc-a; add-one smoothed
-    assert s.chance == pytest.approx(1 - (1 - p) ** 12)
-    assert (s.fault_free_minutes, s.alarmed_fault_free_minutes) == (9, 2)
-    assert s.points_per_free_minute == pytest.approx(2 / 9) and s.free_minutes_alarmed == pytest.approx(2 / 9)
+    # the window opens PRE_EFFECT (90 s) early: buckets 00:03:30 .. 00:05:55 (30); one free bucket touches svc-a
+    p = (1 + 1) / (90 + 2)
+    assert s.chance == pytest.approx(1 - (1 - p) ** 30)
+    assert (s.fault_free_minutes, s.alarmed_fault_free_minutes) == (8, 2)
+    assert s.points_per_free_minute == pytest.approx(2 / 8) and s.free_minutes_alarmed == pytest.approx(2 / 8)
     assert score_faults("x", points.iloc[1:], faults, buckets, 5).per_fault == ["missed"]
+    early = _points((pd.Timestamp("2023-01-01 00:04:00"), "gw", "svc-a"))  # in the lead-in: caught, delay 0
+    assert score_faults("x", early, faults, buckets, 5).per_fault == ["after 0 s"]
+    before = _points((pd.Timestamp("2023-01-01 00:03:25"), "gw", "svc-a"))  # before the lead-in: missed
+    assert score_faults("x", before, faults, buckets, 5).per_fault == ["missed"]
 
 
 def test_evaluate_on_a_scored_warehouse_counts_only_faults_after_training(trained, tmp_path):
@@ -92,18 +97,18 @@ def test_evaluate_on_a_scored_warehouse_counts_only_faults_after_training(traine
         assert 0 <= s.free_minutes_alarmed <= 1
     ours_points, ours_incidents, naive_points_, _ = scores
     assert ours_incidents.detected <= ours_points.detected, "an incident starts at a flagged point"
-    # chance by hand: scored 04:00-04:59 (60 buckets); the windows 04:20-04:23 and 04:40-04:43 (4
-    # buckets each) leave 52 fault-free ones; svc-nowhere is touched in none (add-one smoothed: p =
-    # 1 / 54), svc-cart in k of them (p = (k + 1) / 54)
+    # chance by hand: scored 04:00-04:59 (60 buckets); the windows 04:18-04:23 and 04:38-04:43 (6
+    # buckets each: they open 90 s before the injection) leave 48 fault-free ones; svc-nowhere is
+    # touched in none (add-one smoothed: p = 1 / 50), svc-cart in k of them (p = (k + 1) / 50)
     with opened(settings.warehouse, read_only=True) as con:
         ours = con.execute("SELECT bucket_ts, caller, callee FROM anomalies").df()
         naive = naive_points(con, 60, _h4(0), _h4(60))
-    nowhere = 1 - (1 - 1 / 54) ** 4
+    nowhere = 1 - (1 - 1 / 50) ** 6
     for s, points in ((ours_points, ours), (naive_points_, naive)):
         touched = points[(points.caller == "svc-cart") | (points.callee == "svc-cart")].bucket_ts
-        free = touched[touched.between(_h4(0), _h4(59)) & ~touched.between(_h4(20), _h4(23))]
-        free = free[~free.between(_h4(40), _h4(43))]
-        assert s.chance == pytest.approx(1 - (1 - (free.nunique() + 1) / 54) ** 4 + nowhere), s.name
+        free = touched[touched.between(_h4(0), _h4(59)) & ~touched.between(_h4(18), _h4(23))]
+        free = free[~free.between(_h4(38), _h4(43))]
+        assert s.chance == pytest.approx(1 - (1 - (free.nunique() + 1) / 50) ** 6 + nowhere), s.name
     assert nowhere < naive_points_.chance < 1 + nowhere, "the naive rule flags svc-cart in some fault-free buckets"
 
 
@@ -130,9 +135,11 @@ def test_alarms_cover_their_interval_and_count_from_its_end() -> None:
         {"bucket_ts": [pd.Timestamp("2026-01-01 04:20")], "caller": ["a"], "callee": ["b"], "duration_s": [60]}
     )
     window = bucket.assign(bucket_ts=pd.Timestamp("2026-01-01 04:20:45"), duration_s=5)
-    early = bucket.assign(bucket_ts=pd.Timestamp("2026-01-01 04:19:00"))
+    lead_in = bucket.assign(bucket_ts=pd.Timestamp("2026-01-01 04:19:00"))  # inside the 90 s before
+    early = bucket.assign(bucket_ts=pd.Timestamp("2026-01-01 04:18:00"))  # ends before the lead-in opens
     assert score_faults("b", bucket, faults, grid, 5).per_fault == ["after 23 s"]
     assert score_faults("w", window, faults, grid, 5).per_fault == ["after 13 s"]
+    assert score_faults("l", lead_in, faults, grid, 5).per_fault == ["after 0 s"]
     assert score_faults("e", early, faults, grid, 5).per_fault == ["missed"]
     both = score_faults("both", pd.concat([bucket, window]), faults, grid, 5)
     assert both.per_fault == ["after 13 s"]

@@ -105,3 +105,20 @@ def test_bursty_thin_nodes_get_a_burst_factor_and_keep_their_alarm_rate():
     _, hi_burst = count_band(test, alpha=0.0, alarm_p=1e-3, phi=8.0)
     assert np.mean(seen > hi_poisson) > 0.01, "a plain Poisson band flags most bursts"
     assert np.mean(seen > hi_burst) <= 1e-3
+
+
+def test_samples_touching_an_excluded_stretch_are_left_out():
+    """History hygiene: no sample reads or forecasts a bucket inside an incident, and the scale is
+    learnt from the normal buckets (a 20x flood would otherwise widen every band after it)."""
+    data = _pattern()
+    data.values[100:130, :2, 0] *= 20  # a flood on the two busy nodes
+    data.excluded = np.zeros(len(data.buckets), dtype=bool)
+    data.excluded[100:130] = True
+    prep = prepare(data, FAST)
+    first = prep.targets - FAST.horizon - FAST.window + 1
+    assert not any(data.excluded[a : t + 1].any() for a, t in zip(first, prep.targets))
+    assert len(prep.targets) == 360 - 12 - (30 + 12)  # the flood and the windows reading it
+    assert float(prep.y[..., :2, 0].max()) < 100  # no flood bucket among the targets
+    data.excluded[:] = True
+    with pytest.raises(NotEnoughHistory, match="360 buckets inside incidents left out"):
+        prepare(data, FAST)

@@ -12,7 +12,7 @@ from scipy.stats import norm
 
 from tasks.scoring.incidents import rebuild_incidents
 from tasks.scoring.novel import NEW_EDGE, NEW_INTERFACE, novel_anomalies
-from tasks.scoring.policy import MIN_CALIBRATION_HOURS, threshold
+from tasks.scoring.policy import MIN_BODY, MIN_CALIBRATION_HOURS, threshold
 from tasks.scoring.store import ANOMALY_COLUMNS
 from tasks.warehouse import opened
 
@@ -58,8 +58,10 @@ def test_sparse_candidates_with_fault_dense_hours_keep_the_bar_of_the_quiet_ones
 
 def test_quiet_history_lets_every_candidate_alarm_and_short_history_is_not_calibrated():
     assert threshold(_hours([[]] * 47 + [[3.0]]), 1.0) == 0.0  # half a candidate a day: within budget
-    # four a day are not, though most hours raise none (leaving the busiest quarter out read 0 a day)
-    assert threshold(_hours([[]] * 20 + [[3.0]] * 4), 1.0) > 3.0
+    # five a day are not, though most hours raise none (leaving the busiest quarter out read 0 a day)
+    assert threshold(_hours([[]] * 19 + [[3.0]] * 5), 1.0) > 3.0
+    # four are too few to read a quantile from (MIN_BODY): not calibrated, every candidate alarms
+    assert threshold(_hours([[]] * 20 + [[3.0]] * (MIN_BODY - 1)), 1.0) == 0.0
     assert threshold(_hours([[3.0]] * (MIN_CALIBRATION_HOURS - 1)), 1.0) is None
 
 
