@@ -41,6 +41,7 @@ class ForecastPanel:
     flagged: np.ndarray | None = None
     phi: float = 1.0
     ceiling: tuple[tuple[float, float], ...] = ()  # the band's `CountBand.ceiling`
+    normal: float | None = None  # the band's `CountBand.mean`: no count within the band at it is a spike
 
 
 def forecast_plot(
@@ -54,9 +55,10 @@ def forecast_plot(
     flagged: np.ndarray | None = None,
     phi: float = 1.0,
     ceiling: tuple[tuple[float, float], ...] = (),
+    normal: float | None = None,
 ) -> Path:
     """Real vs predicted calls per bucket, the calibrated band shaded, flagged points marked."""
-    panel = ForecastPanel(times, observed, expected, alpha, alarm_p, title, flagged, phi, ceiling)
+    panel = ForecastPanel(times, observed, expected, alpha, alarm_p, title, flagged, phi, ceiling, normal)
     return forecast_panels([panel], path)
 
 
@@ -80,10 +82,11 @@ def forecast_panels(panels: list[ForecastPanel], path: Path) -> Path:
 
 
 def _draw_forecast(ax: Axes, p: ForecastPanel) -> None:
-    from tasks.models.thresholds import count_band, count_ceiling
+    from tasks.models.thresholds import count_band, count_ceiling, normal_ceiling
 
     lo, hi = count_band(p.expected, p.alpha, p.alarm_p, p.phi)
     hi = np.maximum(hi, count_ceiling(p.expected, p.ceiling))
+    hi = np.maximum(hi, normal_ceiling(p.normal, p.alpha, p.alarm_p, p.phi))
     ax.fill_between(p.times, lo, hi, color="tab:orange", alpha=0.18, label=f"threshold band (p={p.alarm_p:g})")
     ax.plot(p.times, p.observed, color="black", lw=1.0, label="real")
     ax.plot(p.times, p.expected, color="tab:orange", lw=1.4, label="predicted")
@@ -146,6 +149,7 @@ def plot_node(settings: Settings, pattern_id: int, node: str, hours: int, out: P
         flagged,
         band.phi,
         band.ceiling,
+        band.mean,
     )
 
 

@@ -24,7 +24,14 @@ from tasks.models.features import CALLS, COUNTS, ERRORS, LATENCIES
 from tasks.models.forecast import Normaliser, Prepared, TrainConfig, input_windows, make_model, predict
 from tasks.models.nn import graph_edge_index
 from tasks.models.registry import cached_artifacts
-from tasks.models.thresholds import NodeBands, Thresholds, count_bands, count_ceiling, latency_band
+from tasks.models.thresholds import (
+    NodeBands,
+    Thresholds,
+    count_bands,
+    count_ceiling,
+    latency_band,
+    normal_ceiling,
+)
 from tasks.models.trace_model import TRACE_MODEL_ARTIFACT, TraceModel
 from tasks.settings import Settings
 
@@ -83,15 +90,19 @@ def _count_limits(
         phi.reshape(-1),
     )
     shape = expected.shape[:2] + (len(COUNTS),)
-    return lo.reshape(shape), np.maximum(hi.reshape(shape), count_ceilings(expected, bands))
+    return lo.reshape(shape), np.maximum(hi.reshape(shape), count_ceilings(expected, bands, alarm_p))
 
 
-def count_ceilings(expected: np.ndarray, bands: Sequence[NodeBands]) -> np.ndarray:
-    """`count_ceiling` of every node's counts [S, N, len(COUNTS)]: no count at or below it is a spike."""
+def count_ceilings(expected: np.ndarray, bands: Sequence[NodeBands], alarm_p: float) -> np.ndarray:
+    """Per node's counts [S, N, len(COUNTS)], the count at or below which nothing is a spike: the
+    highest validation saw under as low a forecast (`count_ceiling`), and the band at the node's
+    normal level (`normal_ceiling`: a recovery is no spike)."""
     out = np.zeros(expected.shape[:2] + (len(COUNTS),))
     for n, node in enumerate(bands):
         for c, f in enumerate(COUNTS):
-            out[:, n, c] = count_ceiling(expected[:, n, f], node.count(f).ceiling)
+            band = node.count(f)
+            normal = normal_ceiling(band.mean, band.alpha, alarm_p, band.phi)
+            out[:, n, c] = np.maximum(count_ceiling(expected[:, n, f], band.ceiling), normal)
     return out
 
 

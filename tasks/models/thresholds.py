@@ -198,6 +198,20 @@ def ceiling_steps(pred: np.ndarray, obs: np.ndarray) -> tuple[tuple[float, float
     return tuple((float(forecasts[i]), float(highest[i])) for i in rises)
 
 
+def normal_ceiling(mean: float | None, alpha: float, alarm_p: float, phi: float = 1.0) -> float:
+    """The upper band at the node's normal level (its calibration mean): no count within it is a
+    spike, however low the forecast. After a lull or an outage that was not flagged (a drop on a thin
+    series rarely reaches the hour's alarm level) the forecast sits at the low level, and the
+    recovery, traffic back at its usual level, was a new "spike" incident. The price: while the
+    forecast is below the node's mean (the quiet part of a daily curve) a spike must rise above the
+    band of the mean to count; where the forecast is at or above it nothing changes. Models
+    calibrated before the mean was kept (None) have none."""
+    if mean is None:
+        return 0.0
+    lam = np.array([max(mean / phi, 1e-9)])
+    return float(phi * count_quantile("isf", alarm_p / 2, lam, np.array([alpha]))[0])
+
+
 def count_ceiling(expected: np.ndarray, steps: tuple[tuple[float, float], ...]) -> np.ndarray:
     """The highest count normal traffic reached in validation under a forecast at most `expected`
     (elementwise; below the lowest forecast validation made, the count under that one; no steps: 0).

@@ -152,6 +152,7 @@ def _plots(fitted: Fitted, folder: Path, top: int = 3) -> list[Path]:
                 title,
                 phi=band.phi,
                 ceiling=band.ceiling,
+                normal=band.mean,
             )
         )
     return [forecast_panels(panels, folder / "forecast.png")]

@@ -44,7 +44,7 @@ def bands(detector: Detector, observed: np.ndarray, expected: np.ndarray) -> tup
     alpha = np.broadcast_to(np.array([node.calls.alpha for node in detector.bands]), lam.shape)
     lower[:, :, CALLS] = phi * count_quantile("ppf", q, lam, alpha)
     upper[:, :, CALLS] = np.maximum(
-        phi * count_quantile("isf", q, lam, alpha), count_ceilings(expected, detector.bands)[:, :, 0]
+        phi * count_quantile("isf", q, lam, alpha), count_ceilings(expected, detector.bands, detector.alarm_p)[:, :, 0]
     )
     if detector.trace_model is None:
         calls = observed[:, :, CALLS]

@@ -123,3 +123,22 @@ def test_a_count_normal_traffic_reached_under_as_low_a_forecast_is_no_spike():
     doc = Thresholds(1e-3, "quantile", {"n": learnt}, 0.2).to_json()
     assert doc["nodes"]["n"]["calls"]["ceiling"] == [list(s) for s in steps]
     assert Thresholds.from_json(json.loads(json.dumps(doc))).nodes["n"] == learnt
+
+
+def test_traffic_back_at_its_normal_level_after_an_outage_is_no_spike():
+    """An outage the forecaster followed down (a drop on a thin series rarely reaches the hour's
+    alarm level): it forecasts ~1 call where the node's normal level is 12. Traffic back at 12 is a
+    recovery, within the band at the normal level; a flood above that band is still a spike."""
+    from tasks.models.thresholds import NodeBands, count_quantile, normal_ceiling
+
+    band = CountBand(0.0, 1.0, 12.0)  # Poisson, its calibration mean 12
+    at_mean = normal_ceiling(12.0, 0.0, 1e-3)
+    assert at_mean == float(count_quantile("isf", 5e-4, np.array([12.0]), np.array([0.0]))[0])
+    assert normal_ceiling(None, 0.0, 1e-3) == 0.0  # models calibrated before the mean was kept
+    lat = LatencyBand(0.3, 5.0)
+    expected = np.zeros((3, 1, len(FEATURES)))
+    expected[:, 0, CALLS] = 1.0
+    observed = expected.copy()
+    observed[:, 0, CALLS] = [12.0, at_mean, 60.0]
+    flags = flag_points(observed, expected, [NodeBands(band, CountBand(0.0, 1.0, 0.0), lat, lat)], 1e-3)
+    assert [f.sample for f in flags if f.kind == "traffic_spike"] == [2]
