@@ -18,12 +18,9 @@ champion; its artifact `trace_model.json`). After TraceAnomaly / GTrace / TraceV
 - **Surprising trace.** Its smallest latency tail probability times its number of tests is below
   `trace_p`, or a structural event is less likely than `trace_p`: a fixed setting, not tuned.
 - **Calibrated rate.** The share of surprising traces in normal traffic, estimated without labels
-  from the training traces cut into windows (of the scoring's length, or sized to hold
-  `MIN_WINDOW_TRACES` traces where the pattern is thin): windows above the 75th percentile of the
-  per-window rate are left out before pooling (add-one smoothed), so unlabelled incidents in the
-  history (up to a quarter of the windows) do not inflate it. Where most windows hold no surprising
-  trace that cut leaves out every window holding one; the rate is then read from the share of
-  empty windows (Poisson), as the alarm policy reads its rate. `tasks.scoring.evidence` tests new windows
+  from the training traces cut into windows: windows above the 75th percentile of the per-window
+  rate are left out before pooling (add-one smoothed), so unlabelled incidents in the history
+  (up to a quarter of the windows) do not inflate it. `tasks.scoring.evidence` tests new windows
   against it.
 - **Blame.** In a surprising trace, the surprising calls with no surprising call below them are
   where it starts; a slow or fast call whose extra time is mostly one child's passes the blame down
@@ -56,24 +53,6 @@ FIT_WINDOW_S = 60  # the windows the robust fit compares (one minute of history 
 FORMAT_VERSION = 2
 TRACE_MODEL_ARTIFACT = "trace_model"  # the artifact (and file stem) in a model version
 FOLLOW_SHARE = 0.5  # blame moves to a child carrying at least this share of its parent's extra time
-MIN_WINDOW_TRACES = 20  # a traffic-sized window holds this many of the pattern's traces at its rate
-LONGEST_WINDOW_S = 300.0  # ... and is never longer (its alarms must still come within minutes)
-
-
-def traffic_window_s(traces_per_s: float, shortest_s: float) -> float:
-    """A window that holds `MIN_WINDOW_TRACES` traces at `traces_per_s`, within [shortest_s,
-    LONGEST_WINDOW_S]: thin traffic puts one or two traces in a short window, too few to test."""
-    if traces_per_s <= 0:
-        return shortest_s
-    return float(min(max(MIN_WINDOW_TRACES / traces_per_s, shortest_s), max(LONGEST_WINDOW_S, shortest_s)))
-
-
-def _rate_from_empty_windows(per: pd.DataFrame) -> float:
-    """The share of surprising traces that leaves as many windows without one as there are
-    (surprising traces a window ~ Poisson(rate x traces): -ln(empty share) / mean traces a window),
-    robust as the trimmed share is to a minority of windows inside unlabelled incidents."""
-    empty = float(max((per["sum"] == 0).mean(), 1 / (len(per) + 1)))
-    return float(-np.log(empty) / max(per["count"].mean(), 1.0))
 
 
 def positions(calls: pd.DataFrame) -> pd.Series:
@@ -198,29 +177,19 @@ class TraceModel:
         return {p: float(max(once.get(p, 0), 0.5) / (n + 1)) for p, n in self.n_pos.items()}
 
     def calibrate(self, calls: pd.DataFrame, window_s: float) -> TraceModel:
-        """The normal share of surprising traces, robust to unlabelled incidents in the history, on
-        windows of `window_s` or, where the traffic is too thin to fill them, of `traffic_window_s`
-        (as scoring tests it): in windows of one or two traces the trimmed quantile is 0, and every
-        window holding a surprising trace was left out, which read the rate far too low."""
+        """The normal share of surprising traces, robust to unlabelled incidents in the history."""
         traces = self.score(calls).traces
         if not len(traces):
             self.rate, self.calibration = 0.5, {"traces": 0}
             return self
-        root = pd.to_datetime(traces["root_ts"])
-        span_s = max((root.max() - root.min()).total_seconds(), 1.0)
-        window_s = traffic_window_s(len(traces) / span_s, window_s)
         per = traces.groupby(window_index(traces["root_ts"], window_s))["surprising"].agg(["sum", "count"])
         share = per["sum"] / per["count"]
-        cut = share.quantile(TRIM_QUANTILE, interpolation="lower")
-        kept = per[share <= cut]
+        kept = per[share <= share.quantile(TRIM_QUANTILE, interpolation="lower")]
         self.rate = float((kept["sum"].sum() + 1) / (kept["count"].sum() + 2))
-        if cut == 0:  # most windows hold none: the cut left out every window holding one
-            self.rate = max(self.rate, _rate_from_empty_windows(per))
         self.calibration = {
             "traces": int(len(traces)),
             "windows": int(len(per)),
             "windows_kept": int(len(kept)),
-            "window_s": float(window_s),
             "raw_rate": float(traces["surprising"].mean()),
             "rate": self.rate,
         }

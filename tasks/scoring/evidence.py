@@ -8,12 +8,6 @@ p <= alpha / (patterns x windows of the hour), alpha being the wanted chance of 
 per hour across all of them (overlapping windows make this conservative). A window also needs
 `MIN_SURPRISING` surprising traces: a few odd traces are not an incident, however thin the traffic.
 
-Thin traffic: a pattern of a few traces a minute has one or two in a 30-s window, so a window never
-holds `MIN_SURPRISING` of them however long every trace stays slow. Such a pattern is also tested
-on windows sized to its traffic (`traffic_window_s`: long enough to hold `MIN_WINDOW_TRACES` traces
-at the hour's rate, at most `LONGEST_WINDOW_S`); each window end is then two tests, at half the
-level each (Bonferroni), and alarms when either does. Busy patterns keep the one short window.
-
 Pure numpy/scipy; no tables.
 """
 
@@ -24,10 +18,6 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 from scipy.stats import binom
-
-from tasks.models.trace_model import LONGEST_WINDOW_S, MIN_WINDOW_TRACES, traffic_window_s
-
-__all__ = ["LONGEST_WINDOW_S", "MIN_WINDOW_TRACES", "WindowTest", "alarmed_windows", "traffic_window_s"]
 
 MIN_SURPRISING = 3
 
@@ -45,17 +35,6 @@ class WindowTest:
         n = 3600 // step_s
         ends = hour + np.arange(1, n + 1) * np.timedelta64(step_s, "s")
         return cls(ends, window_s, alpha / max(patterns * n, 1))
-
-    def sized(self, traces_per_s: float) -> list[WindowTest]:
-        """The tests of a pattern with `traces_per_s` traces a second: this window alone, or where its
-        traffic is too thin to fill it, this one and a `traffic_window_s` one at half the level each."""
-        long_s = traffic_window_s(traces_per_s, self.window_s)
-        if long_s <= self.window_s:
-            return [self]
-        half = self.per_test_alpha / 2
-        return [WindowTest(self.ends, self.window_s, half), WindowTest(self.ends, long_s, half)]
-
-
 
 
 def window_counts(root_ts: np.ndarray, surprising: np.ndarray, test: WindowTest) -> tuple[np.ndarray, np.ndarray]:
@@ -75,8 +54,8 @@ def tail_p(n: np.ndarray, k: np.ndarray, rate: float) -> np.ndarray:
 
 def irregular_windows(traces: pd.DataFrame, rate: float, test: WindowTest) -> pd.DataFrame:
     """The alarmed windows of one pattern: end, n, k, expected, p, score (orders of magnitude
-    beyond the alarm level: log10(per_test_alpha / p), >= 0), window_s and level (the test's)."""
-    columns = ["end", "n", "k", "expected", "p", "score", "window_s", "level"]
+    beyond the alarm level: log10(per_test_alpha / p), >= 0)."""
+    columns = ["end", "n", "k", "expected", "p", "score"]
     if not len(traces):
         return pd.DataFrame(columns=columns)
     root_ts = pd.to_datetime(traces["root_ts"]).to_numpy().astype("datetime64[ms]")
@@ -91,18 +70,6 @@ def irregular_windows(traces: pd.DataFrame, rate: float, test: WindowTest) -> pd
             "expected": n[alarm] * rate,
             "p": p[alarm],
             "score": np.log10(test.per_test_alpha / np.maximum(p[alarm], 1e-300)),
-            "window_s": test.window_s,
-            "level": test.per_test_alpha,
         },
         columns=columns,
     )
-
-
-def alarmed_windows(traces: pd.DataFrame, rate: float, tests: list[WindowTest]) -> pd.DataFrame:
-    """`irregular_windows` under each of a pattern's tests (`WindowTest.sized`); where several alarm
-    at one end, the strongest."""
-    found = [w for w in (irregular_windows(traces, rate, t) for t in tests) if len(w)]
-    if not found:
-        return irregular_windows(traces.iloc[:0], rate, tests[0])
-    both = pd.concat(found, ignore_index=True).sort_values(["end", "score"], ascending=[True, False], kind="stable")
-    return both.drop_duplicates("end").reset_index(drop=True)

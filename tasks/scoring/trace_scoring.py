@@ -8,9 +8,7 @@ surprising traces, `expected` the calibrated share of them, `threshold` the smal
 would have alarmed, `score` how many orders of magnitude beyond the alarm level the window is
 (scaled by the suspect's share of the blame, the first suspect keeping it whole). `bucket_ts` is
 the start of the step in which the window ends (a point is known at its step's end): windows step
-by `trace_step_s` (5 s), faster than the forecaster's buckets, which thin traffic makes long. A
-pattern too thin to fill a `trace_window_s` window is also tested on windows sized to its traffic
-(`WindowTest.sized`), so a slowdown of every trace of a few a minute alarms too.
+by `trace_step_s` (5 s), faster than the forecaster's buckets, which thin traffic makes long.
 
 Reads `trace_patterns` and `calls` (`tasks.patterns.trace_calls`); writes nothing: the rows join
 the pattern's forecaster rows in `tasks.scoring.store`.
@@ -31,7 +29,7 @@ from tasks.keys import split_node_key
 from tasks.models.registry import ChampionRow, model_name
 from tasks.models.trace_model import TraceModel, TraceScores
 from tasks.patterns.trace_calls import trace_calls
-from tasks.scoring.evidence import LONGEST_WINDOW_S, WindowTest, alarmed_windows
+from tasks.scoring.evidence import WindowTest, irregular_windows
 from tasks.scoring.store import AnomalyRow
 from tasks.settings import Settings
 
@@ -59,15 +57,14 @@ def trace_rows(
     scored_at: datetime,
 ) -> dict[int, list[AnomalyRow]]:
     """Per pattern with a trace model: the `anomalies` rows of its alarmed windows in `hour`."""
-    lead = timedelta(seconds=max(settings.trace_window_s, LONGEST_WINDOW_S))  # the longest window's start
+    lead = timedelta(seconds=settings.trace_window_s)
     calls = trace_calls(con, sorted(models), hour - lead, hour + HOUR)
     scores = {pid: model.score(calls[pid]) for pid, (_, model) in models.items() if pid in calls}
     test = window_test(settings, hour, len(models))
     out: dict[int, list[AnomalyRow]] = {pid: [] for pid in models}
     for pid, scored in scores.items():
         champion, model = models[pid]
-        traces_per_s = len(scored.traces) / (HOUR + lead).total_seconds()
-        windows = alarmed_windows(scored.traces, model.rate, test.sized(traces_per_s))
+        windows = irregular_windows(scored.traces, model.rate, test)
         out[pid] = list(_rows(champion, model, scored, windows, test, settings, scored_at))
     return out
 
@@ -86,11 +83,11 @@ def _rows(
     blame_ts = pd.to_datetime(blame["root_ts"]).to_numpy().astype("datetime64[ms]")
     for w in windows.itertuples(index=False):
         end = np.datetime64(w.end, "ms")
-        inside = blame[(blame_ts > end - np.timedelta64(int(w.window_s * 1e3), "ms")) & (blame_ts <= end)]
+        inside = blame[(blame_ts > end - np.timedelta64(int(test.window_s * 1e3), "ms")) & (blame_ts <= end)]
         suspects = inside.groupby("culprit")["weight"].sum().sort_values(ascending=False, kind="stable")
         if not len(suspects):
             continue
-        k_alarm = float(binom.isf(w.level, int(w.n), model.rate) + 1)
+        k_alarm = float(binom.isf(test.per_test_alpha, int(w.n), model.rate) + 1)
         bucket_ts = (pd.Timestamp(w.end) - pd.Timedelta(seconds=settings.trace_step_s)).to_pydatetime()
         for culprit, weight in list(suspects.items())[:SUSPECTS]:
             nodes = inside[inside["culprit"] == culprit].groupby("node")["weight"].sum()

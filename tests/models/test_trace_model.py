@@ -188,25 +188,3 @@ def test_score_matches_the_call_by_call_reference() -> None:
     assert {"missing", "structure", "rt"} <= set(got.blame["kind"])
     assert (got.traces["structure_s"] > np.log(1800)).any()  # the fan-out
     assert {"C", "D", "E"} <= set(got.blame["culprit"])
-
-
-def test_a_thin_pattern_is_calibrated_on_windows_sized_to_its_traffic() -> None:
-    """One trace every 20 s: a 30-s window holds one or two, the 75th percentile of the per-window
-    share is 0, and the trimmed share would leave out every window holding a surprising trace. The
-    windows grow to hold 20 traces (at most 300 s), and where the cut is still 0 the rate comes from
-    the share of empty windows."""
-    from tasks.models.trace_model import LONGEST_WINDOW_S, _rate_from_empty_windows
-
-    thin = pd.concat(
-        [traces(1, seed=200 + i, start=START + pd.Timedelta(seconds=20 * i)) for i in range(360)], ignore_index=True
-    )
-    model = TraceModel(trace_p=0.01).fit(thin).calibrate(thin, window_s=30)
-    assert model.calibration["window_s"] == LONGEST_WINDOW_S
-    every_2s = traces(1800, seed=1)
-    denser = TraceModel(trace_p=0.01).fit(every_2s).calibrate(every_2s, window_s=30)
-    assert denser.calibration["window_s"] == pytest.approx(40, rel=0.01)  # 20 traces take 40 s
-    assert TraceModel(trace_p=0.01).fit(every_2s).calibrate(every_2s, window_s=60).calibration["window_s"] == 60
-    per = pd.DataFrame({"sum": [0] * 90 + [1] * 10, "count": [1] * 100})
-    assert _rate_from_empty_windows(per) == pytest.approx(-math.log(0.9))
-    per = pd.DataFrame({"sum": [0] * 45 + [1] * 5, "count": [15] * 50})  # 15 traces a window
-    assert _rate_from_empty_windows(per) == pytest.approx(-math.log(0.9) / 15)

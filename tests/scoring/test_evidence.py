@@ -53,27 +53,3 @@ def test_a_burst_of_surprising_traces_alarms_and_normal_traffic_does_not() -> No
 def test_two_odd_traces_are_not_an_incident_however_thin_the_traffic() -> None:
     test = WindowTest.for_hour(HOUR, step_s=5, window_s=30, alpha=0.01, patterns=1)
     assert irregular_windows(_traces([100.0, 101.0], [True, True]), 1e-6, test).empty
-
-
-def test_a_thin_pattern_is_also_tested_on_windows_sized_to_its_traffic() -> None:
-    """Three traces a minute: a 30-s window holds one or two, so ten minutes in which every trace is
-    slow never reach MIN_SURPRISING there; the window that holds 20 traces does, within minutes. A
-    busy pattern keeps its one window at the whole level."""
-    from tasks.scoring.evidence import LONGEST_WINDOW_S, MIN_WINDOW_TRACES, alarmed_windows, traffic_window_s
-
-    test = WindowTest.for_hour(HOUR, step_s=5, window_s=30, alpha=0.01, patterns=10)
-    assert test.sized(5.0) == [test]  # 20 traces take 4 s: the short window is full
-    short, long = test.sized(3 / 60)
-    assert (short.window_s, long.window_s) == (30, LONGEST_WINDOW_S)  # 400 s needed, at most 300
-    assert short.per_test_alpha == long.per_test_alpha == test.per_test_alpha / 2
-    assert traffic_window_s(1.0, 30) == 30 and traffic_window_s(0.5, 30) == MIN_WINDOW_TRACES / 0.5
-    times = list(np.arange(0, 3600, 20.0))  # a trace every 20 s
-    slow = [1800 <= t < 2400 for t in times]  # ten minutes, every trace surprising
-    assert irregular_windows(_traces(times, slow), 0.01, test).empty  # the short window alone: never
-    alarms = alarmed_windows(_traces(times, slow), 0.01, test.sized(3 / 60))
-    assert not alarms.empty and set(alarms["window_s"]) == {LONGEST_WINDOW_S}
-    first = pd.Timestamp(alarms["end"].min())
-    assert pd.Timestamp("2026-01-01 00:30:00") < first <= pd.Timestamp("2026-01-01 00:32:00")
-    rng = np.random.default_rng(3)
-    normal = list(rng.random(len(times)) < 0.01)
-    assert alarmed_windows(_traces(times, normal), 0.01, test.sized(3 / 60)).empty
