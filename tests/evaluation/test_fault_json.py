@@ -89,14 +89,15 @@ def test_json_scores_by_detector_and_unit(warehouse, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(out) == {"rpcwatch", "naive", "unobservable"}
     assert [f["real_inject_time"] for f in out["unobservable"]] == ["2023-01-29 10:20:00"]
-    # 60 judged buckets, 3 + 4 in windows: n = 53 fault-free; svc-a touched in k = 1 of them, svc-b in 0
-    chance_a, chance_b = 1 - (1 - 2 / 55) ** 3, 1 - (1 - 1 / 55) ** 4
+    # 60 judged buckets, 5 + 6 in windows (each opens 90 s before its injection: 01:08-01:12 and
+    # 01:28-01:33): n = 49 fault-free; svc-a touched in k = 1 of them, svc-b in 0
+    chance_a, chance_b = 1 - (1 - 2 / 51) ** 5, 1 - (1 - 1 / 51) ** 6
     for unit in ("points", "incidents"):
         ours = out["rpcwatch"][unit]
         assert {k: ours[k] for k in ("faults", "detected", "fault_free_minutes", "alarmed_fault_free_minutes")} == {
             "faults": 2,
             "detected": 1,
-            "fault_free_minutes": 53,
+            "fault_free_minutes": 49,
             "alarmed_fault_free_minutes": 1,
         }, unit
         assert ours["expected_by_chance"] == pytest.approx(chance_a + chance_b)
@@ -108,7 +109,7 @@ def test_json_scores_by_detector_and_unit(warehouse, tmp_path, capsys):
     assert "culprit_top1" not in out["rpcwatch"]["points"]
     naive = out["naive"]["incidents"]
     assert naive["detected"] == 0 and naive["median_delay_s"] is None and naive["culprit_top1"] is None
-    assert naive["expected_by_chance"] == pytest.approx(1 - (1 - 1 / 55) ** 3 + chance_b)
+    assert naive["expected_by_chance"] == pytest.approx(1 - (1 - 1 / 51) ** 5 + chance_b)
 
 
 def test_the_table_stays_the_default_and_lists_unobservable_faults(warehouse, tmp_path, capsys):
