@@ -241,7 +241,9 @@ def _models(links: list[ModelLink], incident: Incident) -> str:
         )
     if "novel_rpc" in incident.kinds:
         return '<span class="muted">none: a new RPC is flagged without a model</span>'
-    if "extreme_call" in incident.kinds:  # tasks.scoring.extreme.KIND
+    from tasks.scoring.extreme import KIND as EXTREME
+
+    if EXTREME in incident.kinds:
         return '<span class="muted">none: a decisive single call is judged against its RPC\'s history</span>'
     return '<span class="muted">not recorded</span>'
 

@@ -43,11 +43,19 @@ MIN_EXTRA_CALLS = 10  # ... or makes at least this many more child calls than th
 SLOW = "c.rt_ms >= greatest($longest_factor * h.longest, $min_ms)"
 WIDE = "(h.most > 0 AND coalesce(c.fan_out, 0) >= greatest($fan_out_factor * h.most, h.most + $min_extra))"
 RPC_KEY = "caller, callee, coalesce(interface, '') AS iface, rpc_type"
+# the history is aggregated only for RPCs with a call this hour that could be decisive at all (long
+# enough, or with enough children): the training window's calls are many, such RPCs few
 EXTREME_SQL = f"""
-WITH history AS (
+WITH now AS (SELECT *, coalesce(interface, '') AS iface FROM calls WHERE ts >= $start AND ts < $end),
+candidates AS (
+    SELECT DISTINCT caller, callee, iface, rpc_type FROM now
+    WHERE rt_ms >= $min_ms OR coalesce(fan_out, 0) > $min_extra),
+history AS (
     SELECT {RPC_KEY}, count(*) AS n, max(rt_ms) AS longest, max(coalesce(fan_out, 0)) AS most
-    FROM calls WHERE ts >= $start - $memory AND ts < $start GROUP BY ALL HAVING count(*) >= $min_calls),
-now AS (SELECT *, coalesce(interface, '') AS iface FROM calls WHERE ts >= $start AND ts < $end),
+    FROM calls WHERE ts >= $start - $memory AND ts < $start
+      AND (caller, callee, coalesce(interface, ''), rpc_type) IN (
+          SELECT (caller, callee, iface, rpc_type) FROM candidates)
+    GROUP BY ALL HAVING count(*) >= $min_calls),
 extreme AS (
     SELECT c.*, h.longest, h.most,
            CASE WHEN {SLOW} THEN '{BEYOND_LONGEST}' ELSE '{BEYOND_MOST}' END AS feature
