@@ -132,20 +132,28 @@ def tiny_traces(
     drop_d: bool = False,
     fast_b: float = 1.0,
     c_sigma: float = 0.2,
+    delay_b_ms: float = 0.0,
+    delay_c_ms: float = 0.0,
+    busy_b_ms: float = 0.0,
 ) -> pd.DataFrame:
     """n tiny traces for the trace model, one every 2 s: a root A->B that calls B->C and B->D, lognormal
-    latencies (C around 5 ms, D around 2 ms), one row per call as `tasks.patterns.trace_calls` reads."""
+    latencies (C around 5 ms, D around 2 ms) and links (0.5 ms into B, 0.3 ms below), one row per call
+    as `tasks.patterns.trace_calls` reads. `delay_X_ms`: a network delay on X's pod, which holds every
+    packet X sends (its replies and its requests); `busy_b_ms`: a busy B, slow to send its requests
+    and read the replies (its calls' links), the link into it unchanged."""
     rng = np.random.default_rng(seed)
     rows = []
     for i in range(n):
         t, root = f"{seed}-{i}", start + pd.Timedelta(seconds=2 * i)
+        link_a, link_c, link_d = (rng.lognormal(np.log(x), 0.2) for x in (0.5, 0.3, 0.3))
         c = rng.lognormal(np.log(5), c_sigma) * slow_c
         d = rng.lognormal(np.log(2), 0.2)
-        b = (c + (0 if drop_d else d) + rng.lognormal(np.log(1), 0.2)) * fast_b
-        rows += [(t, "1", None, AB, None, "B", b + 0.5, b, b - c - (0 if drop_d else d), 7, root)]
-        rows += [(t, "2", "1", BC, AB, "C", c + 0.3, c, c, 7, root)]
+        c_rt, d_rt = c + link_c + delay_b_ms + delay_c_ms + busy_b_ms, d + link_d + delay_b_ms + busy_b_ms
+        b = (c_rt + (0 if drop_d else d_rt) + rng.lognormal(np.log(1), 0.2)) * fast_b
+        rows += [(t, "1", None, AB, None, "B", b + link_a + delay_b_ms, b, b - c_rt - (0 if drop_d else d_rt), 7, root)]
+        rows += [(t, "2", "1", BC, AB, "C", c_rt, c, c, 7, root)]
         if not drop_d:
-            rows += [(t, "3", "1", BD, AB, "D", d + 0.3, d, d, 7, root)]
+            rows += [(t, "3", "1", BD, AB, "D", d_rt, d, d, 7, root)]
     return pd.DataFrame(rows, columns=TRACE_CALL_COLUMNS)
 
 

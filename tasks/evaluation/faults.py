@@ -24,9 +24,9 @@ window touching the injected service. rpcwatch's incidents name their suspects t
 (`incidents.culprits`, ranked by the product); services they do not name, and the naive rule's
 incidents (which name none), are ranked after them by the sum of the scores of the incident's
 points on RPCs where the service is the callee, ties broken by the same sum where it is the
-caller, then by name. `culprit_top1` / `culprit_top3`: share of detected faults whose injected
-service is first / among the first three. The naive rule's points score 0, so its ranking falls
-to the name order.
+caller, then by name. `culprit_top1` / `culprit_top3`: share of detected faults (`_visible`: of
+the detected visible ones) whose injected service is first / among the first three. The naive
+rule's points score 0, so its ranking falls to the name order.
 
 The naive rule is `tasks.evaluation.naive`; its incidents come from the product's rule
 (`tasks.scoring.incidents.incidents_of`). Reads the fault list and the warehouse's `models`,
@@ -82,6 +82,9 @@ class FaultScores:
     culprit_top1: float | None = None
     culprit_top3: float | None = None
     hits: list[bool] = field(default_factory=list)  # per fault: detected
+    culprit_ranks: list[int | None] = field(default_factory=list)  # per fault: its service's rank (None: missed)
+    culprit_top1_visible: float | None = None  # ... among the detected visible faults only
+    culprit_top3_visible: float | None = None
     visible: int | None = None  # faults the ceiling calls visible (None: not judged)
     detected_visible: int | None = None
     background: FalseAlarms | None = None  # false alarms over the fill and the real captures
@@ -103,6 +106,10 @@ class FaultScores:
         }
         if incidents:
             out |= {"culprit_top1": self.culprit_top1, "culprit_top3": self.culprit_top3}
+            out |= {
+                "culprit_top1_visible": self.culprit_top1_visible,
+                "culprit_top3_visible": self.culprit_top3_visible,
+            }
         out |= {"visible": self.visible, "detected_visible": self.detected_visible}
         out |= self.background.as_json() if self.background else {"false_incidents_per_day": None}
         return out
@@ -111,6 +118,9 @@ class FaultScores:
         """Count the detected faults among those the ceiling calls visible (one flag per fault)."""
         self.visible = sum(visible)
         self.detected_visible = sum(h and v for h, v in zip(self.hits, visible))
+        if self.culprit_ranks:
+            ranks = [r for r, v in zip(self.culprit_ranks, visible) if v]
+            self.culprit_top1_visible, self.culprit_top3_visible = top_shares(ranks)
 
 
 @dataclass(frozen=True)
@@ -288,22 +298,31 @@ def _starts_in(incident: Incident, fault: Any, seconds: int) -> bool:
     return bool(in_window) and any(fault.service in split_node_key(n)[:2] for n in incident.nodes)
 
 
-def culprit_shares(
+def culprit_ranks(
     incidents: list[Incident], points: pd.DataFrame, faults: pd.DataFrame, seconds: int, step: int | None = None
-) -> tuple[float | None, float | None]:
-    """Share of detected faults whose injected service ranks first / in the first three (None
-    when no fault was detected)."""
+) -> list[int | None]:
+    """Per fault, where its injected service ranks among the suspects of the first incident starting
+    in its window (0: first; None: no such incident)."""
     points = points.assign(bucket_ts=pd.to_datetime(points.bucket_ts))
     ordered = sorted(incidents, key=lambda i: (pd.Timestamp(i.start_ts), i.incident_id))
-    ranks = []
+    ranks: list[int | None] = []
     for f in faults.itertuples():
         first = next((i for i in ordered if _starts_in(i, f, _start_duration(i, seconds, step or seconds))), None)
-        if first is not None:
-            ranking = list(dict.fromkeys([*first.culprits, *rank_services(first, points)]))
-            ranks.append(ranking.index(f.service) if f.service in ranking else len(ranking))
-    if not ranks:
+        if first is None:
+            ranks.append(None)
+            continue
+        ranking = list(dict.fromkeys([*first.culprits, *rank_services(first, points)]))
+        ranks.append(ranking.index(f.service) if f.service in ranking else len(ranking))
+    return ranks
+
+
+def top_shares(ranks: list[int | None]) -> tuple[float | None, float | None]:
+    """Share of the detected faults (rank not None) whose service ranks first / in the first three
+    (None when none was detected)."""
+    found = [r for r in ranks if r is not None]
+    if not found:
         return None, None
-    return sum(r == 0 for r in ranks) / len(ranks), sum(r < 3 for r in ranks) / len(ranks)
+    return sum(r == 0 for r in found) / len(found), sum(r < 3 for r in found) / len(found)
 
 
 def evaluated_range(con: duckdb.DuckDBPyConnection) -> tuple[pd.Timestamp, pd.Timestamp]:
@@ -365,7 +384,11 @@ def _judge(
         f"{name} points", alarms[["bucket_ts", "caller", "callee", "duration_s"]], faults, buckets, step
     )
     by_incidents = score_faults(f"{name} incident starts", _starts(incidents, seconds, step), faults, buckets, step)
-    by_incidents.culprit_top1, by_incidents.culprit_top3 = culprit_shares(incidents, points, faults, step)
+    by_incidents.culprit_ranks = culprit_ranks(incidents, points, faults, step)
+    by_incidents.culprit_top1, by_incidents.culprit_top3 = top_shares(by_incidents.culprit_ranks)
+    for i, rank in enumerate(by_incidents.culprit_ranks):
+        if rank is not None:
+            by_incidents.per_fault[i] += f", culprit #{rank + 1}"
     if background is not None:
         cells = background.cells(buckets, step)
         by_points.background = cells.point_alarms(_cells(alarms, step).bucket_ts)
@@ -521,6 +544,10 @@ def _share(value: float | None) -> str:
     return "-" if value is None else f"{value:.0%}"
 
 
+def _culprit(share: float | None, visible_share: float | None, visible: int | None) -> str:
+    return _share(share) if visible is None or share is None else f"{_share(share)} ({_share(visible_share)})"
+
+
 def fault_report(evaluation: FaultEvaluation) -> str:
     """Every detector side by side, then each fault with each detector's verdict, then the
     unobservable faults."""
@@ -537,8 +564,8 @@ def fault_report(evaluation: FaultEvaluation) -> str:
             f"{s.median_delay_s:.0f}",
             f"{s.points_per_free_minute:.2f}",
             f"{s.free_minutes_alarmed:.0%}",
-            _share(s.culprit_top1),
-            _share(s.culprit_top3),
+            _culprit(s.culprit_top1, s.culprit_top1_visible, s.visible),
+            _culprit(s.culprit_top3, s.culprit_top3_visible, s.visible),
             "-" if s.visible is None else f"{s.detected_visible} / {s.visible}",
             "-" if s.background is None or s.background.per_day is None else f"{s.background.per_day:.1f}",
             "-" if s.background is None else _share(s.background.real_share),
@@ -546,7 +573,8 @@ def fault_report(evaluation: FaultEvaluation) -> str:
         for s in scores
     ]
     headers = ["detector", "faults", "detected", "by chance", "above chance", "median delay s"]
-    headers += ["alarms / fault-free min", "fault-free min alarmed", "culprit top-1", "culprit top-3"]
+    headers += ["alarms / fault-free min", "fault-free min alarmed"]
+    headers += ["culprit top-1 (visible)", "culprit top-3 (visible)"]
     headers += ["visible detected", "false / day (fill)", "real fault-free min alarmed"]
     visible = "visible" in evaluation.faults
     per = [

@@ -21,11 +21,18 @@ champion; its artifact `trace_model.json`). After TraceAnomaly / GTrace / TraceV
   from the training traces cut into windows: windows above the 75th percentile of the per-window
   rate are left out before pooling (add-one smoothed), so unlabelled incidents in the history
   (up to a quarter of the windows) do not inflate it. `tasks.scoring.evidence` tests new windows
-  against it.
+  against it. Where most windows hold no surprising trace this leaves out every normal one too and
+  the rate reads as the add-one floor: the window test then asks for `MIN_SURPRISING` traces and
+  the alarm policy's calibration does the rest (an estimate that keeps them was measured and not
+  adopted: README, "Evaluation").
 - **Blame.** In a surprising trace, the surprising calls with no surprising call below them are
   where it starts; a slow or fast call whose extra time is mostly one child's passes the blame down
   to it ("follow the time"). Each blamed call names its callee as culprit (a slow callee, a callee
-  that stopped calling downstream, a delayed link into it), and a missing child its own callee too.
+  that stopped calling downstream, a delayed link into it), and a missing child its own callee too;
+  a link slow at its caller's end (the link into the caller, or most of its other links, slow as
+  well: a network delay or a busy CPU at the caller) names the caller. A trace weighs its surprise
+  (-log10 p), shared among its blamed calls by theirs (MicroRank, TraceRCA: rank where the change
+  is localized, weighted by how far outside normal it is).
 
 Input rows (one per call, `tasks.patterns.trace_calls.TRACE_CALLS_SQL`): trace_id, call_id,
 parent_call_id, node, parent_node, callee, rt_ms, server_rt_ms, self_ms, shape_id, root_ts.
@@ -52,7 +59,10 @@ TRIM_QUANTILE = 0.75  # calibration pools the windows up to this quantile of the
 FIT_WINDOW_S = 60  # the windows the robust fit compares (one minute of history each)
 FORMAT_VERSION = 2
 TRACE_MODEL_ARTIFACT = "trace_model"  # the artifact (and file stem) in a model version
+LN10 = math.log(10)  # structural surprise is in nats; blame weighs -log10 p
 FOLLOW_SHARE = 0.5  # blame moves to a child carrying at least this share of its parent's extra time
+SIBLING_SHARE = 0.5  # a link is slow at its caller's end when more than this share of the caller's others are
+RT, SERVER, GAP = 0, 1, 2  # columns of the extra times (`_extra_ms`), as in LAT_FEATURES
 
 
 def positions(calls: pd.DataFrame) -> pd.Series:
@@ -206,8 +216,7 @@ class TraceModel:
         params = self._params(calls, pos_codes, pos_names)
         p_call, feature, tests = self._latency_p(calls, params)
         structure, missing = self._structure(pos_codes, pos_names, parent_row)
-        usual_rt = np.expm1(params[:, 0, 1])  # the call's median client latency, ms
-        extra = np.nan_to_num(calls["rt_ms"].to_numpy(float) - usual_rt)
+        extra = _extra_ms(calls, params)
         frame = pd.DataFrame(
             {"trace_id": calls["trace_id"], "root_ts": calls["root_ts"], "p": p_call, "t": tests, "s": structure}
         )
@@ -219,9 +228,13 @@ class TraceModel:
         traces["surprising"] = (traces["latency_p"] < self.trace_p) | (traces["structure_s"] >= self.structure_cut)
         # a call counts for blame when it alone would make its trace surprising
         tests_of_trace = per_trace["t"].transform("sum").to_numpy()
-        lat_hit = p_call * np.maximum(tests_of_trace, 1) < self.trace_p
+        lat_p = p_call * np.maximum(tests_of_trace, 1)
+        lat_hit = lat_p < self.trace_p
         struct_hit = structure >= self.structure_cut
-        blame = _blame(calls, lat_hit | struct_hit, lat_hit, feature, missing, extra, parent_row)
+        surprise = np.maximum(
+            np.where(lat_hit, -np.log10(np.clip(lat_p, 1e-300, 1.0)), 0.0), np.where(struct_hit, structure / LN10, 0.0)
+        )
+        blame = _blame(calls, lat_hit | struct_hit, lat_hit, feature, missing, extra, parent_row, surprise)
         out = traces.reset_index()[["trace_id", "root_ts", "latency_p", "structure_s", "surprising"]]
         return TraceScores(out, blame)
 
@@ -372,6 +385,13 @@ def _child_positions(calls: pd.DataFrame, pos: pd.Series) -> pd.DataFrame:
     )
 
 
+def _extra_ms(calls: pd.DataFrame, params: np.ndarray) -> np.ndarray:
+    """[calls, EXTRA]: how much longer than its median each call's client latency, its callee's
+    own (server) latency and the link between them (gap) took, ms (0 where unmodelled)."""
+    feats = np.expm1(latency_features(calls)[:, :3])  # rt, server, gap, as LAT_FEATURES
+    return np.nan_to_num(feats - np.expm1(params[:, :3, 1]))
+
+
 def _blame(
     calls: pd.DataFrame,
     hit: np.ndarray,
@@ -380,11 +400,15 @@ def _blame(
     missing: pd.DataFrame,
     extra: np.ndarray,
     parent_row: np.ndarray,
+    surprise: np.ndarray,
 ) -> pd.DataFrame:
-    """The surprising calls with no surprising call below them, one weight per trace split among
-    them. A slow (or fast) call whose time is mostly one child's extra time passes the blame down
-    to it ("follow the time": a delayed link or a busy callee below a call that looks normal on its
-    own). Each blamed call names its callee as culprit (and a missing child's callee beside it)."""
+    """The surprising calls with no surprising call below them, each trace's weight (its surprise,
+    -log10 p of its most surprising call) shared among them in proportion to their own surprise:
+    a trace far outside normal outweighs several barely surprising ones. A slow (or fast) call
+    whose time is mostly one child's extra time passes the blame down to it ("follow the time": a
+    delayed link or a busy callee below a call that looks normal on its own). Each blamed call
+    names its callee as culprit (and a missing child's callee beside it), except a link slow at
+    its caller's end, which names the caller (`_link_end`)."""
     below = np.zeros(len(calls), dtype=bool)  # has a surprising descendant
     frontier = np.flatnonzero(hit)
     for _ in range(256):
@@ -394,15 +418,20 @@ def _blame(
             break
         below[frontier] = True
     start = np.flatnonzero(hit & ~below)
-    rows = np.where(lat_hit[start], _follow_time(parent_row, extra, start), start)
+    rows = np.where(lat_hit[start], _follow_time(parent_row, extra[:, RT], start), start)
     followed = rows != start
     kind = np.where(followed, "time", np.where(lat_hit[start], np.asarray(LAT_FEATURES)[feature[start]], "structure"))
+    upstream = lat_hit[start] & _link_end(calls, extra, parent_row, rows)
+    culprit = _take(calls, "callee", rows)
+    culprit[upstream] = _take(calls, "callee", parent_row[rows[upstream]])
+    kind = np.where(upstream, "link", kind)
     out = pd.DataFrame(
         {
             "trace_id": _take(calls, "trace_id", rows),
             "node": _take(calls, "node", rows),
-            "culprit": _take(calls, "callee", rows),
+            "culprit": culprit,
             "kind": kind,
+            "surprise": surprise[start],
         }
     )
     gone = missing[missing["row"].isin(start)]
@@ -413,11 +442,65 @@ def _blame(
                 "node": _take(calls, "node", gone["row"].to_numpy()),
                 "culprit": [split_callee(c) for c in gone["child_pos"]],
                 "kind": "missing",
+                "surprise": surprise[gone["row"].to_numpy()],
             }
         )
         out = pd.concat([out, extra_rows], ignore_index=True)
     out = out.drop_duplicates(["trace_id", "node", "culprit"])
-    out["weight"] = 1.0 / out.groupby("trace_id")["trace_id"].transform("size")
+    per_trace = out.groupby("trace_id")["surprise"]
+    out["weight"] = per_trace.transform("max") * out["surprise"] / per_trace.transform("sum")
+    return out.drop(columns="surprise")
+
+
+def _link_end(calls: pd.DataFrame, extra: np.ndarray, parent_row: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Which blamed calls X->Y are slow at X's end rather than Y's: slow in the link (its extra gap
+    above Y's own extra time), while X's other links are slow too. A network delay on X's pod holds
+    X's replies and its requests alike; a busy X is slow to send and to read. So either the link
+    into X (its entry call, above X's internal spans) carries at least FOLLOW_SHARE of this call's
+    extra gap, or most of X's calls to other services in the trace do. A delay at Y's end leaves
+    X's other links alone: Y stays the culprit."""
+    gap = extra[rows, GAP]
+    link = (gap > 0) & (gap > extra[rows, SERVER]) & (parent_row[rows] >= 0)
+    out = np.zeros(len(rows), dtype=bool)
+    if not link.any():
+        return out
+    callee = calls["callee"].to_numpy(dtype=object)
+    caller = np.full(len(callee), None, dtype=object)  # the service making each call (None at roots)
+    caller[parent_row >= 0] = callee[parent_row[parent_row >= 0]]
+    slow = rows[link]
+    entry = _entry_calls(callee, caller, parent_row, parent_row[slow])
+    upstream = extra[entry, GAP] >= FOLLOW_SHARE * gap[link]
+    out[np.flatnonzero(link)] = upstream | _siblings_slow(calls["trace_id"].to_numpy(), callee, caller, extra, slow)
+    return out
+
+
+def _entry_calls(callee: np.ndarray, caller: np.ndarray, parent_row: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """For each call `at` into a service X, the call that entered X above it (climbing X's internal
+    spans to the call from another service, or to the root)."""
+    cur = at.copy()
+    for _ in range(256):
+        up = (caller[cur] == callee[cur]) & (parent_row[cur] >= 0)
+        if not up.any():
+            break
+        cur = np.where(up, parent_row[cur], cur)
+    return cur
+
+
+def _siblings_slow(
+    trace: np.ndarray, callee: np.ndarray, caller: np.ndarray, extra: np.ndarray, slow: np.ndarray
+) -> np.ndarray:
+    """For each slow link X->Y (row in `slow`): X makes calls to other services in the same trace,
+    and more than SIBLING_SHARE of them carry at least FOLLOW_SHARE of this link's extra gap."""
+    mine = pd.DataFrame({"i": np.arange(len(slow)), "trace": trace[slow], "caller": caller[slow], "y": callee[slow]})
+    mine["gap"] = extra[slow, GAP]
+    outgoing = np.flatnonzero((caller != callee) & pd.Series(trace).isin(mine["trace"].unique()).to_numpy())
+    others = pd.DataFrame({"trace": trace[outgoing], "caller": caller[outgoing], "z": callee[outgoing]})
+    others["z_gap"] = extra[outgoing, GAP]
+    pairs = mine.merge(others, on=["trace", "caller"])
+    pairs = pairs[pairs["z"] != pairs["y"]]
+    share = (pairs["z_gap"] >= FOLLOW_SHARE * pairs["gap"]).groupby(pairs["i"]).mean()
+    out = np.zeros(len(slow), dtype=bool)
+    out[share.index[share > SIBLING_SHARE].to_numpy()] = True
     return out
 
 

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from helpers import START, copy_home, shared_file
-from tasks.evaluation.faults import evaluate_faults, load_faults, score_faults
+from tasks.evaluation.faults import FaultScores, evaluate_faults, load_faults, score_faults, top_shares
 from tasks.evaluation.naive import naive_points
 from tasks.warehouse import opened
 
@@ -143,3 +143,17 @@ def test_alarms_cover_their_interval_and_count_from_its_end() -> None:
     assert score_faults("e", early, faults, grid, 5).per_fault == ["missed"]
     both = score_faults("both", pd.concat([bucket, window]), faults, grid, 5)
     assert both.per_fault == ["after 13 s"]
+
+
+def test_the_culprit_is_also_judged_among_the_visible_faults_alone() -> None:
+    """Ranks per fault (None: missed): the shares count detected faults, and `judge_visibility`
+    counts the detected visible ones apart."""
+    scores = FaultScores("rpcwatch incident starts", 4, 3, 0.0, 10.0, 60, 0, 0.0)
+    scores.hits = [True, True, True, False]
+    scores.culprit_ranks = [0, 4, 1, None]
+    scores.culprit_top1, scores.culprit_top3 = top_shares(scores.culprit_ranks)
+    assert (scores.culprit_top1, scores.culprit_top3) == (pytest.approx(1 / 3), pytest.approx(2 / 3))
+    scores.judge_visibility([False, True, True, True])
+    assert (scores.detected_visible, scores.visible) == (2, 3)
+    assert (scores.culprit_top1_visible, scores.culprit_top3_visible) == (0.0, 0.5)
+    assert top_shares([None, None]) == (None, None)

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from helpers import AB, BC
+from helpers import AB, BC, BD
 from helpers import TRACES_START as START
 from helpers import tiny_traces as traces
 from tasks.keys import edge_key, node_key
@@ -81,6 +81,49 @@ def test_blame_follows_the_time_into_a_child_that_looks_normal_on_its_own() -> N
     assert "time" in set(scored.blame["kind"]) or "rt" in set(scored.blame["kind"])
 
 
+def test_a_delayed_link_blames_the_pod_whose_packets_wait() -> None:
+    """A network delay on B's pod holds B's replies to A and B's requests to C and D: the slow calls
+    with nothing slow below them are B->C and B->D, but the link into B is slow too, so B is the
+    culprit (naming the callee, as before, blamed C and D). A delay on C's pod slows only B->C's
+    link: C is the culprit."""
+    history = traces(1800, seed=11)
+    model = TraceModel(trace_p=0.01).fit(history).calibrate(history, window_s=30)
+    on_b = model.score(traces(40, seed=12, delay_b_ms=20.0))
+    assert on_b.traces["surprising"].all()
+    assert set(on_b.blame["culprit"]) == {"B"}
+    assert set(on_b.blame["kind"]) == {"link"}
+    on_c = model.score(traces(40, seed=13, delay_c_ms=20.0))
+    assert on_c.traces["surprising"].all()
+    assert on_c.blame.groupby("culprit")["weight"].sum().idxmax() == "C"
+    assert "link" not in set(on_c.blame["kind"])
+    busy_b = model.score(traces(40, seed=14, busy_b_ms=20.0))  # A->B's link is as ever: B's other link tells
+    assert busy_b.traces["surprising"].all()
+    assert set(busy_b.blame["culprit"]) == {"B"}
+
+
+def with_a_handler_span(calls: pd.DataFrame) -> pd.DataFrame:
+    """B's work inside an internal span B->B (no server side, so no link of its own), as real
+    tracers record a controller: B's calls to C and D hang under it."""
+    handler = node_key("B", "B", "handle", "span")
+    entry = calls[calls["node"] == AB].assign(call_id="1h", parent_call_id="1", node=handler, parent_node=AB)
+    entry = entry.assign(rt_ms=entry["server_rt_ms"] - 0.1, server_rt_ms=np.nan)
+    below = calls["parent_call_id"] == "1"
+    moved = calls.assign(
+        parent_call_id=np.where(below, "1h", calls["parent_call_id"]),
+        parent_node=np.where(below, handler, calls["parent_node"]),
+    )
+    return pd.concat([moved, entry], ignore_index=True)
+
+
+def test_the_link_into_the_caller_is_read_above_its_internal_spans() -> None:
+    """B calls only C (no other link to compare): the delay on B's pod shows on A->B, two spans up."""
+    history = with_a_handler_span(traces(1800, seed=15, drop_d=True))
+    model = TraceModel(trace_p=0.01).fit(history).calibrate(history, window_s=30)
+    on_b = model.score(with_a_handler_span(traces(40, seed=16, drop_d=True, delay_b_ms=20.0)))
+    assert on_b.traces["surprising"].all()
+    assert set(on_b.blame["culprit"]) == {"B"}
+
+
 def test_a_call_repeated_more_than_ever_is_an_amplification(model: TraceModel) -> None:
     batch = traces(5, seed=9)
     extra = batch[batch["node"] == BC].copy()
@@ -129,7 +172,9 @@ def reference_score(model: TraceModel, calls: pd.DataFrame) -> TraceScores:
             if q > 1 - model.trace_p and (row, child) not in present:
                 structure[row] = max(structure[row], -math.log(1 - q))
                 missing.append((row, child, -math.log(1 - q)))
-    extra = np.nan_to_num(calls["rt_ms"].to_numpy(float) - np.expm1(params[:, 0, 1]))
+    rt, server = calls["rt_ms"].to_numpy(float), calls["server_rt_ms"].to_numpy(float)
+    observed = np.stack([rt, server, np.maximum(rt - server, 0.0)], axis=1)
+    extra = np.nan_to_num(observed - np.expm1(params[:, :3, 1]))
     frame = pd.DataFrame(
         {"trace_id": calls["trace_id"], "root_ts": calls["root_ts"], "p": p_call, "t": tests, "s": structure}
     )
@@ -138,10 +183,16 @@ def reference_score(model: TraceModel, calls: pd.DataFrame) -> TraceScores:
     )
     traces["latency_p"] = np.minimum(traces["p_min"] * np.maximum(traces["tests"], 1), 1.0)
     traces["surprising"] = (traces["latency_p"] < model.trace_p) | (traces["structure_s"] >= model.structure_cut)
-    lat_hit = p_call * np.maximum(frame["trace_id"].map(traces["tests"]).to_numpy(), 1) < model.trace_p
-    hit = lat_hit | (structure >= model.structure_cut)
+    lat_p = p_call * np.maximum(frame["trace_id"].map(traces["tests"]).to_numpy(), 1)
+    lat_hit = lat_p < model.trace_p
+    struct_hit = structure >= model.structure_cut
+    surprise = [
+        max(-math.log10(max(p, 1e-300)) if lh else 0.0, s / math.log(10) if sh else 0.0)
+        for p, lh, s, sh in zip(lat_p, lat_hit, structure, struct_hit)
+    ]
     missing_frame = pd.DataFrame(missing, columns=["row", "child_pos", "surprise"])
-    blame = _blame(calls, hit, lat_hit, feature, missing_frame, extra, parent_row)
+    hit = lat_hit | struct_hit
+    blame = _blame(calls, hit, lat_hit, feature, missing_frame, extra, parent_row, np.asarray(surprise))
     return TraceScores(traces.reset_index()[["trace_id", "root_ts", "latency_p", "structure_s", "surprising"]], blame)
 
 
@@ -188,3 +239,15 @@ def test_score_matches_the_call_by_call_reference() -> None:
     assert {"missing", "structure", "rt"} <= set(got.blame["kind"])
     assert (got.traces["structure_s"] > np.log(1800)).any()  # the fan-out
     assert {"C", "D", "E"} <= set(got.blame["culprit"])
+
+
+def test_a_trace_weighs_its_surprise_shared_by_its_blamed_calls() -> None:
+    """B->C at -log10 p = 6 and B->D at 2 in one trace: the trace weighs 6 (its most surprising
+    call), C takes 6 * 6/8, D 6 * 2/8; far outside normal outweighs barely surprising."""
+    calls = traces(1, seed=17)
+    hit = calls["node"].isin([BC, BD]).to_numpy()
+    no_extra = np.zeros((len(calls), 3))
+    missing = pd.DataFrame([], columns=["row", "child_pos", "surprise"])
+    surprise = np.where(calls["node"] == BC, 6.0, np.where(calls["node"] == BD, 2.0, 0.0))
+    blame = _blame(calls, hit, hit, np.zeros(len(calls), dtype=int), missing, no_extra, np.array([-1, 0, 0]), surprise)
+    assert blame.set_index("culprit")["weight"].to_dict() == {"C": pytest.approx(4.5), "D": pytest.approx(1.5)}
