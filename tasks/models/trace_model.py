@@ -214,9 +214,10 @@ class TraceModel:
         pos_codes, pos_names = position_codes(calls)
         parent_row = _parent_rows(calls)
         params = self._params(calls, pos_codes, pos_names)
-        p_call, feature, tests = self._latency_p(calls, params)
+        feats = latency_features(calls)
+        p_call, feature, tests = self._latency_p(feats, params)
         structure, missing = self._structure(pos_codes, pos_names, parent_row)
-        extra = _extra_ms(calls, params)
+        extra = _extra_ms(feats, params)
         frame = pd.DataFrame(
             {"trace_id": calls["trace_id"], "root_ts": calls["root_ts"], "p": p_call, "t": tests, "s": structure}
         )
@@ -258,10 +259,10 @@ class TraceModel:
                     table[i, f] = params
         return table[np.asarray([uniq[k] for k in keys], dtype=int)[pair_codes]]
 
-    def _latency_p(self, calls: pd.DataFrame, params: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per call: the smallest two-sided tail probability over its features (1 where unmodelled),
-        which feature, and how many features were tested."""
-        p = tail_p(latency_features(calls), params)
+    def _latency_p(self, feats: np.ndarray, params: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per call (its `latency_features`): the smallest two-sided tail probability over its
+        features (1 where unmodelled), which feature, and how many features were tested."""
+        p = tail_p(feats, params)
         tested = ~np.isnan(p)
         p = np.where(tested, p, 1.0)
         return p.min(axis=1), p.argmin(axis=1), tested.sum(axis=1)
@@ -385,11 +386,11 @@ def _child_positions(calls: pd.DataFrame, pos: pd.Series) -> pd.DataFrame:
     )
 
 
-def _extra_ms(calls: pd.DataFrame, params: np.ndarray) -> np.ndarray:
-    """[calls, EXTRA]: how much longer than its median each call's client latency, its callee's
-    own (server) latency and the link between them (gap) took, ms (0 where unmodelled)."""
-    feats = np.expm1(latency_features(calls)[:, :3])  # rt, server, gap, as LAT_FEATURES
-    return np.nan_to_num(feats - np.expm1(params[:, :3, 1]))
+def _extra_ms(feats: np.ndarray, params: np.ndarray) -> np.ndarray:
+    """[calls, (rt, server, gap)]: from the calls' `latency_features`, how much longer than its
+    median each call's client latency, its callee's own (server) latency and the link between them
+    (gap) took, ms (0 where unmodelled)."""
+    return np.nan_to_num(np.expm1(feats[:, :3]) - np.expm1(params[:, :3, 1]))
 
 
 def _blame(
