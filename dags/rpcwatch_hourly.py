@@ -33,6 +33,7 @@ whose commit conflicts with another's runs again. Rerunning a run replaces exact
 
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 from typing import Any  # stdlib and Airflow only: the DAG file imports nothing heavy when parsed
 
@@ -66,19 +67,32 @@ def _stage(name: str, upstream: Any = None) -> Any:
     from airflow.sdk.exceptions import AirflowFailException
 
     from tasks import pipeline
+    from tasks.app.airflow_env import quiet_libraries
     from tasks.ingest.validate import BatchValidationError
     from tasks.settings import load_settings
+
+    quiet_libraries()
 
     context = get_current_context()
     hour = context["data_interval_start"]
     if hour is None:
         raise RuntimeError("an rpcwatch run needs a data interval (the hour it covers)")
     forced = frozenset(k for k, v in (context.get("params") or {}).items() if k in PARAMS and v)
-    run = pipeline.Run(load_settings(), hour, say=print, forced=forced)
+    run = pipeline.Run(load_settings(), hour, say=logging.getLogger("rpcwatch").info, forced=forced)
     try:
-        return pipeline.call(pipeline.stage(name), run, upstream)
+        result = pipeline.call(pipeline.stage(name), run, upstream)
     except BatchValidationError as exc:
         raise AirflowFailException(str(exc)) from exc
+    for asset in context["task"].outlets:  # a downstream DAG reads which hour was published, and what
+        context["outlet_events"][asset].extra = {"hour": hour.isoformat(), **_counts(result)}
+    return result
+
+
+def _counts(result: Any) -> dict[str, Any]:
+    """A stage result's numbers, for an asset event's `extra` (lists as their length)."""
+    if isinstance(result, dict):
+        return {k: (len(v) if isinstance(v, list | dict) else v) for k, v in result.items()}
+    return {"count": result} if isinstance(result, int) else {}
 
 
 def _check_against_the_stages(produced: list[Any]) -> None:

@@ -20,6 +20,7 @@ import pandas as pd
 import pytest
 
 from helpers import REPO, START, Receiver
+from tasks.app.airflow_env import QUIET_LOGGERS
 from tasks.app.stack import AirflowApi
 
 pytestmark = pytest.mark.airflow
@@ -183,6 +184,64 @@ def test_an_hour_triggered_through_the_rest_api_runs_under_the_scheduler_and_is_
     assert ("svc-vault", "/admin/export", "novel_rpc") in novel, "the lateral movement landed as an anomaly"
     alerts = [p["text"] for p in receiver.posted]
     assert any("svc-vault" in text and "/rpcwatch/" in text for text in alerts), alerts
+
+
+def _log_records(folder: Path) -> list[dict]:
+    """The JSON lines of a task's log files (every attempt), as Airflow 3 writes them."""
+    records = []
+    for path in sorted(folder.glob("attempt=*.log")):
+        for line in path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                records.append({"event": line, "level": "?", "logger": "?"})
+    return records
+
+
+def _triggered_run(api: AirflowApi) -> dict:
+    [run] = [r for r in api.runs() if r["logical_date"] == _iso(TRIGGERED)]
+    return run
+
+
+def test_the_triggered_hours_task_logs_say_what_each_stage_did(stack):
+    """Every task's log holds rpcwatch's own lines at INFO, ending on its summary; libraries'
+    INFO chatter (Great Expectations registering its docs, MLflow's table migrations) is not there,
+    and nothing is filed as an error."""
+    run = _triggered_run(stack["api"])
+    folder = stack["home"] / "airflow" / "logs" / "dag_id=rpcwatch_hourly" / f"run_id={run['dag_run_id']}"
+    for task in ("ingest", "validate", "aggregate", "patterns", "stale", "record", "score", "publish", "alert"):
+        records = _log_records(folder / f"task_id={task}")
+        ours = [r for r in records if r.get("logger") == "rpcwatch"]
+        assert ours and all(r["level"] == "info" for r in ours), (task, records[-5:])
+        chatter = [r for r in records if str(r.get("logger")).split(".")[0] in QUIET_LOGGERS and r["level"] == "info"]
+        assert not chatter, (task, chatter[:3])
+        errors = [r for r in records if r.get("level") == "error"]
+        assert not errors, (task, errors)
+    trainings = list((folder.parent).glob("run_id=backfill__*/task_id=train/**/attempt=*.log"))
+    assert trainings, "the backfilled hours trained models"
+    for path in trainings:  # MLflow's registry news ("Created version ...") is not filed as an error
+        records = _log_records(path.parent)
+        assert not [r for r in records if r.get("level") == "error"], (path, records[-5:])
+        assert any(r.get("logger") == "rpcwatch" and " -> " in str(r.get("event")) for r in records), path
+    score = [r["event"] for r in _log_records(folder / "task_id=score") if r.get("logger") == "rpcwatch"]
+    assert "scored" in score[-1] and "incidents" in score[-1], score
+    alert = [r["event"] for r in _log_records(folder / "task_id=alert") if r.get("logger") == "rpcwatch"]
+    assert "posted" in alert[-1], alert
+
+
+def test_the_published_assets_say_which_hour_they_hold(stack):
+    """A downstream DAG scheduled on an rpcwatch Asset reads the hour (and the counts) in `extra`."""
+    run = _triggered_run(stack["api"])
+    events = stack["api"].call("GET", "/api/v2/assets/events?limit=100&order_by=-timestamp")["asset_events"]
+    mine = {e["uri"]: e["extra"] for e in events if e.get("source_run_id") == run["dag_run_id"]}
+    assert set(mine) == {
+        "rpcwatch://registry/champions",
+        "rpcwatch://warehouse/anomalies",
+        "rpcwatch://analytics/snapshot",
+    }
+    assert all(extra["hour"].startswith(_iso(TRIGGERED)[:13]) for extra in mine.values()), mine
+    anomalies = mine["rpcwatch://warehouse/anomalies"]
+    assert anomalies["anomalies"] >= 1 and anomalies["incidents"] >= 1 and anomalies["scored"] >= 1, anomalies
 
 
 def test_the_view_serves_the_triggered_hour_with_its_pictures_to_a_logged_in_user(stack):

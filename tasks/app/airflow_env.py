@@ -18,6 +18,18 @@ REPO = Path(__file__).resolve().parents[2]  # tasks/app/airflow_env.py -> the re
 
 
 SIMPLE_AUTH_MANAGER = "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager"
+# libraries whose INFO lines say nothing an operator acts on (docs registration, temporary folders,
+# table creation, HTTP requests): at WARNING in task logs
+QUIET_LOGGERS = ("great_expectations", "alembic", "sqlalchemy", "mlflow", "httpx", "urllib3", "filelock", "fsspec")
+
+
+def quiet_libraries() -> None:
+    """Set the libraries' loggers to WARNING in this process. Airflow's `namespace_levels` (set
+    too, for its own processes) filters its structlog loggers; a task's stdlib loggers pass it."""
+    import logging
+
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def airflow_env(settings: Settings, base: dict[str, str] | None = None) -> dict[str, str]:
@@ -41,7 +53,12 @@ def airflow_env(settings: Settings, base: dict[str, str] | None = None) -> dict[
     env.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
     if not (explicit and _in_airflow_cfg(home, "database", "sql_alchemy_conn")):
         env.setdefault("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", f"sqlite:///{home / 'airflow.db'}")
-    env.setdefault("AIRFLOW__LOGGING__LOGGING_LEVEL", "WARNING")
+    # task logs at INFO: every stage says what it did and ends on a summary line (a logger,
+    # `rpcwatch`); libraries' chatter at WARNING; MLflow's lines through Airflow's handlers at their
+    # own level (MLflow's own handler writes to stderr, which a task log files as ERROR)
+    env.setdefault("AIRFLOW__LOGGING__LOGGING_LEVEL", "INFO")
+    env.setdefault("AIRFLOW__LOGGING__NAMESPACE_LEVELS", " ".join(f"{name}=WARNING" for name in QUIET_LOGGERS))
+    env.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
     env.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # bar redraws in task logs help nobody
     # `airflow standalone` / `airflow api-server` on a dev machine: loopback only, one API worker,
     # 4 LocalExecutor processes (Airflow's defaults: 0.0.0.0, 4 API workers, 32 task processes forked

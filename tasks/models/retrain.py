@@ -59,9 +59,9 @@ def plan_training(
             for s in stale
         ]
     for job in jobs:
-        log.info("pattern %s is stale: %s", job.pattern_id, ", ".join(job.reasons))
+        log.debug("pattern %s is stale: %s", job.pattern_id, ", ".join(job.reasons))  # the stage says it
     if not jobs:
-        log.info("nothing is stale at %s: no model to train", hour)
+        log.debug("nothing is stale at %s: no model to train", hour)
     return jobs
 
 

@@ -21,9 +21,12 @@ process) or `rpcwatch.launched_by=cli`, and the hour it was trained for (`tasks.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import math
+import sys
 import tempfile
 import time
 from dataclasses import asdict
@@ -76,6 +79,27 @@ PIP_REQUIREMENTS = ["torch==2.13.0", "torch-geometric==2.8.1", "numpy", "scipy"]
 ARCHITECTURE = "STGCN(temporal gated conv -> GCNConv -> temporal gated conv) x blocks"
 # TraceModel.calibration's keys, logged as trace_<key> by every run (NaN without a trace model)
 TRACE_METRICS = ("traces", "windows", "windows_kept", "raw_rate", "rate")
+
+
+class LinesToLog(io.TextIOBase):
+    """A text stream whose lines go to `logger` at INFO. MLflow prints its registry news ("Created
+    version '3' of model ...") to stderr, and a task log files every stderr line as an ERROR."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self.logger, self.pending, self.busy = logger, "", False
+
+    def write(self, text: str) -> int:
+        if self.busy:  # a handler writing to the current stderr while we log: let it through, no loop
+            return sys.__stderr__.write(text) if sys.__stderr__ else len(text)
+        *lines, self.pending = (self.pending + text).split("\n")
+        self.busy = True
+        try:
+            for line in lines:
+                if line.strip():
+                    self.logger.info(line.strip())
+        finally:
+            self.busy = False
+        return len(text)
 
 
 # --- the artifact folder of a version: written here, read by scoring, plots and the pyfunc model ----
@@ -440,7 +464,8 @@ def register_fitted(
         decision, why = decide(mlflow, client, fitted)
         tags = version_tags(fitted, trained_for, (decision, why), run.info.run_id, reason, artifacts)
         describe_registered_model(client, name, model_description(data, fitted.cfg))
-        version = mlflow.register_model(info.model_uri, name, tags=tags).version  # links the logged model too
+        with contextlib.redirect_stderr(LinesToLog(log)):  # MLflow's registry news, not errors
+            version = mlflow.register_model(info.model_uri, name, tags=tags).version  # links the logged model too
         description = version_description(fitted, trained_for, reason, (decision, why), run_tags, trace)
         client.update_model_version(name, version, description=description)
         move_aliases(client, name, int(version), decision)

@@ -178,7 +178,7 @@ def patterns_hour(settings: Settings, hour: datetime, force: bool = False) -> Pa
         _record_run(con, report)
         con.execute("COMMIT")
     for line in report.lines():
-        log.info(line)
+        log.debug(line)  # the stage says them (tasks.pipeline)
     return report
 
 

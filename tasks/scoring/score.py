@@ -261,5 +261,5 @@ def score_hour(settings: Settings, hour: datetime) -> ScoreReport:
         )
         con.execute("COMMIT")
     report.seconds = time.perf_counter() - started
-    log.info(report.line())
+    log.debug(report.line())  # the stage says it (tasks.pipeline)
     return report

@@ -122,3 +122,34 @@ def test_a_retrain_fine_tunes_the_champion_and_skips_the_twin(trained, tmp_path)
     cold_run = client.get_run(cold.run_id)
     assert cold_run.data.params["warm_start"].startswith("off")
     assert math.isfinite(cold_run.data.metrics["no_graph_mape_calls"])
+
+
+def test_mlflow_s_registry_news_goes_to_the_log_at_info_not_to_stderr(caplog) -> None:
+    """MLflow prints "Created version ..." to stderr, which a task log files as ERROR: while a
+    version is registered, stderr's lines go to rpcwatch's log at INFO (partial lines kept until
+    their end; a handler that itself writes to stderr meanwhile does not loop)."""
+    import contextlib
+    import logging
+    import sys
+
+    from tasks.models.training import LinesToLog
+
+    logger = logging.getLogger("tasks.models.training.test")
+
+    class ToStderr(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            sys.stderr.write(f"echo {record.getMessage()}\n")
+
+    echo = ToStderr()
+    logger.addHandler(echo)
+    try:
+        with caplog.at_level(logging.INFO, logger=logger.name), contextlib.redirect_stderr(LinesToLog(logger)):
+            print("Registered model 'rpcwatch-pattern-1' already exists.", file=sys.stderr)
+            sys.stderr.write("Created version '2' of ")
+            sys.stderr.write("model 'rpcwatch-pattern-1'.\n")
+    finally:
+        logger.removeHandler(echo)
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("INFO", "Registered model 'rpcwatch-pattern-1' already exists."),
+        ("INFO", "Created version '2' of model 'rpcwatch-pattern-1'."),
+    ]
