@@ -79,9 +79,9 @@ trainticket-dirty: setup
 airflow: setup
 	$(BIN)/rpcwatch airflow standalone
 
-# The local stack, detached: Airflow (scheduler, DAG processor, API server with the rpcwatch view) on
-# 127.0.0.1:8080 and an MLflow server on 127.0.0.1:5000, both on the home (RPCWATCH_HOME, default
-# .rpcwatch); prints the URLs and how to log in. `make down` stops both, nothing left running.
+# The local stack, detached: Airflow (scheduler, DAG processor, API server with the rpcwatch view,
+# triggerer) on 127.0.0.1:8080 and an MLflow server on 127.0.0.1:5000, both on the home (RPCWATCH_HOME,
+# default .rpcwatch); prints the URLs and how to log in. `make down` stops both, nothing left running.
 up: setup
 	$(BIN)/rpcwatch up
 

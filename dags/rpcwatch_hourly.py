@@ -4,7 +4,10 @@
 **One hour rule:** the run for hour H has logical date H and data interval [H, H+1), however it
 was started: scheduled, caught up, backfilled (`airflow backfill create --dag-id rpcwatch_hourly
 --from-date A --to-date B`), triggered in the UI or the REST API with logical date H, or `airflow
-dags test rpcwatch_hourly H` (the `HourTimetable` of plugins/rpcwatch_hour.py).
+dags test rpcwatch_hourly H` (the `HourTimetable` of plugins/rpcwatch_hour.py). Its run id names
+the hour: `scheduled__2026-01-01T08:00Z` processes 08:00-09:00 UTC. A trigger that is not one of
+the DAG's hours (not a whole hour, outside `RPCWATCH_START .. RPCWATCH_END`, not ended yet) is
+refused before any run exists, saying why.
 
 For its hour the run **ingests** the trace files that arrived into the DuckDB warehouse,
 **validates** them (Great Expectations + DuckDB row checks; bad rows to `quarantine`, a bad batch
@@ -18,8 +21,12 @@ instead of DuckDB), **records** them, **scores** the hour against the champions 
 incidents (`RPCWATCH_ALERT_WEBHOOK`). Any task failure is posted there too.
 
 Scheduling: hourly from `RPCWATCH_START` (until `RPCWATCH_END` when set); hours missed while the
-scheduler was down are caught up oldest first, one run at a time. Params rerun a stage's work for
-the hour: `force_ingest`, `recluster`, `force_retrain` (trigger with config, or clear a task).
+scheduler was down are caught up oldest first, one run at a time. **Rerun an hour** by clearing its
+run (the scheduler reruns it after the active one), or `rpcwatch rerun --hour H [--force-ingest]
+[--recluster] [--force-retrain]` (clears it, or replaces it when the params differ, through the REST
+API). A paused DAG runs nothing, cleared runs included: while this one is paused, `rpcwatch rerun`
+runs the hour as a run of `rpcwatch_rerun` (same tasks, never scheduled) instead of unpausing,
+which would also catch up every missing hour.
 Transient failures are retried with exponential backoff; every task has a timeout, the run 2 h.
 The stages publish Assets (`rpcwatch://registry/champions`, `rpcwatch://warehouse/anomalies`,
 `rpcwatch://analytics/snapshot`) that other DAGs may be scheduled on.
@@ -41,7 +48,7 @@ import pendulum
 from airflow.sdk import Asset, Param, dag, get_current_context, task
 
 from rpcwatch_alerts import RpcwatchFailureNotifier  # dags/: a failed task (after its retries) is posted
-from rpcwatch_hour import HourTimetable  # plugins/ (Airflow puts it on sys.path): the one hour rule
+from rpcwatch_hour import HourRerunTimetable, HourTimetable  # plugins/ (on Airflow's sys.path): one hour rule
 
 # What the stages publish, for DAGs of other teams to be scheduled on (e.g. `schedule=[SNAPSHOT]`).
 CHAMPIONS = Asset("rpcwatch://registry/champions")  # MLflow champions, mirrored in DuckDB `models`
@@ -188,25 +195,64 @@ def alert(published: dict) -> dict:
 
 
 SETTINGS = _settings()
+FIRST, LAST = _hour(SETTINGS.start), _hour(SETTINGS.end)  # the DAG's hours: RPCWATCH_START .. RPCWATCH_END
+
+
+def _shared() -> dict[str, Any]:
+    """What both DAGs are given: their hours, one run at a time, the params, the writer pool,
+    retries and failure posts (fresh objects for each DAG)."""
+    return {
+        "start_date": FIRST,
+        "end_date": LAST,
+        "max_active_runs": 1,
+        "dagrun_timeout": timedelta(hours=2),
+        "params": dict(PARAMS),
+        "tags": ["rpcwatch"],
+        # every task but `train` writes the warehouse: one writer at a time on the file (the pool's
+        # size follows RPCWATCH_WAREHOUSE: Settings.writer_slots)
+        "default_args": {"pool": SETTINGS.airflow_pool, **RETRIES, "on_failure_callback": RpcwatchFailureNotifier()},
+    }
+
+
+RERUN_DOC = """
+### rpcwatch_rerun
+
+Reruns of `rpcwatch_hourly`'s hours **while that DAG is paused** (a paused DAG runs nothing, cleared
+runs included, and unpausing it would also catch up every missing hour). Never scheduled and never
+paused: it runs only what `rpcwatch rerun --hour H` asks for (a run of logical date H, run id
+`manual__<H>Z`), with the same tasks, params, pool and one hour rule as `rpcwatch_hourly`. The
+paused DAG's own run for H keeps its state; a note on it names the rerun.
+"""
 
 
 @dag(
     dag_id="rpcwatch_hourly",
-    schedule=HourTimetable(),
-    start_date=_hour(SETTINGS.start),
-    end_date=_hour(SETTINGS.end),
+    schedule=HourTimetable(FIRST, LAST),
     catchup=SETTINGS.catchup,  # True (default): hours missed while down run oldest first, one at a time
-    max_active_runs=1,
-    dagrun_timeout=timedelta(hours=2),
-    params=PARAMS,
-    tags=["rpcwatch"],
     doc_md=__doc__,
-    # every task but `train` writes the warehouse: one writer at a time on the file (the pool's size
-    # follows RPCWATCH_WAREHOUSE: Settings.writer_slots)
-    default_args={"pool": SETTINGS.airflow_pool, **RETRIES, "on_failure_callback": RpcwatchFailureNotifier()},
+    **_shared(),
 )
 def rpcwatch_hourly() -> None:
     """The stages in the order of `tasks.pipeline.STAGES`, each taking the previous one's result."""
+    _pipeline()
+
+
+@dag(
+    dag_id="rpcwatch_rerun",
+    schedule=HourRerunTimetable(FIRST, LAST),
+    catchup=False,
+    is_paused_upon_creation=False,  # it runs only the hours asked for: nothing to hold back
+    allowed_run_types=["manual"],  # type: ignore[list-item]  # converted to DagRunType (not public in airflow.sdk)
+    doc_md=RERUN_DOC,
+    **_shared(),
+)
+def rpcwatch_rerun() -> None:
+    """The same stages as rpcwatch_hourly, for the hours `rpcwatch rerun` asks for while it is paused."""
+    _pipeline()
+
+
+def _pipeline() -> None:
+    """Wire the stages in the order of `tasks.pipeline.STAGES` into the DAG being defined."""
     # Each call returns the task's future result (an XComArg) that the next task takes. Airflow's
     # stubs type a task call with the function's own parameters (dict, ...), not XComArg: a stub
     # gap, hence the ignores.
@@ -225,3 +271,4 @@ def rpcwatch_hourly() -> None:
 
 
 hourly = rpcwatch_hourly()
+rerun = rpcwatch_rerun()

@@ -23,9 +23,12 @@ from tasks.settings import Lake
 
 log = logging.getLogger(__name__)
 
-# the analysts' view, in the warehouse and in the published snapshot (tasks.publish): defined once here
+# the analysts' view, in the warehouse and in the published snapshot (tasks.publish): defined once here.
+# The window `since=6h` of the Airflow view and `rpcwatch anomalies`, fixed: 6 hours back from the newest
+# scored data (the newest irregular point, incident end or scored bucket: tasks.app.view.newest_scored)
 RECENT_ANOMALIES_SQL = """
-    SELECT * FROM anomalies WHERE bucket_ts >= (SELECT max(bucket_ts) FROM anomalies) - INTERVAL 6 HOUR
+    SELECT * FROM anomalies WHERE bucket_ts >= greatest((SELECT max(bucket_ts) FROM anomalies),
+        (SELECT max(end_ts) FROM incidents), (SELECT max(bucket_ts) FROM forecasts)) - INTERVAL 6 HOUR
     ORDER BY bucket_ts DESC, score DESC"""
 
 SCHEMA = (
@@ -140,6 +143,32 @@ CREATE TABLE IF NOT EXISTS incidents (
 );
 ALTER TABLE incidents ADD COLUMN IF NOT EXISTS culprits VARCHAR[];
 ALTER TABLE incidents ADD COLUMN IF NOT EXISTS evidence VARCHAR;
+-- added later: the group its runs were formed in (a pattern id, or `novel:<caller>`), and the ids it
+-- held before (an incident keeps the id it was first stored with: tasks.scoring.incidents)
+ALTER TABLE incidents ADD COLUMN IF NOT EXISTS incident_group VARCHAR;
+ALTER TABLE incidents ADD COLUMN IF NOT EXISTS aliases VARCHAR[];
+-- one row per incident and RPC, for plain SQL: rebuilt with `incidents`
+CREATE TABLE IF NOT EXISTS incident_rpcs (
+    incident_id VARCHAR NOT NULL, start_ts TIMESTAMP, end_ts TIMESTAMP, pattern_id INTEGER,
+    node VARCHAR NOT NULL, caller VARCHAR, callee VARCHAR, interface VARCHAR, kinds VARCHAR[],
+    points BIGINT, peak_score DOUBLE, culprit VARCHAR, culprit_rank INTEGER
+);
+-- what people did (tasks.triage.actions): append-only, with who and when; an incident's state is its
+-- latest mark and whether anyone acknowledged it
+CREATE TABLE IF NOT EXISTS incident_actions (
+    action_id VARCHAR NOT NULL, incident_id VARCHAR NOT NULL, action VARCHAR NOT NULL, mark VARCHAR,
+    note VARCHAR, actor VARCHAR NOT NULL, acted_at TIMESTAMP NOT NULL, start_ts TIMESTAMP,
+    end_ts TIMESTAMP, patterns INTEGER[], nodes VARCHAR[]
+);
+CREATE TABLE IF NOT EXISTS silences (
+    silence_id VARCHAR NOT NULL, service VARCHAR, rpc VARCHAR, starts_at TIMESTAMP NOT NULL,
+    ends_at TIMESTAMP NOT NULL, note VARCHAR, actor VARCHAR NOT NULL, created_at TIMESTAMP NOT NULL
+);
+-- every incident the alert step posted (tasks.alerts.webhook): a rerun posts none twice
+CREATE TABLE IF NOT EXISTS alerts_sent (
+    incident_id VARCHAR NOT NULL, sent_at TIMESTAMP NOT NULL, hour TIMESTAMP NOT NULL,
+    destination VARCHAR, peak_score DOUBLE
+);
 CREATE OR REPLACE VIEW recent_anomalies AS """
     + RECENT_ANOMALIES_SQL
     + """;

@@ -85,6 +85,18 @@ def test_the_duckdb_cli_reads_every_published_column(cli, snapshot):
     assert {r["name"]: int(r["n"]) for r in cli_csv(cli, snapshot, sql)} == expected
 
 
+def test_the_pinned_cli_opens_the_snapshot_and_not_the_warehouse(cli, snapshot):
+    """The README's read path: the warehouse beside the snapshot is in DuckDB 2.0's storage format
+    (version 69), which the pinned 1.5 CLI refuses with that reason; the snapshot opens."""
+    warehouse = snapshot.with_name("warehouse.duckdb")
+    assert warehouse.is_file()
+    done = subprocess.run(
+        [str(cli), "-readonly", str(warehouse), "-c", "SELECT 1"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode != 0 and "version number 69" in done.stderr and "between 64 and 68" in done.stderr
+    assert cli_csv(cli, snapshot, "SELECT count(*) AS n FROM anomalies") == [{"n": "3"}]
+
+
 def test_the_duckdb_cli_opens_the_snapshot_read_only(cli, settings):
     path = publish(settings)
     done = subprocess.run(

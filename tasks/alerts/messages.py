@@ -126,7 +126,7 @@ def incidents_payload(
     mlflow_url: str,
     max_listed: int = MAX_LISTED,
 ) -> dict[str, Any]:
-    """One message for the incidents that started in `hour` ([start, end)), in the order given
+    """One message for the incidents first posted for `hour` ([start, end)), in the order given
     (strongest first); beyond `max_listed`, a count and a link to the view."""
     title = f"rpcwatch: {len(incidents)} new incident(s) with peak score ≥ {min_score:g}, {utc_span(*hour)}"
     entries = [

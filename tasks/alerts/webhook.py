@@ -5,10 +5,15 @@ or Teams webhook URL carries its secret in the path, so its errors name only the
 are refused (a 30x is an error): following one would turn the POST into a GET without the body,
 and report success for a message nobody got.
 
-`alert_new_incidents` is the pipeline's `alert` step: the incidents that started in the hour with a
-peak score of at least `RPCWATCH_ALERT_MIN_SCORE`, strongest first, as one message. Reads
-`incidents` and `models` (read-only); writes nothing. It imports no heavy module at import time,
-so the failure notifier (dags/rpcwatch_alerts.py) can use `post_json` from any task process.
+`alert_new_incidents` is the pipeline's `alert` step: the incidents going on in the hour (started
+in it, or earlier and still running) with a peak score of at least `RPCWATCH_ALERT_MIN_SCORE` that
+were never posted, strongest first, as one message; each posted one is recorded in `alerts_sent`,
+so a rerun posts nothing twice and an incident that crosses the level later is posted once, then.
+Nothing is posted about an incident people acknowledged, marked false positive or expected, or
+silenced (tasks.triage.actions). Delivery is at least once: a crash between the post and its record
+posts it again on the rerun. Reads `incidents`, `incident_actions`, `silences`, `models`; writes
+`alerts_sent`. It imports no heavy module at import time, so the failure notifier
+(dags/rpcwatch_alerts.py) can use `post_json` from any task process.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import socket
 import ssl
 import threading
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -39,11 +44,16 @@ log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT_S = 10.0
 # incident columns in table order (tasks.scoring.incidents.INCIDENT_COLUMNS, repeated so that this
 # module imports nothing heavy); the values come in as bound parameters only
-NEW_INCIDENTS_SQL = """
-SELECT incident_id, start_ts, end_ts, patterns, nodes, peak_score, kinds, points, culprits, evidence
-FROM incidents
-WHERE start_ts >= $start AND start_ts < $end AND peak_score >= $min_score
+UNSENT_INCIDENTS_SQL = """
+SELECT incident_id, start_ts, end_ts, patterns, nodes, peak_score, kinds, points, culprits, evidence,
+       incident_group, aliases
+FROM incidents i
+WHERE start_ts < $end AND end_ts > $start AND peak_score >= $min_score
+  AND NOT EXISTS (SELECT 1 FROM alerts_sent s
+                  WHERE s.incident_id = i.incident_id OR list_contains(coalesce(i.aliases, []), s.incident_id))
 ORDER BY peak_score DESC, start_ts, incident_id"""
+SENT_SQL = """INSERT INTO alerts_sent (incident_id, sent_at, hour, destination, peak_score)
+VALUES ($id, $at, $hour, $destination, $peak)"""
 # each pattern's champion: the newest version whose decision is `champion` (as tasks.models.registry)
 CHAMPION_VERSIONS_SQL = """
 SELECT pattern_id, max(model_version) FROM models
@@ -143,15 +153,25 @@ def _naive_utc(value: datetime) -> datetime:
     return naive_utc(value) if value.tzinfo else value
 
 
-def new_incidents(
+def unsent_incidents(
     con: duckdb.DuckDBPyConnection, hour_start: datetime, hour_end: datetime, min_score: float
 ) -> list[Incident]:
-    """Incidents that started in [hour_start, hour_end) with peak score >= `min_score`, strongest
-    first (ties: earliest, then by id)."""
+    """Incidents going on in [hour_start, hour_end) with peak score >= `min_score` that were never
+    posted (under their id or one they absorbed), strongest first (ties: earliest, then by id)."""
     from tasks.scoring.incidents import Incident
 
     params = {"start": _naive_utc(hour_start), "end": _naive_utc(hour_end), "min_score": float(min_score)}
-    return [Incident.from_row(row) for row in con.execute(NEW_INCIDENTS_SQL, params).fetchall()]
+    return [Incident.from_row(row) for row in con.execute(UNSENT_INCIDENTS_SQL, params).fetchall()]
+
+
+def to_post(con: duckdb.DuckDBPyConnection, found: list[Incident]) -> tuple[list[Incident], dict[str, str]]:
+    """The incidents people did not quieten (tasks.triage.actions.why_quiet), and why each other one
+    is held back, by id."""
+    from tasks.triage.actions import active_silences, states, why_quiet
+
+    decided, silences = states(con, [i.incident_id for i in found]), active_silences(con)
+    held = {i.incident_id: why for i in found if (why := why_quiet(i, decided.get(i.incident_id), silences))}
+    return [i for i in found if i.incident_id not in held], held
 
 
 def champion_versions(con: duckdb.DuckDBPyConnection, pattern_ids: Sequence[int]) -> dict[int, int]:
@@ -176,21 +196,26 @@ def alert_new_incidents(
         return 0
     from tasks.warehouse import opened
 
-    start = hour_floor(hour)
-    with opened(settings.warehouse, read_only=True) as con:
-        found = new_incidents(con, start, start + HOUR, settings.alert_min_score)
-        champions = champion_versions(con, sorted({p for incident in found for p in incident.patterns}))
-    if not found:
-        say(f"no incident started at {start:%Y-%m-%d %H:00} UTC with peak score >= {settings.alert_min_score:g}")
-        return 0
-    payload = incidents_payload(
-        found,
-        champions,
-        hour=(start, start + HOUR),
-        min_score=settings.alert_min_score,
-        airflow_url=settings.airflow_url,
-        mlflow_url=settings.mlflow_url,
-    )
-    post_json(settings.alert_webhook, payload, timeout_s)
-    say(f"posted {len(found)} new incident(s) to the webhook at {host_of(settings.alert_webhook)}")
+    start, host = hour_floor(hour), host_of(settings.alert_webhook)
+    with opened(settings.warehouse) as con:
+        found, held = to_post(con, unsent_incidents(con, start, start + HOUR, settings.alert_min_score))
+        for incident_id, why in held.items():
+            say(f"not posting incident {incident_id}: {why}")
+        if not found:
+            say(f"no new incident at {start:%Y-%m-%d %H:00} UTC with peak score >= {settings.alert_min_score:g}")
+            return 0
+        payload = incidents_payload(
+            found,
+            champion_versions(con, sorted({p for incident in found for p in incident.patterns})),
+            hour=(start, start + HOUR),
+            min_score=settings.alert_min_score,
+            airflow_url=settings.airflow_url,
+            mlflow_url=settings.mlflow_url,
+        )
+        post_json(settings.alert_webhook, payload, timeout_s)
+        sent_at = naive_utc(datetime.now(UTC))
+        for i in found:
+            params = {"id": i.incident_id, "at": sent_at, "hour": naive_utc(start), "destination": host}
+            con.execute(SENT_SQL, params | {"peak": i.peak_score})
+    say(f"posted {len(found)} new incident(s) to the webhook at {host}")
     return len(found)

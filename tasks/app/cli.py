@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from tasks.app.commands import models, results, stages, tools
+from tasks.app.commands import incidents, models, rerun, results, stages, tools
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,7 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rpcwatch", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = parser.add_subparsers(dest="command", required=True)
-    for commands in (stages, models, results, tools):
+    for commands in (stages, models, results, incidents, tools, rerun):
         commands.register(sub.add_parser)
     return parser
 

@@ -9,11 +9,16 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import duckdb
 
 from tasks.settings import Lake, Settings
+
+if TYPE_CHECKING:
+    from tasks.app.view import Filters, Listing
 
 # C0/C1 controls, and the Unicode line separators and bidi overrides that reorder what a terminal shows
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
@@ -137,19 +142,26 @@ def model_table(settings: Settings) -> tuple[list[str], list[tuple]]:
     return table_of(settings, MODELS_SQL)
 
 
-def anomaly_rows(
-    settings: Settings, since, pattern: int | None = None, limit: int = 50
-) -> tuple[list[str], list[tuple]]:
-    """Irregular points within `since` of the latest scored bucket, newest and strongest first."""
+ANOMALY_COLUMNS = """
+SELECT strftime(bucket_ts, '%Y-%m-%d %H:%M') AS bucket, pattern_id AS pattern, kind, direction AS dir,
+       caller, callee, interface, feature, round(observed, 1) AS observed, round(expected, 1) AS expected,
+       round(threshold, 1) AS threshold, round(score, 2) AS score, model_version AS model
+FROM anomalies"""
+
+
+def anomaly_rows(settings: Settings, filters: Filters) -> tuple[list[str], Listing[tuple], datetime | None]:
+    """Irregular points in the window `filters.since` (counted back from the newest scored data, the
+    view's one meaning: tasks.app.view.parse_since), newest and strongest first, `filters.limit` from
+    `filters.offset`: headers, the page of rows with how many match in all, and the newest scored data."""
+    from tasks.app.view import PAGE, POINT_ORDER, POINT_WHERE, Listing, newest_scored, total_rows
+
     with reading(settings) as con:
+        newest = newest_scored(con)
+        window = filters.window(newest)
         cursor = con.execute(
-            """
-            SELECT strftime(bucket_ts, '%Y-%m-%d %H:%M') AS bucket, pattern_id AS pattern, kind, direction AS dir,
-                   caller, callee, interface, feature, round(observed, 1) AS observed, round(expected, 1) AS expected,
-                   round(threshold, 1) AS threshold, round(score, 2) AS score, model_version AS model
-            FROM anomalies
-            WHERE bucket_ts >= (SELECT max(bucket_ts) FROM anomalies) - ? AND (? IS NULL OR pattern_id = ?)
-            ORDER BY bucket_ts DESC, score DESC LIMIT ?""",
-            [since, pattern, pattern, limit],
+            ANOMALY_COLUMNS + POINT_WHERE + POINT_ORDER + PAGE,
+            {**window, "limit": filters.limit, "offset": filters.offset},
         )
-        return [d[0] for d in cursor.description], cursor.fetchall()
+        headers, rows = [d[0] for d in cursor.description], cursor.fetchall()
+        total = total_rows(con, "anomalies", POINT_WHERE, window, rows, filters.offset, filters.limit)
+    return headers, Listing(rows, total, filters.offset, filters.limit), newest

@@ -1,12 +1,15 @@
 """The local stack on one machine: `rpcwatch up` starts Airflow (scheduler, DAG processor, API server
-with the rpcwatch view) and an MLflow server on rpcwatch's home, `rpcwatch down` stops them.
+with the rpcwatch view, triggerer) and an MLflow server on rpcwatch's home, `rpcwatch down` stops
+them; `rpcwatch backfill` and `rpcwatch rerun` hand hours to its scheduler through the REST API.
 
 Each component is a process group of its own, started detached with its log under `<home>/logs/`
 and its PID under `<home>/run/`; `down` sends SIGINT to each group (Airflow's and MLflow's clean
 shutdown), then SIGTERM, then SIGKILL to what is left, and checks that nothing of them remains.
 Everything binds to the host of `RPCWATCH_AIRFLOW_URL` / `RPCWATCH_MLFLOW_URL` (127.0.0.1 by
 default) and is sized for a small machine: one API worker, four task processes (tasks.app.airflow_env).
-No triggerer: no rpcwatch task defers."""
+The triggerer runs although no rpcwatch task defers: Airflow's health (the UI's home page,
+/api/v2/monitor/health) reports a stack without one as failed, and the team deployment runs one
+too (docker-compose.yml); it idles, serving no logs of its own (no port: `--skip-serve-logs`)."""
 
 from __future__ import annotations
 
@@ -19,18 +22,20 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 from tasks.app.airflow_env import airflow_env, login_hint, prepare_airflow
 from tasks.clock import hour_floor
 from tasks.settings import Settings
 
 DAG_ID = "rpcwatch_hourly"
+RERUN_DAG_ID = "rpcwatch_rerun"  # the same tasks, never scheduled: reruns while DAG_ID is paused
+PARAM_NAMES = ("force_ingest", "recluster", "force_retrain")  # the DAG's params, all booleans
 
 READY_TIMEOUT_S = 180  # the API server's first start migrates nothing (prepare_airflow did) but imports a lot
 STOP_TIMEOUT_S = 30
@@ -49,7 +54,8 @@ def _url_parts(url: str, default_port: int) -> tuple[str, int]:
 
 
 def components(settings: Settings, env: dict[str, str]) -> list[Component]:
-    """What `up` starts, in order: Airflow's scheduler, DAG processor and API server, then MLflow."""
+    """What `up` starts, in order: Airflow's scheduler, DAG processor, API server and triggerer, then
+    MLflow."""
     airflow = str(Path(sys.executable).with_name("airflow"))
     mlflow_host, mlflow_port = _url_parts(settings.mlflow_url, 5000)
     api = f"http://{env['AIRFLOW__API__HOST']}:{env['AIRFLOW__API__PORT']}"
@@ -57,6 +63,7 @@ def components(settings: Settings, env: dict[str, str]) -> list[Component]:
         Component("scheduler", [airflow, "scheduler"]),
         Component("dag-processor", [airflow, "dag-processor"]),
         Component("api-server", [airflow, "api-server"], f"{api}/api/v2/monitor/health"),
+        Component("triggerer", [airflow, "triggerer", "--skip-serve-logs"]),
         Component(
             "mlflow",
             [
@@ -219,6 +226,160 @@ def backfill(settings: Settings, first: datetime, last: datetime, say: Callable[
         say("no scheduler is running under this home: start one with `make up` (the DAG must be unpaused)")
 
 
+@dataclass(frozen=True)
+class Rerun:
+    """What `rerun` did: the run that reprocesses the hour, and how: `cleared` (the hour's run, same
+    params), `replaced` (the run deleted, then triggered anew with other params) or `triggered` (the
+    hour had no run)."""
+
+    dag_id: str
+    run_id: str
+    action: str
+    url: str  # the run in Airflow's UI
+
+
+def rerun(
+    settings: Settings, hour: datetime, params: Collection[str] = (), say: Callable[[str], None] = print
+) -> Rerun:
+    """Rerun `hour` (the logical date, floored to the hour) under the scheduler with exactly `params`
+    (names of PARAM_NAMES), through the stack's REST API; returns at once (see AirflowApi.wait_run).
+
+    The hour's run is cleared when its params are those asked for, else deleted and triggered anew
+    (Airflow keeps one run per logical date and never changes a run's conf); an hour without a run
+    is triggered. A paused DAG runs nothing, cleared runs included, and unpausing it would also
+    catch up every missing hour: while `rpcwatch_hourly` is paused the same happens in
+    `rpcwatch_rerun` (the same tasks, never scheduled), and a note on the paused DAG's run for the
+    hour names the rerun. Refused (ValueError, RuntimeError), saying why, for an hour outside the
+    DAG's hours or not ended yet, and while the hour's run is running."""
+    hour = hour_floor(hour)
+    if unknown := sorted(set(params) - set(PARAM_NAMES)):
+        raise ValueError(f"rerun: unknown params {unknown}; the DAG's are {', '.join(PARAM_NAMES)}")
+    api = _reach(settings)
+    hourly = _refusing(api, "GET", f"/api/v2/dags/{DAG_ID}/details", what=f"read {DAG_ID}")
+    _check_hour(hourly, hour)
+    dag_id = RERUN_DAG_ID if hourly["is_paused"] else DAG_ID
+    if dag_id == RERUN_DAG_ID and _refusing(api, "GET", f"/api/v2/dags/{RERUN_DAG_ID}", what="read it")["is_paused"]:
+        raise RuntimeError(
+            f"{DAG_ID} is paused and so is {RERUN_DAG_ID}, which reruns its hours meanwhile: unpause "
+            f"{RERUN_DAG_ID} (it is never scheduled, it runs only the hours you rerun) or {DAG_ID}"
+        )
+    done = _rerun_in(api, settings, dag_id, hour, frozenset(params))
+    if dag_id == RERUN_DAG_ID:
+        say(
+            f"{DAG_ID} is paused (it runs nothing, and unpausing it would also catch up every missing hour): "
+            f"hour {_shown(hour)} runs in {RERUN_DAG_ID}"
+        )
+    say(f"hour {_shown(hour)}: {done.action} run {done.run_id} of {done.dag_id}; the scheduler runs it")
+    say(f"  {done.url}")
+    if dag_id == RERUN_DAG_ID:
+        _note_on_paused(api, hour, done, say)
+    return done
+
+
+def _rerun_in(api: AirflowApi, settings: Settings, dag_id: str, hour: datetime, params: frozenset[str]) -> Rerun:
+    """Clear, replace or trigger the run of `dag_id` for `hour` (see rerun)."""
+    existing = api.run_of(dag_id, hour)
+    if existing is not None and existing["state"] == "running":
+        raise RuntimeError(
+            f"hour {_shown(hour)} is running now (run {existing['dag_run_id']} of {dag_id}): "
+            "rerun it once it has finished"
+        )
+    if existing is not None and _params_of(existing) == params:
+        run_id = existing["dag_run_id"]
+        _refusing(api, "POST", f"{_run_path(dag_id, run_id)}/clear", {"dry_run": False}, what="clear it")
+        return Rerun(dag_id, run_id, "cleared", _ui_url(settings, dag_id, run_id))
+    if existing is not None:
+        _refusing(api, "DELETE", _run_path(dag_id, existing["dag_run_id"]), what="replace it")
+    body = {"logical_date": hour.isoformat(), "conf": dict.fromkeys(sorted(params), True)}
+    run = _refusing(api, "POST", f"/api/v2/dags/{dag_id}/dagRuns", body, what="trigger it")
+    action = "triggered" if existing is None else "replaced"
+    return Rerun(dag_id, run["dag_run_id"], action, _ui_url(settings, dag_id, run["dag_run_id"]))
+
+
+def _params_of(run: dict[str, Any]) -> frozenset[str]:
+    """The DAG params a run was started with (those set true in its conf)."""
+    conf = run.get("conf") or {}
+    return frozenset(name for name in PARAM_NAMES if conf.get(name))
+
+
+def _check_hour(details: dict[str, Any], hour: datetime) -> None:
+    """ValueError unless `hour` is one of the DAG's hours (its start..end dates, the end included)
+    and has ended, as the DAG's timetable refuses a trigger (plugins/rpcwatch_hour.py)."""
+    first, last = (_parse_utc(details.get(key)) for key in ("start_date", "end_date"))
+    if (first is not None and hour < first) or (last is not None and hour > last):
+        hours = f"{_shown(first)} .. {_shown(last)}"
+        raise ValueError(
+            f"hour {_shown(hour)} is not one of {DAG_ID}'s hours {hours} "
+            "(RPCWATCH_START .. RPCWATCH_END, the last included)"
+        )
+    if hour + timedelta(hours=1) > datetime.now(UTC):
+        raise ValueError(f"hour {_shown(hour)} has not ended yet: its files are still arriving")
+
+
+def _note_on_paused(api: AirflowApi, hour: datetime, done: Rerun, say: Callable[[str], None]) -> None:
+    """Note on the paused DAG's own run for `hour` (if any) which run reran it."""
+    own = api.run_of(DAG_ID, hour)
+    if own is None:
+        return
+    note = f"rerun while {DAG_ID} was paused: {done.dag_id} run {done.run_id} ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC)"
+    _refusing(api, "PATCH", _run_path(DAG_ID, own["dag_run_id"]), {"note": note}, what="note the rerun")
+    if own["state"] == "queued":
+        say(
+            f"  note: {DAG_ID}'s own run {own['dag_run_id']} is queued (cleared while paused): it runs again on unpause"
+        )
+
+
+def _run_path(dag_id: str, run_id: str) -> str:
+    return f"/api/v2/dags/{dag_id}/dagRuns/{quote(run_id, safe='')}"
+
+
+def _ui_url(settings: Settings, dag_id: str, run_id: str) -> str:
+    return f"{settings.airflow_url.rstrip('/')}/dags/{dag_id}/runs/{quote(run_id, safe=':')}"
+
+
+def _parse_utc(value: str | None) -> datetime | None:
+    return None if not value else datetime.fromisoformat(value.replace("Z", "+00:00")).astimezone(UTC)
+
+
+def _shown(hour: datetime | None) -> str:
+    return "(open)" if hour is None else f"{hour:%Y-%m-%dT%H:%M} UTC"
+
+
+def _reach(settings: Settings) -> AirflowApi:
+    """A logged-in client of the stack's REST API, or RuntimeError saying how to start one."""
+    base = stack_env(settings)["AIRFLOW__API__BASE_URL"]
+    try:
+        return AirflowApi.of(settings)
+    except FileNotFoundError as err:
+        raise RuntimeError(
+            f"no Airflow login under this home ({err.filename}): start the stack with `make up`"
+        ) from err
+    except (urllib.error.URLError, OSError) as err:
+        why = getattr(err, "reason", err)
+        raise RuntimeError(
+            f"cannot reach Airflow's REST API at {base} ({why}): start the stack with `make up`"
+        ) from err
+
+
+def _refusing(api: AirflowApi, method: str, path: str, body: object = None, *, what: str) -> Any:
+    """`api.call`, retried on server errors (SQLite busy for a moment); an HTTP error becomes a
+    RuntimeError with Airflow's own reason (its `detail`)."""
+    try:
+        return api.call(method, path, body, retries=5)
+    except urllib.error.HTTPError as err:
+        raise RuntimeError(f"Airflow refused to {what} ({err.code}): {_detail(err)}") from err
+
+
+def _detail(err: urllib.error.HTTPError) -> str:
+    """The `detail` of an error answer of Airflow's REST API (its reason), else the raw body."""
+    raw = err.read().decode(errors="replace")
+    try:
+        detail = json.loads(raw).get("detail", raw)
+    except (ValueError, AttributeError):
+        return raw.strip()[:500]
+    return detail if isinstance(detail, str) else json.dumps(detail)[:500]
+
+
 class AirflowApi:
     """Airflow's REST API as a client uses it: a JWT from /auth/token (the stack's `admin`), then
     Bearer calls."""
@@ -244,15 +405,26 @@ class AirflowApi:
             request = urllib.request.Request(self.base + path, data=data, method=method, headers=headers)
             try:
                 with urllib.request.urlopen(request, timeout=60) as response:  # noqa: S310 (the stack's own URL)
-                    return json.load(response)
+                    payload = response.read()
+                    return json.loads(payload) if payload else None
             except urllib.error.HTTPError as err:
                 if err.code < 500 or attempt == retries:
                     raise
             time.sleep(2)
         raise AssertionError("unreachable")
 
-    def runs(self) -> list[dict[str, Any]]:
-        return list(self.call("GET", f"/api/v2/dags/{DAG_ID}/dagRuns?order_by=logical_date&limit=1000")["dag_runs"])
+    def runs(self, dag_id: str = DAG_ID) -> list[dict[str, Any]]:
+        return list(self.call("GET", f"/api/v2/dags/{dag_id}/dagRuns?order_by=logical_date&limit=1000")["dag_runs"])
+
+    def run_of(self, dag_id: str, hour: datetime) -> dict[str, Any] | None:
+        """The run of `dag_id` whose logical date is `hour` (at most one: Airflow keeps logical dates
+        unique per DAG), or None."""
+        query = urlencode({"logical_date_gte": hour.isoformat(), "logical_date_lte": hour.isoformat()})
+        found = self.call("GET", f"/api/v2/dags/{dag_id}/dagRuns?{query}")["dag_runs"]
+        return found[0] if found else None
+
+    def run(self, dag_id: str, run_id: str) -> dict[str, Any]:
+        return dict(self.call("GET", _run_path(dag_id, run_id)))
 
     def wait_parsed(self, timeout_s: float = 180) -> None:
         """Until the DAG processor has parsed rpcwatch_hourly."""
@@ -266,8 +438,18 @@ class AirflowApi:
                     raise
                 time.sleep(2)
 
-    def unpause(self, paused: bool = False) -> None:
-        self.call("PATCH", f"/api/v2/dags/{DAG_ID}", {"is_paused": paused})
+    def unpause(self, paused: bool = False, dag_id: str = DAG_ID) -> None:
+        self.call("PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": paused})
+
+    def wait_run(self, dag_id: str, run_id: str, timeout_s: float | None = None, poll_s: float = 3) -> dict[str, Any]:
+        """Poll one run until it has finished (success or failed); returns it. TimeoutError after
+        `timeout_s` (None: no limit)."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while (run := self.run(dag_id, run_id))["state"] not in ("success", "failed"):
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"run {run_id} of {dag_id} not finished in {timeout_s:.0f} s ({run['state']})")
+            time.sleep(poll_s)
+        return run
 
     def wait_for(
         self, logical_dates: list[str], timeout_s: float, finished: Callable[[dict[str, Any]], None] = lambda r: None

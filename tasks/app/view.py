@@ -1,23 +1,30 @@
 """What the Airflow view (plugins/rpcwatch_anomalies.py) shows, as plain data: incidents and
 irregular points of the published snapshot `analytics.duckdb` (tasks.publish), filtered by a time
-window counted back from now, a pattern and a kind; one incident with its points and model links.
+window, a pattern and a kind, one page at a time; one incident with its points and model links.
+
+`since`, the window, has one meaning wherever rpcwatch takes it (the view, its JSON API, `rpcwatch
+anomalies --since`): `parse_since` reads it, and it counts back from the newest scored data
+(`newest_scored`), not from the clock, so a pipeline that is behind, or a replay of old traces, still
+shows its last hours. `all` is no window. The warehouse's view `recent_anomalies` is the same window
+fixed at 6 h (tasks.warehouse.RECENT_ANOMALIES_SQL).
 
 Reads the snapshot only, read-only (never the warehouse, so it never blocks the pipeline); writes
 nothing. Every value from a request crosses into SQL as a bound parameter; column names in SQL
 text are constants of this module. Snapshots published by older versions may lack a column
-(`culprits`, `evidence`, `culprit`): it reads as NULL.
+(`culprits`, `evidence`, `culprit`): it reads as NULL; or a table (`forecasts`): left out.
+The Airflow plugin imports this module when Airflow loads plugins: keep its imports light.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar
 from urllib.parse import quote, urlencode
 
 import duckdb
@@ -28,56 +35,113 @@ if TYPE_CHECKING:  # imported where used: the plugin imports this module when Ai
     from tasks.scoring.incidents import Incident
 
 SINCE_PATTERN = r"^(all|[1-9][0-9]{0,3}[mhd])$"  # 30m, 6h, 2d (up to 9999 units) or all
+SINCE_HELP = "30m, 6h, 2d (a number from 1 to 9999 and m, h or d) or all"
 KIND_PATTERN = r"^[a-z_]{1,40}$"
 INCIDENT_ID_PATTERN = r"^[0-9a-f]{6,32}$"
 DEFAULT_SINCE = "24h"
 QUICK_SINCE = ("30m", "1h", "6h", "24h", "2d", "7d", "all")
 UNITS = {"m": "minutes", "h": "hours", "d": "days"}
+MAX_PATTERN_ID = 2**31 - 1  # the column is an INTEGER: a larger id matches nothing, and DuckDB cannot cast it
+MAX_OFFSET = 10**9
 DEFAULT_MLFLOW_URL = "http://127.0.0.1:5000"
 NOVEL = "novel_rpc"
 INCIDENT_POINTS_LIMIT = 200
+# newer than this behind the clock, the newest scored data is current; older, the page says how old
+STALE_AFTER = timedelta(hours=2)
+
+# where the newest scored data is read (table, time column): the newest irregular point, the end of the
+# newest incident, the newest scored bucket of any forecaster (a snapshot older than `forecasts` lacks it)
+NEWEST_SOURCES = (("anomalies", "bucket_ts"), ("incidents", "end_ts"), ("forecasts", "bucket_ts"))
 
 # columns a snapshot published by an older version may lack: (table, column) -> SQL used instead
 OPTIONAL_COLUMNS = {
     ("incidents", "culprits"): "CAST(NULL AS VARCHAR[])",
     ("incidents", "evidence"): "CAST(NULL AS VARCHAR)",
     ("anomalies", "culprit"): "CAST(NULL AS VARCHAR)",
+    ("incidents", "aliases"): "CAST(NULL AS VARCHAR[])",
 }
 
 
 def parse_since(text: str) -> timedelta | None:
-    """`30m`, `6h`, `2d` as a timedelta; `all` as None. Raises ValueError otherwise."""
-    if not re.fullmatch(SINCE_PATTERN, text):
-        raise ValueError(f"since must look like 30m, 6h, 2d or all, not {text!r}")
+    """The one reading of `since` (the view, its JSON API, `rpcwatch anomalies --since`): `30m`, `6h`,
+    `2d` as the span counted back from the newest scored data (`newest_scored`); `all` as None, no
+    window. Raises ValueError otherwise."""
+    if not isinstance(text, str) or not re.fullmatch(SINCE_PATTERN, text):
+        raise ValueError(f"since {text!r} is not accepted: use {SINCE_HELP}")
     if text == "all":
         return None
     return timedelta(**{UNITS[text[-1]]: int(text[:-1])})
 
 
+def window_start(since: str, newest: datetime | None) -> datetime | None:
+    """Where the window `since` starts (naive UTC, as the snapshot stores time): `newest` (the newest
+    scored data) less the span; None, no bound, for `all` or when nothing is scored yet."""
+    span = parse_since(since)
+    return None if span is None or newest is None else newest - span
+
+
 @dataclass(frozen=True)
 class Filters:
-    """What a page or API call asks for: a window back from now, a pattern, a kind, a row limit."""
+    """What a page or API call asks for: a window (`since`, counted back from the newest scored data),
+    a pattern, a kind, and which rows: `limit` of them after skipping `offset` (irregular points; on
+    the JSON routes the route's rows) and `incident_offset` (the page's incidents)."""
 
     since: str = DEFAULT_SINCE
     pattern: int | None = None
     kind: str | None = None
     limit: int = 100
+    offset: int = 0
+    incident_offset: int = 0
 
-    def start(self, now: datetime) -> datetime | None:
-        """The window's start (naive UTC, as the snapshot stores time); None: no window."""
-        span = parse_since(self.since)
-        return None if span is None else now.astimezone(UTC).replace(tzinfo=None) - span
+    def start(self, newest: datetime | None) -> datetime | None:
+        return window_start(self.since, newest)
 
-    def params(self, now: datetime) -> dict[str, Any]:
-        return {"start": self.start(now), "pattern": self.pattern, "kind": self.kind, "limit": self.limit}
+    def window(self, newest: datetime | None) -> dict[str, Any]:
+        """The bound parameters of WHERE clauses below ($start, $pattern, $kind)."""
+        return {"start": self.start(newest), "pattern": self.pattern, "kind": self.kind}
 
     def query(self, **changes: Any) -> str:
-        """These filters (changed as given) as a URL query string; unset ones left out."""
+        """These filters (changed as given) as a URL query string; unset and default ones left out."""
         f = replace(self, **changes)
-        values = {"since": f.since, "pattern": f.pattern, "kind": f.kind}
-        if f.limit != Filters.limit:
-            values["limit"] = f.limit
+        values: dict[str, Any] = {"since": f.since, "pattern": f.pattern, "kind": f.kind}
+        for name in ("limit", "offset", "incident_offset"):
+            if getattr(f, name) != getattr(Filters, name):
+                values[name] = getattr(f, name)
         return urlencode({k: v for k, v in values.items() if v is not None})
+
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Listing(Generic[T]):
+    """One page of a list: its `rows`, the `total` that match, where the page starts (`offset`) and
+    how many rows a page holds (`limit`). Every list that is cut says so (`shown`)."""
+
+    rows: list[T]
+    total: int
+    offset: int = 0
+    limit: int = 100
+
+    @property
+    def cut(self) -> bool:
+        return self.offset > 0 or self.offset + len(self.rows) < self.total
+
+    @property
+    def next_offset(self) -> int | None:
+        return self.offset + self.limit if self.offset + self.limit < self.total else None
+
+    @property
+    def previous_offset(self) -> int | None:
+        return max(self.offset - self.limit, 0) if self.offset > 0 else None
+
+    def shown(self) -> str:
+        """`showing 101–200 of 652` (a whole list: `652`)."""
+        if not self.cut:
+            return f"{self.total:,}"
+        if not self.rows:
+            return f"none from row {self.offset + 1:,} on, of {self.total:,}"
+        return f"showing {self.offset + 1:,}–{self.offset + len(self.rows):,} of {self.total:,}"
 
 
 class Point(NamedTuple):
@@ -113,7 +177,7 @@ class Meta:
     """What the snapshot holds overall: when it was published, its newest data, its patterns and kinds."""
 
     published_at: datetime | None
-    newest: datetime | None  # the end of the newest incident or the newest irregular point
+    newest: datetime | None  # the newest scored data (`newest_scored`): every window counts back from it
     patterns: list[int]
     kinds: list[str]
 
@@ -200,32 +264,51 @@ def incident_summary(incident: Incident) -> str:
     return f"{', '.join(incident.kinds)} in {where}"
 
 
+def newest_scored(con: duckdb.DuckDBPyConnection) -> datetime | None:
+    """The newest scored data, the moment every `since` window counts back from: the latest of the
+    newest irregular point's bucket, the newest incident's end and the newest bucket a forecaster
+    scored (NEWEST_SOURCES, those the connection's snapshot or warehouse has). None: nothing scored."""
+    parts = [
+        f"(SELECT max({column}) FROM {table})" for table, column in NEWEST_SOURCES if column in columns(con, table)
+    ]
+    if not parts:
+        return None
+    row = con.execute(f"SELECT greatest({', '.join(parts)})").fetchone()
+    return row[0] if row else None
+
+
 def meta(con: duckdb.DuckDBPyConnection) -> Meta:
     published = None
     if columns(con, "published"):
         row = con.execute("SELECT max(published_at) FROM published").fetchone()
         published = row[0] if row else None
-    row = con.execute(
-        "SELECT greatest((SELECT max(end_ts) FROM incidents), (SELECT max(bucket_ts) FROM anomalies))"
-    ).fetchone()
-    newest = row[0] if row else None
     patterns = con.execute(
         "SELECT DISTINCT pattern_id FROM anomalies WHERE pattern_id IS NOT NULL ORDER BY 1"
     ).fetchall()
     kinds = con.execute("SELECT DISTINCT kind FROM anomalies WHERE kind IS NOT NULL ORDER BY 1").fetchall()
-    return Meta(published, newest, [r[0] for r in patterns], [r[0] for r in kinds])
+    return Meta(published, newest_scored(con), [r[0] for r in patterns], [r[0] for r in kinds])
 
 
-def window_note(filters: Filters, info: Meta, now: datetime) -> str | None:
-    """Says so when the snapshot's newest data is older than the window (the pipeline is behind, or
-    the data is a replay of old traces); None when it is not, or there is no window."""
-    start = filters.start(now)
-    if start is None or info.newest is None or info.newest >= start:
+def window_text(since: str, newest: datetime | None) -> str:
+    """The window in words: `all time`, or `the last 6h of scored data (to 2026-01-01 03:59 UTC)`."""
+    if parse_since(since) is None:
+        return "all time"
+    if newest is None:
+        return f"the last {since} of scored data"
+    return f"the last {since} of scored data (to {newest:%Y-%m-%d %H:%M} UTC)"
+
+
+def window_note(info: Meta, now: datetime) -> str | None:
+    """Says how old the newest scored data is when it is older than STALE_AFTER (the pipeline is
+    behind, or the data is a replay of old traces): the windows count back from it, not from now."""
+    if info.newest is None:
         return None
     age = now.astimezone(UTC).replace(tzinfo=None) - info.newest
+    if age <= STALE_AFTER:
+        return None
     return (
-        f"The snapshot's newest data is from {info.newest:%Y-%m-%d %H:%M} UTC ({_age_text(age)} ago), "
-        f"older than the window (the last {filters.since})."
+        f"The newest scored data is from {info.newest:%Y-%m-%d %H:%M} UTC, {_age_text(age)} ago (the pipeline is "
+        "behind, or the data is a replay of old traces): every window counts back from it, not from now."
     )
 
 
@@ -244,18 +327,41 @@ def _incident_select(con: duckdb.DuckDBPyConnection) -> str:
     )
 
 
-def list_incidents(con: duckdb.DuckDBPyConnection, filters: Filters, now: datetime) -> list[Incident]:
-    """Incidents still going on at or after the window's start, newest first."""
+INCIDENT_WHERE = """ WHERE ($start IS NULL OR end_ts > CAST($start AS TIMESTAMP))
+        AND ($pattern IS NULL OR list_contains(patterns, CAST($pattern AS INTEGER)))
+        AND ($kind IS NULL OR list_contains(kinds, CAST($kind AS VARCHAR)))"""
+POINT_WHERE = """ WHERE ($start IS NULL OR bucket_ts >= CAST($start AS TIMESTAMP))
+        AND ($pattern IS NULL OR pattern_id = CAST($pattern AS INTEGER))
+        AND ($kind IS NULL OR kind = CAST($kind AS VARCHAR))"""
+POINT_ORDER = " ORDER BY bucket_ts DESC, score DESC, node"  # newest first, the strongest first within a bucket
+PAGE = " LIMIT $limit OFFSET $offset"
+
+
+def total_rows(
+    con: duckdb.DuckDBPyConnection, table: str, where: str, window: dict[str, Any], page: list, offset: int, limit: int
+) -> int:
+    """How many rows match; counted only when the page may be cut (a short first page is all of them)."""
+    if offset == 0 and len(page) < limit:
+        return len(page)
+    row = con.execute(f"SELECT count(*) FROM {table}" + where, window).fetchone()
+    return int(row[0]) if row else 0
+
+
+def list_incidents(
+    con: duckdb.DuckDBPyConnection, filters: Filters, newest: datetime | None, offset: int | None = None
+) -> Listing[Incident]:
+    """Incidents still going on at or after the window's start, newest first: `filters.limit` of them
+    from `offset` (default `filters.incident_offset`), and how many match in all."""
     from tasks.scoring.incidents import Incident
 
-    sql = (
-        _incident_select(con)
-        + """ WHERE ($start IS NULL OR end_ts > CAST($start AS TIMESTAMP))
-        AND ($pattern IS NULL OR list_contains(patterns, CAST($pattern AS INTEGER)))
-        AND ($kind IS NULL OR list_contains(kinds, CAST($kind AS VARCHAR)))
-        ORDER BY start_ts DESC, incident_id LIMIT $limit"""
-    )
-    return [Incident.from_row(r) for r in con.execute(sql, filters.params(now)).fetchall()]
+    offset = filters.incident_offset if offset is None else offset
+    window = filters.window(newest)
+    sql = _incident_select(con) + INCIDENT_WHERE + " ORDER BY start_ts DESC, incident_id" + PAGE
+    rows = [
+        Incident.from_row(r) for r in con.execute(sql, {**window, "limit": filters.limit, "offset": offset}).fetchall()
+    ]
+    total = total_rows(con, "incidents", INCIDENT_WHERE, window, rows, offset, filters.limit)
+    return Listing(rows, total, offset, filters.limit)
 
 
 def _point_select(con: duckdb.DuckDBPyConnection) -> str:
@@ -265,47 +371,46 @@ def _point_select(con: duckdb.DuckDBPyConnection) -> str:
     )
 
 
-def list_anomalies(con: duckdb.DuckDBPyConnection, filters: Filters, now: datetime) -> list[Point]:
-    """Irregular points in the window, newest first (the strongest first within a bucket)."""
-    sql = (
-        _point_select(con)
-        + """ WHERE ($start IS NULL OR bucket_ts >= CAST($start AS TIMESTAMP))
-        AND ($pattern IS NULL OR pattern_id = CAST($pattern AS INTEGER))
-        AND ($kind IS NULL OR kind = CAST($kind AS VARCHAR))
-        ORDER BY bucket_ts DESC, score DESC, node LIMIT $limit"""
+def list_anomalies(con: duckdb.DuckDBPyConnection, filters: Filters, newest: datetime | None) -> Listing[Point]:
+    """Irregular points in the window, newest first (the strongest first within a bucket):
+    `filters.limit` of them from `filters.offset`, and how many match in all."""
+    window = filters.window(newest)
+    sql = _point_select(con) + POINT_WHERE + POINT_ORDER + PAGE
+    params = {**window, "limit": filters.limit, "offset": filters.offset}
+    rows = [Point(*r) for r in con.execute(sql, params).fetchall()]
+    return Listing(
+        rows,
+        total_rows(con, "anomalies", POINT_WHERE, window, rows, filters.offset, filters.limit),
+        filters.offset,
+        filters.limit,
     )
-    return [Point(*r) for r in con.execute(sql, filters.params(now)).fetchall()]
 
 
 def find_incident(con: duckdb.DuckDBPyConnection, incident_id: str) -> Incident | None:
+    """The incident with this id, or the one that absorbed it (its `aliases`: ids stay valid)."""
     from tasks.scoring.incidents import Incident
 
-    row = con.execute(_incident_select(con) + " WHERE incident_id = ? LIMIT 1", [incident_id]).fetchone()
+    aliases = _column(con, "incidents", "aliases")
+    sql = _incident_select(con) + f" WHERE incident_id = $id OR list_contains(coalesce({aliases}, []), $id) LIMIT 1"
+    row = con.execute(sql, {"id": incident_id}).fetchone()
     return None if row is None else Incident.from_row(row)
-
-
-def incident_group(incident: Incident) -> str:
-    """The group its points were formed in (tasks.scoring.incidents.GROUP_SQL): the pattern, or
-    for novel RPCs `novel:<calling service>`."""
-    if incident.patterns:
-        return str(incident.patterns[0])
-    try:
-        return "novel:" + split_node_key(incident.nodes[0]).caller
-    except (IndexError, ValueError):
-        return ""
 
 
 def incident_points(
     con: duckdb.DuckDBPyConnection, incident: Incident, limit: int = INCIDENT_POINTS_LIMIT
 ) -> list[Point]:
-    """The incident's own points (its group, its time), the strongest first."""
-    from tasks.scoring.incidents import GROUP_SQL
+    """The incident's own points (tasks.scoring.incidents.incident_point_sql), the strongest first."""
+    from tasks.scoring.incidents import incident_point_sql
 
-    sql = (
-        _point_select(con)
-        + f" WHERE bucket_ts >= ? AND bucket_ts < ? AND {GROUP_SQL} = ? ORDER BY score DESC, bucket_ts, node LIMIT ?"
-    )
-    params = [incident.start_ts, incident.end_ts, incident_group(incident), limit]
+    where = incident_point_sql("$start", "$end", "CAST($patterns AS INTEGER[])", "CAST($nodes AS VARCHAR[])")
+    sql = _point_select(con) + f" WHERE {where} ORDER BY score DESC, bucket_ts, node LIMIT $limit"
+    params = {
+        "start": incident.start_ts,
+        "end": incident.end_ts,
+        "patterns": [int(p) for p in incident.patterns],
+        "nodes": list(incident.nodes),
+        "limit": limit,
+    }
     return [Point(*r) for r in con.execute(sql, params).fetchall()]
 
 
@@ -323,6 +428,46 @@ def model_links(con: duckdb.DuckDBPyConnection, points: list[Point], base: str) 
         ).fetchone()
         links.append(ModelLink(pattern_id, name, version, row[0] if row else None, model_url(base, name, version)))
     return links
+
+
+# what each request parameter takes, in words, for the answer to a bad one (422)
+ACCEPTED = {
+    "since": f"{SINCE_HELP}, counted back from the newest scored data",
+    "pattern": f"a pattern id, a whole number from 1 to {MAX_PATTERN_ID}",
+    "kind": "one of traffic_spike, traffic_drop, errors, latency, traces, novel_rpc, extreme_call",
+    "limit": "a whole number of rows, at least 1 (the page: at most 1000; the JSON routes: at most 10000)",
+    "offset": f"a whole number of rows to skip, from 0 to {MAX_OFFSET}",
+    "incident_offset": f"a whole number of incidents to skip, from 0 to {MAX_OFFSET}",
+    "incident_id": "an incident id: 6 to 32 hex digits (0-9, a-f), as the incidents list links it",
+}
+SHOWN_INPUT = 80  # characters of a rejected value repeated back
+
+
+class BadParameter(NamedTuple):
+    """A request parameter the view does not take: its name, the value given, what is wrong, what is accepted."""
+
+    name: str
+    value: str
+    problem: str
+    accepted: str
+
+    def text(self) -> str:
+        return f"{self.name}={self.value!r}: {self.problem}; accepted: {self.accepted}"
+
+
+def bad_parameters(errors: Iterable[Any]) -> list[BadParameter]:
+    """FastAPI's validation errors as BadParameters a person can read (no regular expressions)."""
+    found = []
+    for error in errors:
+        loc = [str(part) for part in error.get("loc", ())]
+        name = loc[-1] if loc else "request"
+        given = error.get("input")
+        value = "" if given is None else str(given)
+        value = value if len(value) <= SHOWN_INPUT else value[:SHOWN_INPUT] + "…"
+        kind = str(error.get("type", ""))
+        problem = "not accepted" if kind == "string_pattern_mismatch" else str(error.get("msg", "not accepted"))
+        found.append(BadParameter(name, value, problem[:1].lower() + problem[1:], ACCEPTED.get(name, "see /docs")))
+    return found
 
 
 def _iso(value: datetime | None) -> str | None:

@@ -3,7 +3,8 @@ filters and irregular points, and one incident's page. Plain strings; every valu
 HTML-escaped here (`esc`), links are built from escaped, URL-encoded parts. No tables read.
 
 The pages run no script and carry one inline `<style>` (`STYLE`); `SECURITY_HEADERS`, which the
-plugin sends with every answer, allow exactly that (the style by its hash) and nothing else.
+plugin sends with every answer, allow exactly that (the style by its hash) and nothing else. The API
+docs (`docs_page`) load Swagger UI's files and `DOCS_SCRIPT` from the view itself, no inline script.
 """
 
 from __future__ import annotations
@@ -16,17 +17,32 @@ from typing import TYPE_CHECKING
 
 from tasks.app.view import (
     QUICK_SINCE,
+    SINCE_HELP,
+    BadParameter,
     Filters,
+    Listing,
     Meta,
     ModelLink,
     Point,
     evidence_text,
     incident_summary,
     rpc_text,
+    window_text,
 )
 
 if TYPE_CHECKING:
     from tasks.scoring.incidents import Incident
+    from tasks.triage.actions import Triage
+    from tasks.triage.quality import Quality
+
+MARK_WORDS = {"false_positive": "false positive", "expected": "expected", "true_positive": "true positive"}
+SILENCE_FOR = ("1h", "4h", "24h")  # tasks.app.view_actions.SILENCE_CHOICES
+# what the page says after a button was pressed (fixed texts: a link cannot make the page say anything)
+DONE = {
+    "ack": "Acknowledged: no alert will be posted about this incident.",
+    "mark": "Marked. Retraining leaves this period out.",
+    "silence": "Silenced: alerts skip incidents that involve it until the silence ends.",
+}
 
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:1.2em 1.6em;color:#212529}
@@ -42,7 +58,12 @@ vertical-align:top;text-align:left}th{background:#f1f3f5}tr:hover td{background:
 .caption{font-size:12px;color:#495057;max-width:70em}form{display:inline}input{width:5em}
 .nowrap{white-space:nowrap}.cols{display:flex;gap:1.5em;align-items:flex-start}
 .left{flex:0 0 30em;max-width:36%}.right{flex:1 1 auto;min-width:0}img.forecast{max-width:min(100%,1100px)}
-summary{cursor:pointer;color:#1c7ed6;font-size:12px}
+summary{cursor:pointer;color:#1c7ed6;font-size:12px}.cut{font-size:13px;margin:.4em 0}
+.cut a{margin-left:.6em}.bad{background:#fff5f5;border:1px solid #ffa8a8;padding:6px 10px;font-size:14px}
+.decide{background:#f8f9fa;border:1px solid #dee2e6;padding:6px 10px;font-size:13px;margin:.6em 0}
+.decide form{margin-right:1.2em}.decide input.note{width:14em}.done{background:#ebfbee;border:1px solid #8ce99a;
+padding:6px 10px;font-size:13px;display:inline-block}.status{font-size:12px}.false_positive,.expected{color:#868e96}
+.true_positive{color:#2b8a3e;font-weight:600}.acked{color:#1c7ed6}
 """
 
 
@@ -120,7 +141,7 @@ def _since_form(filters: Filters) -> str:
     )
     return (
         f'<form method="get">{hidden}<input name="since" value="{esc(filters.since)}" '
-        'title="30m, 6h, 2d or all"> <button>show</button></form>'
+        f'title="{esc(SINCE_HELP)}"> <button>show</button></form>'
     )
 
 
@@ -137,12 +158,38 @@ def _what(incident: Incident) -> str:
     return f'<span class="novel">{text}</span>' if "novel_rpc" in incident.kinds else text
 
 
-def incidents_table(base: str, incidents: list[Incident], query: str = "") -> str:
+def status_text(state: Triage | None) -> str:
+    """What people decided, as HTML: `acked by ana · false positive (bo)`; empty when nothing."""
+    if state is None:
+        return ""
+    parts = [f'<span class="acked">acked by {esc(state.acked_by)}</span>'] if state.acked else []
+    if state.mark:
+        words = MARK_WORDS.get(state.mark, state.mark)
+        parts.append(f'<span class="{esc(state.mark)}">{esc(words)} ({esc(state.marked_by)})</span>')
+    return " · ".join(parts)
+
+
+def incidents_table(
+    base: str, incidents: list[Incident], query: str = "", decided: dict[str, Triage] | None = None
+) -> str:
     if not incidents:
         return '<p class="muted">No incidents match.</p>'
+    decided = decided or {}
     head = "".join(
         f"<th>{h}</th>"
-        for h in ("start (UTC)", "length", "pattern", "what", "culprits", "RPCs", "evidence", "peak", "points", "")
+        for h in (
+            "start (UTC)",
+            "length",
+            "pattern",
+            "what",
+            "culprits",
+            "RPCs",
+            "evidence",
+            "peak",
+            "points",
+            "status",
+            "",
+        )
     )
     rows = []
     for i in incidents:
@@ -154,7 +201,8 @@ def incidents_table(base: str, incidents: list[Incident], query: str = "") -> st
             f"<td>{_list(i.culprits, first_cls='culprit')}</td>"
             f'<td class="rpcs">{_list([rpc_text(n) for n in i.nodes])}</td>'
             f"<td>{esc(evidence_text(i.evidence))}</td><td class=num>{_num(i.peak_score)}</td>"
-            f'<td class=num>{i.points}</td><td class="nowrap">{_link(page, "details →")}</td></tr>'
+            f'<td class=num>{i.points}</td><td class="status">{status_text(decided.get(i.incident_id))}</td>'
+            f'<td class="nowrap">{_link(page, "details →")}</td></tr>'
         )
     return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
 
@@ -196,22 +244,37 @@ def _meta_line(info: Meta, now: datetime) -> str:
     )
 
 
+def _cut(base: str, filters: Filters, listing: Listing, offset_name: str, what: str) -> str:
+    """`showing 101–200 of 652 irregular points · ← previous page · next page →` for a cut list; ""
+    for a whole one. The links keep every filter and the other list's place."""
+    if not listing.cut:
+        return ""
+    links = [
+        _link(f"{base}/?{filters.query(**{offset_name: offset})}", text)
+        for offset, text in ((listing.previous_offset, "← previous page"), (listing.next_offset, "next page →"))
+        if offset is not None
+    ]
+    return f'<p class="cut">{esc(listing.shown())} {esc(what)}{"".join(links)}</p>'
+
+
 def index_page(
     base: str,
     filters: Filters,
     info: Meta | None,
-    incidents: list[Incident],
-    points: list[Point],
+    incidents: Listing[Incident],
+    points: Listing[Point],
     note: str | None,
     now: datetime,
+    decided: dict[str, Triage] | None = None,
 ) -> str:
-    """The incidents list, its filters and the irregular points (`info` None: nothing published)."""
+    """The incidents list (with what people decided), its filters and the irregular points, each a
+    page of `filters.limit` rows that says where it is cut (`info` None: nothing published)."""
     top = "<h1>rpcwatch · irregular RPC traffic</h1>"
     if info is None:
         body = "<h2>Incidents</h2><p>Nothing published yet: the hourly DAG publishes after scoring.</p>"
         return document("rpcwatch anomalies", top + body)
-    window = "all time" if filters.since == "all" else f"the last {filters.since} (counted from now)"
-    api = filters.query()
+    window = window_text(filters.since, info.newest)
+    api = filters.query(offset=0, incident_offset=0)
     parts = [
         top,
         _meta_line(info, now),
@@ -219,16 +282,22 @@ def index_page(
         _choices(base, filters, "pattern", [None, *info.patterns], "pattern"),
         _choices(base, filters, "kind", [None, *info.kinds], "kind"),
         f'<div class="filters">JSON: {_link(f"{base}/api/incidents?{api}", "incidents")} '
-        f"{_link(f'{base}/api/anomalies?{api}', 'irregular points')}</div>",
+        f"{_link(f'{base}/api/anomalies?{api}', 'irregular points')} · {_link(f'{base}/docs', 'API docs')} · "
+        f"{_link(f'{base}/quality', 'detection quality')}</div>",
     ]
     if note:
-        every = _link(f"{base}/?{filters.query(since='all')}", "Show all")
-        parts.append(f'<p class="note">{esc(note)} {every}</p>')
+        parts.append(f'<p class="note">{esc(note)}</p>')
+    incidents_cut = _cut(base, filters, incidents, "incident_offset", "incidents")
+    points_cut = _cut(base, filters, points, "offset", "irregular points")
     parts += [
-        f"<h2>Incidents, {esc(window)} ({len(incidents)})</h2>",
-        incidents_table(base, incidents, api),
-        f"<h2>Irregular points, {esc(window)} ({len(points)}, newest first)</h2>",
-        points_table(points),
+        f"<h2>Incidents, {esc(window)} ({incidents.total:,})</h2>",
+        incidents_cut,
+        incidents_table(base, incidents.rows, api, decided),
+        incidents_cut,
+        f"<h2>Irregular points, {esc(window)} ({points.total:,}, newest first)</h2>",
+        points_cut,
+        points_table(points.rows),
+        points_cut,
     ]
     return document("rpcwatch anomalies", "".join(parts))
 
@@ -271,9 +340,47 @@ def _folded(items: list[str], what: str, first_cls: str = "", cls: str = "") -> 
     )
 
 
-def incident_page(base: str, incident: Incident, points: list[Point], links: list[ModelLink], back: str) -> str:
-    """One incident: facts and model links beside its pattern graph, the strongest RPC's forecast
-    against actual below, then its points."""
+def _options(values: list[tuple[str, str]]) -> str:
+    return "".join(f'<option value="{esc(v)}">{esc(label)}</option>' for v, label in values)
+
+
+def decide_section(page: str, base: str, incident: Incident, state: Triage | None, fresh: bool) -> str:
+    """What people decided about the incident and the buttons to decide: acknowledge, mark (with a
+    note), silence its first culprit. Plain forms posting to the view (no script)."""
+    now = status_text(state) or '<span class="muted">nobody has acknowledged or marked it yet</span>'
+    if state is not None and state.note:
+        now += f' · note: "{esc(state.note)}"'
+    if not fresh:
+        now += ' <span class="muted">(as of the last publish: a run is writing the warehouse)</span>'
+    note = '<input class="note" name="note" maxlength="500" placeholder="note (optional)">'
+    forms = [
+        f'<form method="post" action="{esc(page)}/ack">{note} <button>acknowledge</button></form>',
+        f'<form method="post" action="{esc(page)}/mark"><select name="mark">{_options(list(MARK_WORDS.items()))}'
+        f"</select> {note} <button>mark</button></form>",
+    ]
+    if incident.culprits:
+        services = _options([(c, c) for c in incident.culprits[:SHOWN]])
+        lasting = _options([(d, f"for {d}") for d in SILENCE_FOR])
+        forms.append(
+            f'<form method="post" action="{esc(base)}/silence"><input type="hidden" name="incident" '
+            f'value="{esc(incident.incident_id)}">silence <select name="service">{services}</select> '
+            f'<select name="lasting">{lasting}</select> <button>silence</button></form>'
+        )
+    return f'<div class="decide"><b>Status:</b> {now}<br>{"".join(forms)}</div>'
+
+
+def incident_page(
+    base: str,
+    incident: Incident,
+    points: list[Point],
+    links: list[ModelLink],
+    back: str,
+    decision: tuple[Triage | None, bool] = (None, True),
+    done: str | None = None,
+) -> str:
+    """One incident: what people decided and the buttons to decide, facts and model links beside its
+    pattern graph, the strongest RPC's forecast against actual below, then its points. `decision`:
+    its state and whether that is current; `done`: which button was just pressed (DONE)."""
     page = f"{base}/incident/{incident.incident_id}"
     facts = [
         ("when", f"{_when(incident.start_ts)} – {_when(incident.end_ts)} UTC ({_minutes(incident)})"),
@@ -292,7 +399,9 @@ def incident_page(base: str, incident: Incident, points: list[Point], links: lis
     body = (
         f"<p>{_link(f'{base}/?{back}', '← incidents')}</p>"
         f"<h1>Incident {esc(incident.incident_id)} · {_what(incident)}</h1>"
-        f'<div class="cols"><div class="left"><table class=facts>{rows}</table></div>'
+        + (f'<p class="done">{esc(DONE[done])}</p>' if done in DONE else "")
+        + decide_section(page, base, incident, *decision)
+        + f'<div class="cols"><div class="left"><table class=facts>{rows}</table></div>'
         f'<div class="right"><a href="{esc(graph)}"><img src="{esc(graph)}" '
         "alt=\"the pattern's graph, the incident's RPCs marked\"></a>"
         '<p class="caption">The pattern\'s RPCs (caller → callee, interface) by call depth, callers above. Red: '
@@ -302,13 +411,107 @@ def incident_page(base: str, incident: Incident, points: list[Point], links: lis
         f'<a href="{esc(forecast)}"><img class="forecast" src="{esc(forecast)}" '
         'alt="forecast versus actual of the strongest RPC"></a>'
         f'<p class="caption">{BAND_CAPTION}</p>'
-        f"<h2>Its irregular points ({len(points)}, strongest first)</h2>{points_table(points)}"
+        f"<h2>Its irregular points ({_strongest(points, incident.points)}, strongest first)</h2>"
+        f"{points_table(points)}"
     )
     return document(f"rpcwatch incident {incident.incident_id}", body)
+
+
+def _strongest(points: list[Point], total: int | None) -> str:
+    """How many of the incident's points its page lists: all, or `the 200 strongest of 1,234`."""
+    if total is not None and len(points) < total:
+        return f"showing the {len(points):,} strongest of {total:,}"
+    return f"{len(points):,}"
+
+
+def _quality_rows(rows: list[Quality], label: str) -> str:
+    head = "".join(
+        f"<th>{h}</th>"
+        for h in (label, "incidents", "false positive", "share false", "expected", "true positive", "acked", "posted")
+    )
+    body = "".join(
+        f"<tr><td>{esc(f'{q.key:%Y-%m-%d}' if isinstance(q.key, datetime) else q.key)}</td>"
+        f"<td class=num>{q.incidents}</td><td class=num>{q.false_positive}</td>"
+        f"<td class=num>{q.false_share:.0%}</td><td class=num>{q.expected}</td><td class=num>{q.true_positive}</td>"
+        f"<td class=num>{q.acked}</td><td class=num>{q.posted}</td></tr>"
+        for q in rows
+    )
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def quality_page(base: str, days: list[Quality] | None, patterns: list[Quality]) -> str:
+    """Detection quality over time as people judged it (tasks.triage.quality): the picture, per day
+    and per pattern. `days` None: the snapshot predates marks."""
+    top = f"<p>{_link(f'{base}/', '← incidents')}</p><h1>rpcwatch · detection quality</h1>"
+    if days is None:
+        return document(
+            "rpcwatch detection quality",
+            top + "<p>Nothing to show yet: the snapshot was "
+            "published before incidents could be marked; the next run publishes it.</p>",
+        )
+    if not days:
+        return document("rpcwatch detection quality", top + '<p class="muted">No incidents yet.</p>')
+    body = (
+        top + '<p class="meta">Incidents by the day they started (UTC), what people marked them, and how many '
+        "were posted to the alert webhook. A rising share marked false positive says the alarm level "
+        "(RPCWATCH_ALARM_FALSE_PER_DAY) or a pattern's model needs a look. As of the last publish.</p>"
+        + f'<img src="{esc(base)}/quality.png" alt="incidents per day by mark, and alerts posted">'
+        + "<h2>Per day</h2>"
+        + _quality_rows(days, "day (UTC)")
+        + "<h2>Per pattern</h2>"
+        + _quality_rows(patterns, "pattern")
+    )
+    return document("rpcwatch detection quality", body)
+
+
+def bad_request_page(base: str, problems: list[BadParameter], without: str) -> str:
+    """A request the view does not take (422): which parameter is wrong, the value given, what is
+    accepted; a link to the page without the wrong parameters (`without`: that query string)."""
+    items = "".join(
+        f"<li><b>{esc(p.name)}</b> = <code>{esc(p.value)}</code>: {esc(p.problem)}.<br>"
+        f"Accepted: {esc(p.accepted)}.</li>"
+        for p in problems
+    )
+    back = _link(f"{base}/" + (f"?{without}" if without else ""), "the incidents without it")
+    return document(
+        "rpcwatch: not accepted",
+        "<h1>rpcwatch · that request is not accepted</h1>"
+        f'<div class="bad"><ul>{items}</ul></div><p>Show {back}, or {_link(f"{base}/", "the incidents")} '
+        f"with the default filters. The API's parameters: {_link(f'{base}/docs', 'API docs')}.</p>",
+    )
 
 
 def not_found_page(base: str, incident_id: str) -> str:
     return document(
         "rpcwatch: no such incident",
         f"<p>No incident {esc(incident_id)} in the published snapshot. {_link(f'{base}/', '← incidents')}</p>",
+    )
+
+
+# Swagger UI's start-up, served as a file of the view (`/docs/swagger-init.js`) so that the docs page runs
+# no inline script: it reads the OpenAPI address from the page (`data-openapi`). No validator badge (it
+# would call an outside validator); FastAPI's own settings otherwise.
+DOCS_SCRIPT = """window.ui = SwaggerUIBundle({
+  url: document.getElementById("swagger-ui").dataset.openapi,
+  dom_id: "#swagger-ui",
+  layout: "BaseLayout",
+  deepLinking: true,
+  showExtensions: true,
+  showCommonExtensions: true,
+  validatorUrl: null,
+  presets: [SwaggerUIBundle.presets.apis, SwaggerUIBundle.SwaggerUIStandalonePreset],
+});
+"""
+
+
+def docs_page(base: str, title: str) -> str:
+    """The API docs: Swagger UI, every file of it from the view itself (`<base>/docs/...`)."""
+    docs = f"{base}/docs"
+    return (
+        f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{esc(title)}</title>'
+        f'<link rel="stylesheet" type="text/css" href="{esc(docs)}/swagger-ui.css">'
+        f'<link rel="icon" type="image/png" href="{esc(docs)}/favicon.png"></head><body>'
+        f'<div id="swagger-ui" data-openapi="{esc(base)}/openapi.json"></div>'
+        f'<script src="{esc(docs)}/swagger-ui-bundle.js"></script>'
+        f'<script src="{esc(docs)}/swagger-init.js"></script></body></html>'
     )

@@ -98,3 +98,39 @@ def season_period(cfg: TrainConfig, bucket_seconds: int, first_target: int) -> i
     if first_target - season >= 0:
         return season
     return min(max(1, 3600 // bucket_seconds), first_target)
+
+
+# --- is a new model better, beyond validation noise? ----------------------------------------------
+
+PROMOTION_ALPHA = 0.05  # a challenger replaces the champion only at this significance, one-sided
+MIN_COMPARED_BUCKETS = 10  # fewer validation buckets than this cannot show a difference
+
+
+def bucket_calls_ape(pred: np.ndarray, obs: np.ndarray) -> np.ndarray:
+    """Per validation bucket, the mean absolute percentage error of calls over the points `metrics`
+    counts (busy nodes, calls > 0); NaN for a bucket without such a point. Shape [S]."""
+    valid = busy_mask(obs) & (obs[:, :, CALLS] > 0) & np.isfinite(pred[:, :, CALLS])
+    ape = np.where(valid, np.abs(pred[:, :, CALLS] - obs[:, :, CALLS]) / np.where(valid, obs[:, :, CALLS], 1), 0.0)
+    counted = valid.sum(axis=1)
+    with np.errstate(invalid="ignore"):
+        return np.where(counted > 0, ape.sum(axis=1) / np.maximum(counted, 1), np.nan)
+
+
+def diebold_mariano(new_loss: np.ndarray, old_loss: np.ndarray) -> float:
+    """One-sided p-value that the new forecasts' loss is lower than the old ones' on the same
+    buckets (Diebold & Mariano 1995): the mean loss difference over its Newey-West standard error
+    (lags up to T^(1/3): forecast errors of neighbouring buckets are correlated), normal
+    approximation. NaN with fewer than MIN_COMPARED_BUCKETS buckets where both have a loss."""
+    d = (new_loss - old_loss)[np.isfinite(new_loss) & np.isfinite(old_loss)]
+    n = len(d)
+    if n < MIN_COMPARED_BUCKETS:
+        return math.nan
+    centred = d - d.mean()
+    variance = float(centred @ centred) / n
+    for lag in range(1, int(n ** (1 / 3)) + 1):
+        variance += 2 * (1 - lag / (int(n ** (1 / 3)) + 1)) * float(centred[lag:] @ centred[:-lag]) / n
+    if variance <= 0:
+        return 0.0 if d.mean() < 0 else 1.0
+    from scipy.stats import norm
+
+    return float(norm.cdf(d.mean() / math.sqrt(variance / n)))

@@ -12,7 +12,8 @@ it is trusted).
   registry (reads the registry, writes only the cache folder).
 - `registry_mirror`: the registry as `models` rows (reads the registry; `tasks.models.retrain`
   writes them into `models` when it reconciles the mirror).
-- `setup_mlflow`: the experiment, marked as model training for MLflow 3's UI; on the embedded store
+- `setup_mlflow`: the experiment, tagged as model training (`mlflow.experimentKind`; MLflow 3.17's UI
+  picks its view from the link instead: `tasks.models.tracking.experiment_url`); on the embedded store
   it first makes the store ready where a crash cannot leave it half-built (`tasks.models.store`)
   and re-addresses the artifacts of a home that was moved or copied (`relocate_artifacts`); once
   per process it fails the runs a dead process left open (`close_orphaned_runs`).
@@ -54,8 +55,9 @@ EXPERIMENT = "rpcwatch"
 MODEL_PREFIX = "rpcwatch-pattern-"
 CHAMPION = "champion"
 CHALLENGER = "challenger"  # alias: the newest version that did not beat the champion (none once a newer one wins)
-# MLflow 3's UI opens an experiment without this tag in its GenAI (traces) view; this value opens the
-# model-training view: runs, their metrics side by side, Compare (the key and values are the UI's)
+# the experiment's kind: the key and value MLflow's UI writes for a "Machine learning" experiment.
+# MLflow 3.17's UI does not read it to pick a view (the link does, `tracking.MODEL_TRAINING_VIEW`);
+# kept for what does read it: other MLflow versions, search (`tags."mlflow.experimentKind"`)
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 ARTIFACTS_TAG = "artifacts_sha256"  # model-version tag: JSON {artifact file name: sha256 hex}
@@ -119,7 +121,7 @@ def tracking_uri(settings: Settings) -> str:
 
 def setup_mlflow(settings: Settings) -> ModuleType:
     """The `mlflow` module pointed at the settings' tracking server, experiment `rpcwatch` created
-    (artifacts under the home when the tracking store is sqlite), marked as model training, and set.
+    (artifacts under the home when the tracking store is sqlite), tagged as model training, and set.
     A home that was moved or copied has its artifacts re-addressed first (`relocate_artifacts`)."""
     import mlflow
 

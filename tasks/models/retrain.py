@@ -54,15 +54,34 @@ def plan_training(
             for s in stale_patterns(con, settings, hour, force, patterns)
             if _enough_history(con, s.pattern_id, end, settings.min_train_hours)
         ]
-        jobs = [
-            TrainJob(s.pattern_id, s.reasons, hour, export_pattern(con, s.pattern_id, start, end, folder))
-            for s in stale
-        ]
+        jobs = []
+        for s in stale:
+            lo, hi = judged_range(con, s.pattern_id, hour, start, end)
+            jobs.append(TrainJob(s.pattern_id, s.reasons, hour, export_pattern(con, s.pattern_id, lo, hi, folder)))
     for job in jobs:
         log.debug("pattern %s is stale: %s", job.pattern_id, ", ".join(job.reasons))  # the stage says it
     if not jobs:
         log.debug("nothing is stale at %s: no model to train", hour)
     return jobs
+
+
+# the end of the newest hour up to $hour that the pattern's champion scored
+LAST_SCORED_SQL = """SELECT max(hour) + INTERVAL 1 HOUR FROM score_runs
+WHERE pattern_id = $pid AND status = 'scored' AND hour <= $hour"""
+
+
+def judged_range(
+    con: duckdb.DuckDBPyConnection, pattern_id: int, hour: datetime, start: datetime, end: datetime
+) -> tuple[datetime, datetime]:
+    """The stretch of history a retrain of the pattern reads: [start, end), shifted back to end with
+    the newest hour its champion scored. In a run, `train` comes before `score`: the hour itself is
+    not judged yet, so an attack in it would be learnt as normal before anyone could see it. A
+    pattern never scored (a first model) has nothing to be judged by and reads [start, end)."""
+    [(scored_end,)] = con.execute(LAST_SCORED_SQL, {"pid": pattern_id, "hour": naive_utc(hour)}).fetchall()
+    if scored_end is None or scored_end.replace(tzinfo=end.tzinfo) >= end:
+        return start, end
+    shift = end - scored_end.replace(tzinfo=end.tzinfo)
+    return start - shift, end - shift
 
 
 def _enough_history(con: duckdb.DuckDBPyConnection, pattern_id: int, end: datetime, min_hours: float) -> bool:

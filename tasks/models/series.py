@@ -7,12 +7,12 @@ graph_hash, range, excluded stretches), and the calls of its most recent traces 
 
 History hygiene: a model must never learn an incident as normal (a retrain after a flood would
 otherwise widen its band to the flood). The stretches of the range inside an incident of the
-pattern, or one touching its RPCs, are `excluded`: no training, validation or calibration sample
-reads or forecasts a bucket in them (`tasks.models.forecast.prepare`), and the trace model learns
-from no trace rooted in them.
+pattern, or one touching its RPCs, or a period people marked, are `excluded`: no training,
+validation or calibration sample reads or forecasts a bucket in them
+(`tasks.models.forecast.prepare`), and the trace model learns from no trace rooted in them.
 
 Reads `patterns`, `pattern_nodes`, `pattern_edges`, `pattern_series`, `trace_patterns`, `calls`,
-`incidents`; writes no table.
+`incidents`, `incident_actions`; writes no table.
 """
 
 from __future__ import annotations
@@ -57,9 +57,13 @@ class PatternData:
         return self.values[:, :, CALLS]
 
 
-# the stretches of [$start, $end) inside an incident of the pattern or touching one of its RPCs
+# the stretches of [$start, $end) inside an incident of the pattern or touching one of its RPCs, or
+# inside a period people marked (tasks.triage.actions: kept as marked, even where a rescoring has
+# since cleared the incident)
 EXCLUDED_SQL = """
-SELECT greatest(start_ts, $start) AS lo, least(end_ts, $end) AS hi FROM incidents
+SELECT DISTINCT greatest(start_ts, $start) AS lo, least(end_ts, $end) AS hi FROM (
+    SELECT start_ts, end_ts, patterns, nodes FROM incidents
+    UNION ALL SELECT start_ts, end_ts, patterns, nodes FROM incident_actions WHERE action = 'mark')
 WHERE start_ts < $end AND end_ts > $start AND (list_contains(patterns, $pid) OR list_has_any(nodes, $nodes))
 ORDER BY lo, hi"""
 

@@ -1,13 +1,18 @@
 """What MLflow shows about a training, so that versions compare in its UI: the pyfunc's signature
 and input example, run tags naming the Airflow task that trained (from the `AIRFLOW_CTX_*`
 variables Airflow sets in a task's process: no Airflow import), the registered model's and each
-version's descriptions and tags, and the champion / challenger aliases."""
+version's descriptions and tags, the decision as run params and tags, the champion / challenger
+aliases; and where the UI is: links that open it in its model-training view, and whether the
+server at an address serves this home's store (`ui_problem`)."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
@@ -31,6 +36,7 @@ from tasks.models.trace_model import TraceModel
 if TYPE_CHECKING:
     import pandas as pd
     from mlflow import MlflowClient
+    from mlflow.entities import Experiment
     from mlflow.models import ModelSignature
 
     from tasks.models.fitting import Fitted
@@ -44,6 +50,10 @@ AIRFLOW_CONTEXT = {
 }
 LAUNCHED_BY_TAG = "rpcwatch.launched_by"  # airflow | cli
 TRAINED_FOR_TAG = "rpcwatch.trained_for"  # the hour trained for, ISO
+# run params of the decision: MLflow's page comparing registered versions lists params and
+# metrics only (no tags, aliases or descriptions), so the decision is a param there too
+DECISION_PARAM = "decision"  # champion | challenger: the alias the version got when registered
+DECISION_REASON_PARAM = "decision_reason"
 
 
 def signature() -> ModelSignature:
@@ -204,3 +214,70 @@ def move_aliases(client: MlflowClient, name: str, version: int, decision: str) -
         client.delete_registered_model_alias(name, CHALLENGER)
     if previous is not None and int(previous.version) != version:
         client.set_model_version_tag(name, previous.version, "superseded_by", str(version))
+
+
+def record_decision(
+    client: MlflowClient, run_id: str, pattern_id: int, version: int, trained_for: datetime, decision: tuple[str, str]
+) -> None:
+    """The decision on the run, in one write: as params (the registry's version compare lists only
+    params and metrics) and tags (the runs compare and the run's page list them), with the version
+    in the run's name (two runs of one hour tell apart in either compare)."""
+    from mlflow.entities import Param, RunTag
+
+    params = {DECISION_PARAM: decision[0], DECISION_REASON_PARAM: decision[1]}
+    tags = {
+        "decision": decision[0],
+        "reason": decision[1],
+        "registered_version": str(version),
+        "mlflow.runName": f"pattern-{pattern_id}-v{version}-{trained_for:%Y%m%dT%H}",
+    }
+    client.log_batch(
+        run_id,
+        params=[Param(k, v) for k, v in params.items()],
+        tags=[RunTag(k, v) for k, v in tags.items()],
+    )
+
+
+# --- where to see it: MLflow's UI ------------------------------------------------------------------
+
+# MLflow 3.17's UI opens an experiment in the view its URL's `workflowType` names, else in the one
+# this browser last chose (the sidebar's GenAI | Model training switch, kept in localStorage as
+# `mlflow.workflowType_v1`), else in GenAI's (Overview: traces, tokens, cost). It does not read the
+# experiment's `mlflow.experimentKind` tag: the hook that would is behind a feature flag its bundle
+# hard-codes on (server/js/build, the experiment-kind hook and the `workflowType` context). So
+# every link rpcwatch prints names the view.
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"
+# MLflow's REST call that finds an experiment by name (the UI's server answers it at the same origin)
+GET_EXPERIMENT_BY_NAME = "/api/2.0/mlflow/experiments/get-by-name"
+
+
+def experiment_url(base: str, experiment_id: str) -> str:
+    """The experiment in MLflow's model-training view (it opens on the Runs tab)."""
+    return f"{base.rstrip('/')}/#/experiments/{urllib.parse.quote(experiment_id, safe='')}?{MODEL_TRAINING_VIEW}"
+
+
+def registered_model_url(base: str, name: str) -> str:
+    """A registered model's page (its versions, aliases; tick two, Compare) in the model-training view."""
+    return f"{base.rstrip('/')}/#/models/{urllib.parse.quote(name, safe='')}?{MODEL_TRAINING_VIEW}"
+
+
+def ui_problem(url: str, experiment: Experiment, timeout_s: float = 3.0) -> str | None:
+    """Why the MLflow server at `url` is not the UI of `experiment`'s store (None: it is). It is when
+    its REST API finds an experiment of that name with the same id, creation time and artifact
+    location: another home, or a copy of this one (its artifacts re-addressed), differs in these."""
+    query = urllib.parse.urlencode({"experiment_name": experiment.name})
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}{GET_EXPERIMENT_BY_NAME}?{query}", timeout=timeout_s) as answer:
+            body = json.load(answer)
+    except urllib.error.HTTPError as err:  # a web server: MLflow without the experiment (404), a login, ...
+        return f"it has no experiment '{experiment.name}'" if err.code == 404 else f"it answers HTTP {err.code}"
+    except (urllib.error.URLError, OSError) as err:
+        return f"nothing answers there ({getattr(err, 'reason', err)})"
+    except ValueError:  # not JSON: some other web server
+        return "it is not an MLflow server"
+    served = body.get("experiment", {}) if isinstance(body, dict) else {}
+    ours = (experiment.experiment_id, experiment.creation_time, experiment.artifact_location)
+    theirs = (served.get("experiment_id"), served.get("creation_time"), served.get("artifact_location"))
+    if [str(v) for v in ours] != [str(v) for v in theirs]:
+        return f"it serves another store (its experiment '{experiment.name}' is not this home's)"
+    return None

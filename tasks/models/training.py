@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from tasks.failpoints import crash_point
-from tasks.models.baselines import metrics
+from tasks.models.baselines import PROMOTION_ALPHA, bucket_calls_ape, diebold_mariano, metrics
 from tasks.models.features import CALLS
 from tasks.models.fitting import Fitted, fit, fit_many, train_config
 from tasks.models.forecast import Normaliser, NotEnoughHistory, Prepared, TrainConfig, make_model, predict, prepare
@@ -60,6 +60,7 @@ from tasks.models.tracking import (
     launched_by,
     model_description,
     move_aliases,
+    record_decision,
     signature,
     version_description,
     version_tags,
@@ -185,31 +186,44 @@ def _plots(fitted: Fitted, folder: Path, top: int = 3) -> list[Path]:
 # --- the champion policy ---------------------------------------------------------------------------
 
 
-def _champion_score(mlflow: ModuleType, champion: ModelVersion, prep: Prepared, dev: torch.device) -> float:
-    """The current champion's calls MAPE on the new validation window (same graph only)."""
+def _champion_forecast(mlflow: ModuleType, champion: ModelVersion, prep: Prepared, dev: torch.device) -> np.ndarray:
+    """The current champion's forecasts of the new validation window (same graph only)."""
     folder = Path(mlflow.artifacts.download_artifacts(f"models:/{champion.name}/{champion.version}")) / "artifacts"
     loaded = load_model(folder, dev)
-    obs = prep.y[prep.split :].numpy().astype(np.float64)
     rescaled = prep.with_normaliser(loaded.norm, loaded.cfg.window)
-    return metrics(predict(loaded.model, rescaled, slice(prep.split, None), dev), obs)["mape_calls"]
+    return predict(loaded.model, rescaled, slice(prep.split, None), dev)
 
 
 def decide(mlflow: ModuleType, client: MlflowClient, fitted: Fitted) -> tuple[str, str]:
-    """(champion | challenger, why) for a new version of the pattern's model."""
-    champion = registered_champion(client, model_name(fitted.data.pattern_id))
+    """(champion | challenger, why) for a new version of the pattern's model (`judge`)."""
+    return judge(mlflow, registered_champion(client, model_name(fitted.data.pattern_id)), fitted)
+
+
+def judge(mlflow: ModuleType, champion: ModelVersion | None, fitted: Fitted) -> tuple[str, str]:
+    """(champion | challenger, why) for a new version against the current champion. A retrained version
+    replaces a champion of the same graph only when its calls forecasts on the same validation
+    window are better by more than validation noise: a one-sided Diebold-Mariano test on the two
+    models' per-bucket calls MAPE at PROMOTION_ALPHA. A small gain on a short window is noise, and a
+    forced retrain must not become the champion by it."""
     if champion is None:
         return "champion", "first model of this pattern"
     if champion.tags.get("graph_hash") != fitted.data.graph_hash:
         return "champion", f"champion v{champion.version} was trained on another graph"
-    score = fitted.scores["model_mape_calls"]
-    old = _champion_score(mlflow, champion, fitted.prep, fitted.dev)
+    obs = fitted.prep.y[fitted.prep.split :].numpy().astype(np.float64)
+    old_pred = _champion_forecast(mlflow, champion, fitted.prep, fitted.dev)
+    score, old = fitted.scores["model_mape_calls"], metrics(old_pred, obs)["mape_calls"]
     if math.isnan(old):  # no busy node on this window (a quiet pattern): nothing to compare on
         # the newer model, trained on the recent data, takes over: a champion that cannot be beaten
         # would keep an aged pattern stale, retrained every hour
         return "champion", f"champion v{champion.version} has no calls MAPE on this window (no busy node)"
+    p = diebold_mariano(bucket_calls_ape(fitted.pred, obs), bucket_calls_ape(old_pred, obs))
+    mape = f"calls MAPE {score:.4f} vs {old:.4f}"
+    if p < PROMOTION_ALPHA:
+        return "champion", f"beats champion v{champion.version}: {mape}, Diebold-Mariano p = {p:.3g}"
     if score < old:
-        return "champion", f"beats champion v{champion.version}: calls MAPE {score:.4f} < {old:.4f}"
-    return "challenger", f"champion v{champion.version} stays better: calls MAPE {old:.4f} <= {score:.4f}"
+        why = "too few validation buckets to tell" if math.isnan(p) else f"within validation noise (p = {p:.3g})"
+        return "challenger", f"champion v{champion.version} stays: {mape} is {why}"
+    return "challenger", f"champion v{champion.version} stays better: {mape}"
 
 
 # --- one training, logged and registered -----------------------------------------------------------
@@ -265,7 +279,8 @@ def _log_run(
     (the trace model beside the forecaster, same version); (the logged model, artifact files).
     Calls are few: a registry's cost is its round trips (one per metric call, hundreds per model
     before; tests/benchmarks/bench_registry.py), so metrics go in one batch after the model (which
-    would otherwise re-read them to link them), plots in one upload."""
+    would otherwise re-read them to link them), plots in one upload, at the run's root: MLflow's
+    runs-compare page shows only the root files common to the runs compared."""
     mlflow.log_params(_params(fitted, reason) | {"warm_start": warm_source})
     plots = folder / "plots"
     plots.mkdir()
@@ -282,7 +297,7 @@ def _log_run(
         input_example=input_example(fitted.data, fitted.cfg.window),
     )
     mlflow.MlflowClient().log_batch(info.run_id, metrics=_metric_batch(fitted, trace, info.model_id))
-    mlflow.log_artifacts(str(plots), artifact_path="plots")
+    mlflow.log_artifacts(str(plots))
     return info, artifacts
 
 
@@ -470,15 +485,7 @@ def register_fitted(
         client.update_model_version(name, version, description=description)
         move_aliases(client, name, int(version), decision)
         crash_point("registered")  # crash-safety tests: in the registry, not yet in DuckDB
-        mlflow.set_tags(
-            {
-                "decision": decision,
-                "reason": why,
-                "registered_version": version,
-                # the version in the run's name: two runs of one hour tell apart in Compare
-                "mlflow.runName": f"pattern-{data.pattern_id}-v{version}-{trained_for:%Y%m%dT%H}",
-            }
-        )
+        record_decision(client, run.info.run_id, data.pattern_id, int(version), trained_for, (decision, why))
     outcome = TrainOutcome(
         pattern_id=data.pattern_id,
         pattern_version=data.version,

@@ -26,6 +26,7 @@ from tasks.clock import HOUR, naive_utc
 from tasks.keys import node_key_sql
 from tasks.scoring.store import ANOMALY_COLUMNS
 
+KIND = "novel_rpc"
 NEW_EDGE, NEW_INTERFACE = "new_edge", "new_interface"
 UNKNOWN = "UNKNOWN"  # the caller of a call whose parent span was not captured: no edge to judge
 SEEN_SQL = """EXISTS (SELECT 1 FROM rpc_series r
@@ -35,7 +36,7 @@ NOVEL_SQL = f"""
 INSERT INTO anomalies ({", ".join(ANOMALY_COLUMNS)})
 SELECT bucket_ts, NULL, {node_key_sql("n")}, caller, callee, interface,
        CASE WHEN {SEEN_SQL.format(same_interface="")} THEN '{NEW_INTERFACE}' ELSE '{NEW_EDGE}' END,
-       calls, 0, 0, calls, 'up', 'novel_rpc', NULL, NULL, NULL, $scored_at, caller
+       calls, 0, 0, calls, 'up', '{KIND}', NULL, NULL, NULL, $scored_at, caller
 FROM novel_rpcs n WHERE bucket_ts >= $start AND bucket_ts < $end AND caller <> '{UNKNOWN}'
   AND (SELECT min(bucket_ts) FROM rpc_series) < n.bucket_ts - $warmup
   AND NOT {SEEN_SQL.format(same_interface="AND r.interface IS NOT DISTINCT FROM n.interface")}"""

@@ -160,7 +160,47 @@ def test_an_hour_without_new_incidents_posts_nothing(warehouse, receiver):
     said: list[str] = []
     assert alert_new_incidents(_alerting(warehouse, receiver.url()), HOUR + timedelta(hours=3), say=said.append) == 0
     assert receiver.requests == []
-    assert said == ["no incident started at 2026-01-01 11:00 UTC with peak score >= 3"]
+    assert said == ["no new incident at 2026-01-01 11:00 UTC with peak score >= 3"]
+
+
+def _posted_ids(receiver) -> list[list[str]]:
+    return [sorted(set(re.findall(r"rpcwatch/incident/([\w-]+)", p["text"]))) for p in receiver.posted]
+
+
+def test_a_rerun_posts_nothing_twice_and_a_later_crossing_is_posted_once(warehouse, receiver):
+    settings = _alerting(warehouse, receiver.url())
+    assert alert_new_incidents(settings, HOUR) == 4
+    said: list[str] = []
+    assert alert_new_incidents(settings, HOUR, say=said.append) == 0, "the rerun of the hour"
+    assert said == ["no new incident at 2026-01-01 08:00 UTC with peak score >= 3"]
+    with opened(settings.warehouse) as con:  # i-weak is rescored: it grows into 09:00 and crosses the level
+        con.execute("UPDATE incidents SET end_ts = ?, peak_score = 7.5 WHERE incident_id = 'i-weak'", [_at(65)])
+        sent = con.execute("SELECT incident_id, hour, destination FROM alerts_sent ORDER BY 1").fetchall()
+    assert sent == [
+        (i, datetime(2026, 1, 1, 8), f"127.0.0.1:{receiver.port}")
+        for i in sorted(["i-strong", "i-novel", "i-mid", "i-equal"])
+    ]
+    assert alert_new_incidents(settings, HOUR + timedelta(hours=1)) == 2, "i-weak now, and i-after's own hour"
+    assert alert_new_incidents(settings, HOUR + timedelta(hours=1)) == 0
+    assert alert_new_incidents(settings, HOUR) == 0
+    assert _posted_ids(receiver) == [sorted(["i-strong", "i-novel", "i-mid", "i-equal"]), ["i-after", "i-weak"]]
+
+
+def test_acknowledged_marked_or_silenced_incidents_are_not_posted_and_the_log_says_why(warehouse, receiver):
+    from tasks.triage.actions import ACK, MARK, add_silence, record
+
+    with opened(warehouse.warehouse) as con:
+        record(con, "i-strong", MARK, "ana", mark="false_positive", note="load test")
+        record(con, "i-mid", ACK, "bo")
+        record(con, "i-equal", MARK, "bo", mark="true_positive")  # a real one is still posted
+        add_silence(con, "cy", timedelta(hours=2), service="svc-user")
+        add_silence(con, "cy", timedelta(hours=2), service="svc-nobody")
+    said: list[str] = []
+    assert alert_new_incidents(_alerting(warehouse, receiver.url()), HOUR, say=said.append) == 1
+    assert _posted_ids(receiver) == [["i-equal"]]
+    assert said[0] == "not posting incident i-strong: marked false_positive by ana"
+    assert said[1].startswith("not posting incident i-novel: service svc-user silenced by cy until 2")
+    assert said[2] == "not posting incident i-mid: acknowledged by bo"
 
 
 def test_a_failing_receiver_is_a_clear_error_naming_the_host_never_the_url(warehouse, receiver):

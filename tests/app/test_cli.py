@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from helpers import add_anomaly, copy_home
 from tasks.app.cli import main
@@ -126,3 +126,28 @@ def test_tables_show_control_characters_escaped(settings, capsys):
     assert main(["anomalies", "--home", str(settings.home)]) == 0
     out = capsys.readouterr().out
     assert "svc\\nspoofed\\x00" in out and len(out.splitlines()) == 3
+
+
+def test_anomalies_pages_say_where_they_are_cut_and_take_since_all(settings, capsys):
+    """`--since` is the view's: counted back from the newest scored data, `all` taken, a bad one one line
+    and exit 2; a cut list says so on stderr (stdout stays the table or the JSON) with the next --offset."""
+    for minutes in (0, 30, 60, 24 * 60):  # the newest at 03:05, one point a day before it
+        add_anomaly(settings, POINT_AT - timedelta(minutes=minutes), caller=f"svc-{minutes}")
+    home = str(settings.home)
+    assert main(["anomalies", "--home", home, "--limit", "2"]) == 0
+    out = capsys.readouterr()
+    assert [line.split()[5] for line in out.out.splitlines()[2:]] == ["svc-0", "svc-30"], out.out
+    assert "showing 1–2 of 3 irregular points in the last 6h of scored data (to 2026-01-01 03:05 UTC)" in out.err
+    assert "next page: --offset 2" in out.err
+    assert main(["anomalies", "--home", home, "--limit", "2", "--offset", "2", "--json"]) == 0
+    out = capsys.readouterr()
+    assert [r["caller"] for r in json.loads(out.out)] == ["svc-60"] and "showing 3–3 of 3" in out.err
+    assert main(["anomalies", "--home", home, "--since", "all", "--json"]) == 0
+    out = capsys.readouterr()
+    assert len(json.loads(out.out)) == 4 and "showing" not in out.err, "a whole list says nothing more"
+    assert main(["anomalies", "--home", home, "--since", "10m"]) == 0
+    assert capsys.readouterr().out.splitlines()[2].split()[5] == "svc-0", "10 minutes before the newest point"
+    assert main(["anomalies", "--home", home, "--since", "1w"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rpcwatch: error: since '1w' is not accepted: use 30m, 6h, 2d") and "or all" in err
+    assert len(err.splitlines()) == 1

@@ -37,8 +37,20 @@ ROUTES = [
     f"/rpcwatch/incident/{INCIDENT}/graph.png",
     f"/rpcwatch/incident/{INCIDENT}/forecast.png",
     "/rpcwatch/docs",
+    "/rpcwatch/docs/swagger-ui-bundle.js",
+    "/rpcwatch/docs/swagger-ui.css",
+    "/rpcwatch/docs/favicon.png",
+    "/rpcwatch/docs/swagger-init.js",
     "/rpcwatch/openapi.json",
+    "/rpcwatch/quality",
+    "/rpcwatch/quality.png",
 ]
+# people's decisions (POST, written to the warehouse): a login with edit access to the DAG
+POSTED = {
+    f"/rpcwatch/incident/{INCIDENT}/ack": {"note": "on it"},
+    f"/rpcwatch/incident/{INCIDENT}/mark": {"mark": "expected"},
+    "/rpcwatch/silence": {"service": "svc-b", "lasting": "1h", "incident": INCIDENT},
+}
 START_TIMEOUT_S = 240
 STOP_TIMEOUT_S = 30
 HTTP_TIMEOUT_S = 30
@@ -117,7 +129,8 @@ def _publish_one_incident(settings) -> None:
 
     with opened(settings.warehouse) as con:
         con.execute(
-            "INSERT INTO incidents VALUES (?, TIMESTAMP '2026-01-01 00:00', TIMESTAMP '2026-01-01 00:05', [1], "
+            "INSERT INTO incidents (incident_id, start_ts, end_ts, patterns, nodes, peak_score, kinds, points, "
+            "culprits, evidence) VALUES (?, TIMESTAMP '2026-01-01 00:00', TIMESTAMP '2026-01-01 00:05', [1], "
             "['svc-a|svc-b|get|rpc'], 4.0, ['traffic_spike'], 5, ['svc-b'], 'traffic_spike calls: 9.0')",
             [INCIDENT],
         )
@@ -212,7 +225,7 @@ def test_every_route_of_the_view_is_in_routes():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     paths = {"/rpcwatch" + r.path for r in module.app.routes}
-    assert paths <= {r.replace(INCIDENT, "{incident_id}") for r in ROUTES}, paths
+    assert paths <= {r.replace(INCIDENT, "{incident_id}") for r in (*ROUTES, *POSTED)}, paths
 
 
 def test_airflow_itself_needs_a_login(server):
@@ -307,3 +320,33 @@ def test_every_route_sends_the_security_headers(server, admin_token, route):
         assert reply.headers.get("referrer-policy") == "no-referrer", (route, reply.headers)
         policy = reply.headers.get("content-security-policy", "")
         assert "default-src 'none'" in policy and "frame-ancestors 'self'" in policy, (route, policy)
+
+
+def test_a_bad_parameter_is_explained_after_the_login(server, admin_token):
+    """Logged in, a browser's bad `since` is a 422 page saying what is accepted; not logged in, it is
+    the login first (the parameters of an anonymous request are never looked at)."""
+    base, _ = server
+    browser = {"Accept": "text/html,application/xhtml+xml"}
+    reply = _get(
+        f"{base}/rpcwatch/", params={"since": "1w"}, headers={**browser, "Authorization": f"Bearer {admin_token}"}
+    )
+    assert reply.status_code == 422 and reply.headers["content-type"].startswith("text/html"), reply.text[:300]
+    assert "<b>since</b>" in reply.text and 'href="/rpcwatch/"' in reply.text, "links built on the mount point"
+    assert _refused(_get(f"{base}/rpcwatch/", params={"since": "1w"}, headers=browser))
+
+
+@pytest.mark.parametrize("route", sorted(POSTED))
+def test_deciding_needs_a_login_with_edit_access(server, admin_token, route):
+    """Anonymous: 401; a viewer (reads the DAG, may not edit it): 403; the admin's decision is
+    recorded under the admin's name; a form posted from another origin is refused even for the admin."""
+    base, passwords = server
+    form = POSTED[route]
+    assert httpx.post(f"{base}{route}", data=form, timeout=30).status_code == 401
+    viewer = _token(base, "viewer", passwords["viewer"]).json()["access_token"]
+    refused = httpx.post(f"{base}{route}", data=form, headers={"Authorization": f"Bearer {viewer}"}, timeout=30)
+    assert refused.status_code == 403, (refused.status_code, refused.text[:300])
+    admin = {"Authorization": f"Bearer {admin_token}"}
+    foreign = httpx.post(f"{base}{route}", data=form, headers=admin | {"Origin": "http://evil.example"}, timeout=30)
+    assert foreign.status_code == 403, (foreign.status_code, foreign.text[:300])
+    done = httpx.post(f"{base}{route}", data=form, headers=admin, timeout=30)
+    assert done.status_code == 200 and "by admin" in done.json()["said"], (done.status_code, done.text[:300])

@@ -7,7 +7,8 @@ login is tested in test_plugin.py and, against a real API server, in test_plugin
 Data: by default the `trained` home with a flooded RPC and a new RPC scored and published; with
 RPCWATCH_SCREENSHOT_HOME set, a copy of that home's published `analytics.duckdb` (read only once,
 never written; e.g. the demo's `.rpcwatch`). The PNGs go to the test's tmp folder and, when
-RPCWATCH_DOCS_DIR is set, to that folder too as view-incidents.png and view-incident.png:
+RPCWATCH_DOCS_DIR is set, to that folder too as view-incidents.png, view-incident.png and
+view-quality.png (the home's incidents acknowledged and marked first, as people would):
 
     RPCWATCH_SCREENSHOT_HOME=.rpcwatch RPCWATCH_DOCS_DIR=docs \\
         .venv/bin/pytest tests/app/test_view_screenshots.py
@@ -146,6 +147,28 @@ def _shot(url: str, out: Path, profile: Path) -> Path:
     return out
 
 
+def _decide(home: Path, incidents: list[dict], chosen: str) -> bool:
+    """What people would have decided (tasks.triage.actions, in the home's warehouse when it has one):
+    the shown incident acknowledged and marked expected, the others marked, then published again so
+    that the quality page counts them."""
+    from tasks.publish import publish
+    from tasks.settings import load_settings
+    from tasks.triage.actions import ACK, MARK, MARKS, record
+    from tasks.warehouse import opened
+
+    settings = load_settings(env={}, home=home)
+    if not settings.warehouse.exists():
+        return False  # a copied snapshot alone: nothing to decide on
+    with opened(settings.warehouse) as con:
+        record(con, chosen, ACK, "ana", note="looking")
+        record(con, chosen, MARK, "ana", mark="expected", note="load test at 03:20")
+        others = [i["incident_id"] for i in incidents if i["incident_id"] != chosen]
+        for n, incident_id in enumerate(others):
+            record(con, incident_id, MARK, "bo", mark=MARKS[n % len(MARKS)])
+    publish(settings)
+    return True
+
+
 def _looks_like_a_page(png: Path) -> None:
     """A real screenshot: a PNG, not tiny, not one flat colour."""
     import matplotlib.image as mpimg
@@ -170,9 +193,12 @@ def test_screenshots_of_the_incidents_and_an_incident(request, tmp_path, monkeyp
         page = f"{base}/incident/{chosen['incident_id']}?since=all"
         for route in (page, f"{page.split('?')[0]}/graph.png", f"{page.split('?')[0]}/forecast.png"):
             assert httpx.get(route, timeout=120).status_code == 200, route  # pictures drawn before the shot
+        if _decide(home, incidents, chosen["incident_id"]):
+            assert "acked by ana" in httpx.get(page, timeout=60).text, "the page shows the decisions"
         shots = {
             "view-incidents.png": f"{base}/?since=all",
             "view-incident.png": page,
+            "view-quality.png": f"{base}/quality",
         }
         for name, url in shots.items():
             png = _shot(url, tmp_path / name, tmp_path / "chromium-profile")

@@ -20,7 +20,8 @@ Write (register), per pattern, alternately (even ids / odd ids, so both meet the
   start_run, params, `mlflow.pyfunc.log_model`, one batch of metrics (val_loss per epoch included:
   one call per epoch before, 544 ms a model on sqlite), 3 plots in one upload, `decide`
   (alias lookup), `version_tags` (artifact digests), `describe_registered_model`, `register_model`,
-  `update_model_version` (description), `move_aliases`, `set_tags`; with a per-phase breakdown.
+  `update_model_version` (description), `move_aliases`, `record_decision` (params and tags, one
+  batch); with a per-phase breakdown.
 - `register_lean`: the same registry content with fewer round trips: params, then log_model (so
   MLflow 3 has no metrics to re-read and link: it re-reads every metric's history otherwise), then
   ONE log_batch of all metrics linked to the logged model (`model_id`), plots in one log_artifacts,
@@ -250,7 +251,7 @@ def register_phases(mlflow: Any) -> list[tuple[Any, str, str]]:
         (mlflow, "register_model", "register_model"),
         (mlflow.MlflowClient, "update_model_version", "update_model_version"),
         (training, "move_aliases", "move_aliases"),
-        (mlflow, "set_tags", "set_tags"),
+        (training, "record_decision", "record_decision (params + tags)"),
     ]
 
 
@@ -394,7 +395,7 @@ def register_lean(settings: Settings, fx: Fixture, pid: int, trained_for: dateti
         plots.mkdir()
         for png in fx.plots:
             shutil.copy(png, plots / png.name)
-        mlflow.log_artifacts(str(plots), artifact_path="plots")
+        mlflow.log_artifacts(str(plots))  # at the root, as `_log_run`
         champion = registered_champion(client, name)  # one lookup: the decision and the alias move share it
         decision, why = _decide(mlflow, fitted, champion)
         tags = version_tags(fitted, trained_for, (decision, why), run_id, REASON, artifacts)
@@ -410,28 +411,13 @@ def register_lean(settings: Settings, fx: Fixture, pid: int, trained_for: dateti
             if challenger is not None and int(challenger) < version:
                 client.delete_registered_model_alias(name, "challenger")
             client.set_model_version_tag(name, champion.version, "superseded_by", str(version))
-        mlflow.set_tags(
-            {
-                "decision": decision,
-                "reason": why,
-                "registered_version": version,
-                "mlflow.runName": f"pattern-{pid}-v{version}-{trained_for:%Y%m%dT%H}",
-            }
-        )
+        training.record_decision(client, run_id, pid, version, trained_for, (decision, why))
     return version
 
 
 def _decide(mlflow: Any, fitted: Any, champion: Any) -> tuple[str, str]:
     """`training.decide` with the champion already looked up."""
-    if champion is None:
-        return "champion", "first model of this pattern"
-    if champion.tags.get("graph_hash") != fitted.data.graph_hash:
-        return "champion", f"champion v{champion.version} was trained on another graph"
-    score = fitted.scores["model_mape_calls"]
-    old = training._champion_score(mlflow, champion, fitted.prep, fitted.dev)
-    if score < old:
-        return "champion", f"beats champion v{champion.version}: calls MAPE {score:.4f} < {old:.4f}"
-    return "challenger", f"champion v{champion.version} stays better: calls MAPE {old:.4f} <= {score:.4f}"
+    return training.judge(mlflow, champion, fitted)
 
 
 # --- reads ----------------------------------------------------------------------------------------

@@ -37,3 +37,62 @@ def test_the_export_leaves_out_the_patterns_incidents(trained: Any, tmp_path) ->
     root = pd.to_datetime(calls["root_ts"])
     assert not ((root >= naive_lo) & (root < naive_hi)).any()
     assert (root < naive_lo).any() and (root >= naive_hi).any()
+
+
+def _flood_flagged(settings, node: str, start, minutes: int = 10) -> int:
+    """Irregular points of `node` in the flood's ten minutes."""
+    lo = start.replace(tzinfo=None)
+    with opened(settings.warehouse, read_only=True) as con:
+        sql = "SELECT count(*) FROM anomalies WHERE node = ? AND bucket_ts >= ? AND bucket_ts < ?"
+        return int(con.execute(sql, [node, lo, lo + timedelta(minutes=minutes)]).fetchone()[0])
+
+
+def test_a_forced_retrain_cannot_learn_a_flood_even_as_champion(trained: Any, tmp_path) -> None:
+    """`rpcwatch train --force` during an attack: a flood in a scored hour (an incident) and one in
+    the hour being run (train comes before score, so it is not judged yet). The forced version
+    learns neither: made champion by hand, it still flags both, and the incident keeps its id."""
+    from helpers import flood_user_rpc
+    from tasks.ingest.aggregate import aggregate_hour
+    from tasks.ingest.stage import ingest_hour
+    from tasks.models.registry import model_name, setup_mlflow
+    from tasks.models.retrain import plan_training, reconcile_models, train_stale
+    from tasks.patterns.stage import patterns_hour
+    from tasks.scoring.score import score_hour
+
+    settings, source = copy_home(trained[0], tmp_path), trained[1]
+    h3, h4 = START + timedelta(hours=3), START + timedelta(hours=4)
+    pid = trained[2][0]["pattern_id"]
+    node = flood_user_rpc(settings, pid, h3 + timedelta(minutes=20))
+    score_hour(settings, h3)
+    assert _flood_flagged(settings, node, h3 + timedelta(minutes=20)), "the champion flags the scored flood"
+    with opened(settings.warehouse, read_only=True) as con:
+        [(incident,)] = con.execute(
+            "SELECT incident_id FROM incidents WHERE list_contains(patterns, ?)", [pid]
+        ).fetchall()
+    ingest_hour(settings, h4, [source])
+    aggregate_hour(settings, h4)
+    patterns_hour(settings, h4)
+    flood_user_rpc(settings, pid, h4 + timedelta(minutes=20))
+
+    [job] = plan_training(settings, h4, force=True, patterns=[pid])
+    assert json.loads(job.meta_path.read_text())["end"].startswith(f"{h4:%Y-%m-%dT%H:%M}"), (
+        "the unjudged hour is not read"
+    )
+    [forced] = train_stale(settings, h4, force=True, patterns=[pid])
+    setup_mlflow(settings).MlflowClient().set_registered_model_alias(
+        model_name(pid), "champion", forced["model_version"]
+    )
+    with opened(settings.warehouse) as con:
+        reconcile_models(settings, con)
+    for hour in (h3, h4):
+        report = score_hour(settings, hour)
+        assert pid in report.scored
+        assert _flood_flagged(settings, node, hour + timedelta(minutes=20)), (
+            f"the forced version learnt the flood at {hour}"
+        )
+    with opened(settings.warehouse, read_only=True) as con:
+        ids = [
+            r[0]
+            for r in con.execute("SELECT incident_id FROM incidents WHERE list_contains(patterns, ?)", [pid]).fetchall()
+        ]
+    assert incident in ids, "the scored flood's incident keeps its id"

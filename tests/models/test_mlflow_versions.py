@@ -1,7 +1,8 @@
-"""What MLflow's UI needs to compare model versions, on a real sqlite registry: the experiment opens
-as model training, every model has a signature and descriptions, runs name the Airflow task that
-made them, every retrain adds a version with the same metrics, the champion/challenger decision is
-an alias, and a home that moved still serves its champion."""
+"""What MLflow's UI needs to compare model versions, on a real sqlite registry: the experiment is
+tagged as model training, every model has a signature and descriptions, runs name the Airflow task
+that made them, every retrain adds a version with the same metrics, the champion/challenger
+decision is an alias and the run's params, the plot is a root artifact of every run, and a home
+that moved still serves its champion. What the UI shows of it: test_mlflow_compare_screenshot.py."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def _versions(settings: Settings, pid: int) -> dict[int, object]:
     return {int(v.version): v for v in client.search_model_versions(f"name = '{model_name(pid)}'")}
 
 
-def test_the_experiment_opens_as_model_training_not_genai(trained):
+def test_the_experiment_is_tagged_as_model_training(trained):
     experiment = setup_mlflow(trained[0]).get_experiment_by_name(EXPERIMENT)
     assert experiment.tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND == "custom_model_development"
 
@@ -140,6 +141,20 @@ def test_every_retrain_adds_a_version_with_the_same_metrics_and_the_decision_as_
             assert [m.step for m in client.get_metric_history(versions[v].run_id, key)] == [0], key
     steps = [m.step for m in client.get_metric_history(versions[2].run_id, "val_loss")]
     assert steps == list(range(len(steps))), "val_loss per epoch"
+
+
+def test_each_run_holds_its_decision_as_params_and_its_plot_at_the_root(retrained):
+    """The registry's version compare lists params (not tags); the runs compare lists root files."""
+    settings, pid, outcome = retrained
+    client = setup_mlflow(settings).MlflowClient()
+    versions = _versions(settings, pid)
+    for v in (1, 2):
+        run_id = versions[v].run_id
+        params = client.get_run(run_id).data.params
+        assert params["decision"] == versions[v].tags["decision"] == ["champion", "challenger"][v - 1]
+        assert params["decision_reason"] == versions[v].tags["reason"]
+        assert "forecast.png" in {a.path for a in client.list_artifacts(run_id) if not a.is_dir}
+    assert params["decision_reason"] == outcome.reason and outcome.reason.startswith("champion v1 stays")
 
 
 def test_a_new_champion_ends_the_older_challenger_and_supersedes_the_old_champion(retrained, tmp_path):

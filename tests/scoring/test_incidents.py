@@ -64,7 +64,10 @@ def _score(con, hour: datetime, points: list[tuple]) -> None:
 
 
 def _table(con) -> list[tuple]:
-    return sorted(con.execute("SELECT * FROM incidents").fetchall(), key=repr)
+    """The incidents table but for ids, which depend on the order hours are scored in: an incident
+    keeps the id it was first stored with (`test_an_incident_keeps_its_first_id...`)."""
+    rows = con.execute("SELECT * EXCLUDE (incident_id, aliases) FROM incidents").fetchall()
+    return sorted(rows, key=repr)
 
 
 def _expected(con) -> list[tuple[str, datetime, datetime, int]]:
@@ -127,6 +130,68 @@ def test_the_incidents_table_is_identical_across_scoring_orders(tmp_path, settin
                 _score(con, HOURS[i], FLOOD)
             tables.append(_table(con))
     assert tables[0] == tables[1] == tables[2] and len(tables[0]) == 2
+
+
+def _flood_id(con) -> tuple[str, list[str]]:
+    [(incident_id, aliases)] = con.execute("SELECT incident_id, aliases FROM incidents WHERE patterns = [4]").fetchall()
+    return incident_id, aliases
+
+
+def test_an_incident_keeps_its_first_id_when_it_grows_and_is_rescored(settings):
+    """Links in alerts and operators' marks name an id: growing backwards (an earlier hour scored
+    later), forwards and rescoring never change it; an incident it swallows becomes an alias."""
+    with opened(settings.warehouse) as con:
+        _score(con, HOURS[2], FLOOD)  # 10:00-10:09 first
+        first, _ = _flood_id(con)
+        _score(con, HOURS[1], FLOOD)  # grows back to 09:00
+        _score(con, HOURS[0], FLOOD)  # and to 08:51
+        _score(con, HOURS[2], FLOOD)  # rescored
+        assert _flood_id(con) == (first, [])
+        assert con.execute("SELECT min(start_ts) FROM incidents WHERE patterns = [4]").fetchone()[0] == FLOOD[0][0]
+
+    split = [p for p in FLOOD if not (datetime(2026, 1, 1, 9, 20) <= p[0] < datetime(2026, 1, 1, 9, 30))]
+    with opened(settings.home / "merge.duckdb") as con:
+        for hour in HOURS:
+            _score(con, hour, split)  # two incidents of pattern 4: 08:51-09:20 and 09:30-10:10
+        ids = [
+            r[0]
+            for r in con.execute("SELECT incident_id FROM incidents WHERE patterns = [4] ORDER BY start_ts").fetchall()
+        ]
+        assert len(ids) == 2
+        _score(con, HOURS[1], FLOOD)  # the gap filled: one incident, the earlier's id, the later's an alias
+        assert _flood_id(con) == (ids[0], [ids[1]])
+
+
+def test_incident_rpcs_has_a_row_per_incident_and_rpc(settings):
+    with opened(settings.warehouse) as con:
+        for hour in HOURS:
+            _score(con, hour, FLOOD)
+        rows = con.execute("""SELECT r.incident_id = i.incident_id, r.pattern_id, r.node, r.points, r.culprit,
+                                     r.culprit_rank FROM incident_rpcs r JOIN incidents i USING (incident_id)
+                              ORDER BY r.start_ts""").fetchall()
+        assert rows == [
+            (True, 4, "svc-a|svc-b|get|rpc", 79 + 15, "svc-b", 1),
+            (True, None, "svc-y|svc-b|get|rpc", 3, "svc-b", 1),
+        ]
+        _score(con, HOURS[1], [])  # rescoring without the points: the rows go with their incidents
+        assert (
+            con.execute("SELECT count(*) FROM incident_rpcs").fetchone()[0]
+            == con.execute("SELECT count(*) FROM incidents").fetchone()[0]
+        )
+
+
+def test_a_novel_rpc_joins_the_pattern_incident_of_the_service_that_makes_it(settings):
+    """One event, one incident: a new RPC called by a service whose RPCs are flagged at that time."""
+    flood = _minutes(datetime(2026, 1, 1, 10, 0), datetime(2026, 1, 1, 10, 9), 4)  # svc-a -> svc-b flagged
+    novel = _minutes(datetime(2026, 1, 1, 10, 2), datetime(2026, 1, 1, 10, 6), "svc-a", step=2, score=5.0)
+    elsewhere = _minutes(datetime(2026, 1, 1, 10, 2), datetime(2026, 1, 1, 10, 6), "svc-z", step=2, score=5.0)
+    with opened(settings.warehouse) as con:
+        _score(con, H, flood + novel + elsewhere)
+        rows = con.execute("SELECT patterns, points, kinds, incident_group FROM incidents ORDER BY 4").fetchall()
+    assert rows == [
+        ([4], 10 + 3, ["novel_rpc", "traffic_spike"], "4"),
+        ([], 3, ["novel_rpc"], "novel:svc-z"),
+    ]
 
 
 def test_rescoring_an_hour_that_splits_a_run_leaves_two_incidents_and_no_stale_one(settings):

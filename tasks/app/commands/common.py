@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -58,14 +58,6 @@ def latest_hour(settings: Settings, args: argparse.Namespace) -> datetime:
     if not hours:
         raise ValueError("no ingested hour yet: run `rpcwatch run` or the DAG first")
     return hours[-1]
-
-
-def parse_since(text: str) -> timedelta:
-    """`30m`, `6h`, `2d` as a timedelta."""
-    units = {"m": "minutes", "h": "hours", "d": "days"}
-    if len(text) < 2 or text[-1] not in units or not text[:-1].isdigit():
-        raise ValueError(f"--since {text!r}: use e.g. 30m, 6h, 2d")
-    return timedelta(**{units[text[-1]]: int(text[:-1])})
 
 
 def say_source(settings: Settings) -> None:

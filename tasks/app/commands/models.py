@@ -5,11 +5,18 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from tasks.app.commands.common import AddParser, add_common_options, ingested_hours, latest_hour, settings_from
 from tasks.clock import hour_floor
-from tasks.settings import parse_utc
+from tasks.settings import Settings, parse_utc
+
+if TYPE_CHECKING:
+    from mlflow.entities import Experiment
 
 TRAIN_HEADERS = ["pattern", "version", "alias", "why", "calls MAPE", "x floor", "x seasonal naive"]
 
@@ -67,11 +74,61 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"nothing is stale at {hour:%Y-%m-%d %H:00}: no model trained")
         return 0
     print(table(TRAIN_HEADERS, [_train_row(o) for o in outcomes]))
-    print(
-        f"\ncompare versions in MLflow: .venv/bin/mlflow ui --backend-store-uri {settings.mlflow_tracking_uri}"
-        f"  (then http://127.0.0.1:5000, experiment 'rpcwatch', models 'rpcwatch-pattern-<id>')"
-    )
+    print("\n" + mlflow_hint(settings, sorted({o["pattern_id"] for o in outcomes if "skipped" not in o})))
     return 0
+
+
+def free_port(host: str = "127.0.0.1", first: int = 5000, tries: int = 20) -> int:
+    """The first port from `first` on that nothing listens on (MLflow's usual 5000 first), else any."""
+    for port in [*range(first, first + tries), 0]:
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return int(s.getsockname()[1])
+    raise OSError(f"no free port on {host}")
+
+
+def _shown(path: Path) -> str:
+    """A path as a user types it here: relative to the working directory when under it."""
+    return os.path.relpath(path) if path.is_relative_to(Path.cwd()) else str(path)
+
+
+def mlflow_hint(settings: Settings, pattern_ids: list[int]) -> str:
+    """Where to compare the versions trained: links into the MLflow server at `mlflow_url` when it
+    serves this home's store (asked over its REST API, `ui_problem`), else into the tracking server,
+    else (the embedded store) into a UI the hint says how to start, on a free port. The links open
+    MLflow's model-training view."""
+    from tasks.models.registry import EXPERIMENT, model_name, setup_mlflow
+    from tasks.models.tracking import experiment_url, registered_model_url
+
+    experiment = setup_mlflow(settings).get_experiment_by_name(EXPERIMENT)
+    base, lines = _ui_base(settings, experiment)
+    lines.append(f"  runs:       {experiment_url(base, experiment.experiment_id)}")
+    for p in pattern_ids:
+        lines.append(f"  pattern {p}:  {registered_model_url(base, model_name(p))}  (tick two versions, Compare)")
+    return "\n".join(lines)
+
+
+def _ui_base(settings: Settings, experiment: Experiment) -> tuple[str, list[str]]:
+    """The base URL of a UI on this home's store, and the lines saying which (and how to start one)."""
+    from tasks.models.registry import tracking_uri
+    from tasks.models.tracking import ui_problem
+
+    uri = tracking_uri(settings)
+    problem = ui_problem(settings.mlflow_url, experiment)
+    if problem is None:
+        return settings.mlflow_url, [f"compare versions in MLflow: {settings.mlflow_url} serves this home's runs"]
+    if uri.startswith(("http://", "https://")):  # a tracking server serves its own UI
+        return uri, [f"compare versions in MLflow: {uri} (not RPCWATCH_MLFLOW_URL {settings.mlflow_url}: {problem})"]
+    port = free_port()
+    mlflow = _shown(Path(sys.executable).with_name("mlflow"))
+    return f"http://127.0.0.1:{port}", [
+        f"no MLflow UI for this home at {settings.mlflow_url}: {problem}. Start one on a free port:",
+        f"  {mlflow} ui --backend-store-uri {uri} --port {port}",
+        "then compare versions in it:",
+    ]
 
 
 def cmd_score(args: argparse.Namespace) -> int:

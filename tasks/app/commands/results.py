@@ -13,20 +13,31 @@ import sys
 from pathlib import Path
 
 from tasks.app.commands import sql
-from tasks.app.commands.common import AddParser, add_common_options, parse_since, say_source, settings_from
+from tasks.app.commands.common import AddParser, add_common_options, say_source, settings_from
 from tasks.settings import parse_utc
 
 
 def cmd_anomalies(args: argparse.Namespace) -> int:
     from tasks.app.report import anomaly_rows, table
+    from tasks.app.view import Filters, parse_since, window_text
 
+    parse_since(args.since)  # a bad --since is one line and exit 2, before any file is opened
     settings = settings_from(args)
-    headers, rows = anomaly_rows(settings, parse_since(args.since), args.pattern, args.limit)
+    filters = Filters(since=args.since, pattern=args.pattern, kind=args.kind, limit=args.limit, offset=args.offset)
+    headers, listing, newest = anomaly_rows(settings, filters)
     say_source(settings)
     if args.json:
-        print(json.dumps([dict(zip(headers, r)) for r in rows], default=str, indent=1))
-        return 0
-    print(table(headers, rows) if rows else f"no irregular point in the last {args.since} of scored data")
+        print(json.dumps([dict(zip(headers, r)) for r in listing.rows], default=str, indent=1))
+    elif listing.rows:
+        print(table(headers, listing.rows))
+    else:
+        print(f"no irregular point in {window_text(args.since, newest)}" + (" on this page" if listing.total else ""))
+    if listing.cut:  # on stderr: stdout stays the table or the JSON
+        more = f"; next page: --offset {listing.next_offset}" if listing.next_offset is not None else ""
+        print(
+            f"{listing.shown()} irregular points in {window_text(args.since, newest)}: use --limit/--offset{more}",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -126,12 +137,36 @@ def cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rows(least: int):
+    """An argparse type: a whole number of rows, at least `least`."""
+
+    def rows(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = least - 1
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{text!r}: a whole number, at least {least}")
+        return value
+
+    return rows
+
+
 def _register_anomalies_and_evaluate(add_parser: AddParser) -> None:
     p = add_parser("anomalies", help="irregular points, most recent first")
     add_common_options(p, hour=False)
-    p.add_argument("--since", default="6h", help="window before the latest scored bucket, e.g. 30m, 6h, 2d")
+    p.add_argument(
+        "--since",
+        default="6h",
+        help="window counted back from the newest scored data: 30m, 6h, 2d (a number and m, h or d) or all "
+        "(as the Airflow view's `since`; default 6h, the view `recent_anomalies`)",
+    )
     p.add_argument("--pattern", type=int, help="only this pattern id")
-    p.add_argument("--limit", type=int, default=50)
+    p.add_argument(
+        "--kind", help="only this kind (traffic_spike, traffic_drop, errors, latency, traces, novel_rpc, ...)"
+    )
+    p.add_argument("--limit", type=_rows(1), default=50, help="rows to show (default 50)")
+    p.add_argument("--offset", type=_rows(0), default=0, help="rows to skip: the next page is --offset LIMIT")
     p.add_argument("--json", action="store_true", help="JSON for scripts")
     p.set_defaults(func=cmd_anomalies)
 
