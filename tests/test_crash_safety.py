@@ -24,6 +24,8 @@ import pytest
 from helpers import START
 from tasks.synth.generate import generate
 
+pytestmark = pytest.mark.slow
+
 HOURS = 4
 # columns that say when or how long something ran, or which MLflow run id it got: they differ
 # between any two runs by nature; everything else must be equal

@@ -16,6 +16,8 @@ from helpers import REPO, START
 from tasks.app.airflow_env import airflow_env, dag_test, prepare_airflow
 from tasks.settings import load_settings
 
+pytestmark = pytest.mark.slow
+
 HEAVY = ("torch", "mlflow", "great_expectations", "hdbscan", "torch_geometric", "pandas", "duckdb", "sklearn")
 TABLES = {
     "calls": "count(*), sum(hash(trace_id, call_id, ts, caller, callee, rt_ms))",

@@ -29,6 +29,8 @@ import pytest
 import pg
 from helpers import REPO
 
+pytestmark = pytest.mark.slow
+
 OVERLAY = REPO / ".venv" / "ducklake"
 HOURS = 5
 SETTINGS_ENV = {  # the `trained` fixture's: patterns trained from hour 3 on

@@ -28,7 +28,7 @@ from helpers import REPO, START, Receiver
 from tasks.app.airflow_env import QUIET_LOGGERS
 from tasks.app.stack import DAG_ID, RERUN_DAG_ID, AirflowApi
 
-pytestmark = pytest.mark.airflow
+pytestmark = [pytest.mark.airflow, pytest.mark.slow]
 
 BACKFILLED = [START + timedelta(hours=h) for h in range(4)]
 TRIGGERED = START + timedelta(hours=4)  # through the REST API, after the backfill

@@ -30,7 +30,7 @@ from tasks.clock import HOUR, hour_floor, naive_utc
 from tasks.models.jobs import Outcome, Skipped, TrainJob, TrainOutcome, TrainShard
 from tasks.models.registry import ModelRow, model_name, registry_mirror
 from tasks.models.series import export_pattern, training_range
-from tasks.models.staleness import stale_patterns
+from tasks.models.staleness import NO_CHAMPION, Stale, stale_patterns
 from tasks.settings import Settings
 from tasks.warehouse import opened
 
@@ -56,7 +56,7 @@ def plan_training(
         ]
         jobs = []
         for s in stale:
-            lo, hi = judged_range(con, s.pattern_id, hour, start, end)
+            lo, hi = judged_range(s, start, end)
             jobs.append(TrainJob(s.pattern_id, s.reasons, hour, export_pattern(con, s.pattern_id, lo, hi, folder)))
     for job in jobs:
         log.debug("pattern %s is stale: %s", job.pattern_id, ", ".join(job.reasons))  # the stage says it
@@ -65,23 +65,16 @@ def plan_training(
     return jobs
 
 
-# the end of the newest hour up to $hour that the pattern's champion scored
-LAST_SCORED_SQL = """SELECT max(hour) + INTERVAL 1 HOUR FROM score_runs
-WHERE pattern_id = $pid AND status = 'scored' AND hour <= $hour"""
-
-
-def judged_range(
-    con: duckdb.DuckDBPyConnection, pattern_id: int, hour: datetime, start: datetime, end: datetime
-) -> tuple[datetime, datetime]:
-    """The stretch of history a retrain of the pattern reads: [start, end), shifted back to end with
-    the newest hour its champion scored. In a run, `train` comes before `score`: the hour itself is
-    not judged yet, so an attack in it would be learnt as normal before anyone could see it. A
-    pattern never scored (a first model) has nothing to be judged by and reads [start, end)."""
-    [(scored_end,)] = con.execute(LAST_SCORED_SQL, {"pid": pattern_id, "hour": naive_utc(hour)}).fetchall()
-    if scored_end is None or scored_end.replace(tzinfo=end.tzinfo) >= end:
+def judged_range(stale: Stale, start: datetime, end: datetime) -> tuple[datetime, datetime]:
+    """The stretch of history a retrain of the pattern reads: [start, end) shifted back by one hour
+    when the pattern has a champion. In a run `train` comes before `score`: the hour being run is not
+    judged yet, so an attack in it would be learnt as normal before anyone could see it. The same
+    for every run and rerun of the hour (never "whatever was scored by then"), so a rerun trains on
+    the same data. A pattern without a champion (a first model) has nothing to judge with and reads
+    [start, end)."""
+    if NO_CHAMPION in stale.reasons:
         return start, end
-    shift = end - scored_end.replace(tzinfo=end.tzinfo)
-    return start - shift, end - shift
+    return start - HOUR, end - HOUR
 
 
 def _enough_history(con: duckdb.DuckDBPyConnection, pattern_id: int, end: datetime, min_hours: float) -> bool:

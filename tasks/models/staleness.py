@@ -14,6 +14,8 @@ from tasks.clock import naive_utc
 from tasks.models.registry import ChampionRow, champions
 from tasks.settings import Settings
 
+NO_CHAMPION = "no_champion"  # the stale reason of a pattern without a champion: a first model
+
 
 @dataclass
 class Stale:
@@ -46,7 +48,7 @@ def _reasons(
 ) -> list[str]:
     """Why a pattern's champion (None: it has none) no longer fits: graph changed, drift, age."""
     if champion is None:
-        return ["no_champion"]
+        return [NO_CHAMPION]
     reasons = []
     if champion.graph_hash != graph_hash:
         reasons.append("graph_changed")

@@ -26,7 +26,7 @@ from tasks.settings import load_settings
 
 httpx = pytest.importorskip("httpx")
 
-pytestmark = pytest.mark.airflow
+pytestmark = [pytest.mark.airflow, pytest.mark.slow]
 
 INCIDENT = "0123456789ab"  # the one incident the server's snapshot holds (see `server`)
 ROUTES = [

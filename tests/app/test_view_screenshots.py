@@ -36,7 +36,10 @@ from helpers import REPO, START, copy_home, flood_user_rpc
 from tasks.keys import split_node_key
 
 CHROMIUM = next((c for c in (shutil.which("chromium"), "/usr/bin/chromium") if c and Path(c).exists()), None)
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no headless Chromium installed: no screenshots taken")
+pytestmark = [
+    pytest.mark.skipif(CHROMIUM is None, reason="no headless Chromium installed: no screenshots taken"),
+    pytest.mark.slow,
+]
 WINDOW = "1400,1000"
 SHOT_TIMEOUT_S = 120
 

@@ -7,6 +7,7 @@ from datetime import timedelta
 from typing import Any
 
 import pandas as pd
+import pytest
 
 from helpers import START, copy_home
 from tasks.models.series import export_pattern, load_pattern, load_trace_calls
@@ -47,6 +48,7 @@ def _flood_flagged(settings, node: str, start, minutes: int = 10) -> int:
         return int(con.execute(sql, [node, lo, lo + timedelta(minutes=minutes)]).fetchone()[0])
 
 
+@pytest.mark.slow
 def test_a_forced_retrain_cannot_learn_a_flood_even_as_champion(trained: Any, tmp_path) -> None:
     """`rpcwatch train --force` during an attack: a flood in a scored hour (an incident) and one in
     the hour being run (train comes before score, so it is not judged yet). The forced version

@@ -40,6 +40,7 @@ from tasks.settings import Settings
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium to drive MLflow's UI (CI has none)")
+pytestmark = pytest.mark.slow  # a real MLflow server and a browser
 # The UI is reached under a name mapped to 127.0.0.1 (Chromium's --host-resolver-rules), as a team
 # reaches its MLflow server: on a loopback address the UI opens its local-only Assistant panel over
 # a third of the page. The server is told to accept that name (Host header and CORS origin).
