@@ -106,7 +106,8 @@ def test_a_retrain_fine_tunes_the_champion_and_skips_the_twin(trained, tmp_path)
 
     settings = copy_home(trained[0], tmp_path)
     pid = trained[2][0]["pattern_id"]
-    [job] = plan_training(settings, H3, force=True, patterns=[pid])
+    # planned for the next hour: a retrain reads history up to the hour it runs for (the champion's data)
+    [job] = plan_training(settings, H3 + timedelta(hours=1), force=True, patterns=[pid])
     warm = train_pattern(settings, job.meta_path, H3, reason="forced")
     client = setup_mlflow(settings).MlflowClient()
     run = client.get_run(warm.run_id)
