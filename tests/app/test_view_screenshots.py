@@ -13,7 +13,7 @@ view-quality.png (the home's incidents acknowledged and marked first, as people 
     RPCWATCH_SCREENSHOT_HOME=.rpcwatch RPCWATCH_DOCS_DIR=docs \\
         .venv/bin/pytest tests/app/test_view_screenshots.py
 
-Skipped where Chromium is not installed (CI has none).
+Skipped where Chromium is not installed (.ci/run installs Debian's chromium, so CI takes them).
 """
 
 from __future__ import annotations

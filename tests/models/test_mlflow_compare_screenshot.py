@@ -2,7 +2,7 @@
 where rpcwatch's links open the experiment, what the two compare pages show (decision, reason,
 plots), and where the CLI says to look after a training. Browser checks run headless Chromium,
 driven over the DevTools protocol (to click and to read the URL a page ends on); they are skipped
-without Chromium (CI has none). With `RPCWATCH_DOCS_DIR=docs` the screenshots are also written
+without Chromium (.ci/run installs it). With `RPCWATCH_DOCS_DIR=docs` the screenshots are also written
 there as `mlflow-compare.png` (runs) and `mlflow-compare-versions.png` (registered versions), the
 README's figures:
 
@@ -39,7 +39,7 @@ from tasks.models.tracking import MODEL_TRAINING_VIEW, experiment_url
 from tasks.settings import Settings
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium to drive MLflow's UI (CI has none)")
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium for MLflow's UI (.ci/run installs it)")
 pytestmark = pytest.mark.slow  # a real MLflow server and a browser
 # The UI is reached under a name mapped to 127.0.0.1 (Chromium's --host-resolver-rules), as a team
 # reaches its MLflow server: on a loopback address the UI opens its local-only Assistant panel over
