@@ -12,8 +12,9 @@ FROM ${PYTHON_IMAGE}
 
 ARG TORCH_SPEC="torch==2.13.0"
 ARG TORCH_INDEX="https://download.pytorch.org/whl/cpu"
-# Deployment-only extras, not part of pyproject.toml / requirements.lock. Both versions declare
-# apache-airflow>=2.11 and were checked against apache-airflow 3.3.2 (Python 3.11).
+# The CeleryExecutor's packages. Both versions declare apache-airflow>=2.11 and were checked against
+# apache-airflow 3.3.2 (Python 3.11); requirements.lock pins them (and celery, kombu, redis, asyncpg)
+# too, for `make up EXECUTOR=celery` and tests/test_celery.py, so step 2 already installs the same.
 ARG AIRFLOW_EXTRA_SPECS="apache-airflow-providers-celery==3.26.0 apache-airflow-providers-postgres==7.1.1 psycopg2-binary>=2.9.9 asyncpg>=0.30.0"
 ARG AIRFLOW_UID=50000
 

@@ -82,8 +82,11 @@ airflow: setup
 # The local stack, detached: Airflow (scheduler, DAG processor, API server with the rpcwatch view,
 # triggerer) on 127.0.0.1:8080 and an MLflow server on 127.0.0.1:5000, both on the home (RPCWATCH_HOME,
 # default .rpcwatch); prints the URLs and how to log in. `make down` stops both, nothing left running.
+# `make up EXECUTOR=celery`: the CeleryExecutor with two workers (queues default and gpu) instead,
+# on the PostgreSQL of AIRFLOW__DATABASE__SQL_ALCHEMY_CONN and the Redis of AIRFLOW__CELERY__BROKER_URL.
+EXECUTOR ?= local
 up: setup
-	$(BIN)/rpcwatch up
+	$(BIN)/rpcwatch up --executor $(EXECUTOR)
 
 down: setup
 	$(BIN)/rpcwatch down

@@ -55,10 +55,10 @@ CHAMPIONS = Asset("rpcwatch://registry/champions")  # MLflow champions, mirrored
 ANOMALIES = Asset("rpcwatch://warehouse/anomalies")  # `anomalies` and `incidents`
 SNAPSHOT = Asset("rpcwatch://analytics/snapshot")  # the read-only `analytics.duckdb`
 
-# Transient failures (a held DuckDB lock, MLflow or the trace store unreachable, late files) are
-# retried with exponential backoff (1, 2, 4 min); a failed validation is not (see _stage).
-RETRIES = {"retries": 3, "retry_delay": timedelta(minutes=1), "retry_exponential_backoff": 2.0}
-RETRIES |= {"max_retry_delay": timedelta(minutes=10)}
+# Transient failures (a held DuckDB lock, MLflow or the trace store unreachable, late files, a worker
+# that died) are retried with exponential backoff (RPCWATCH_RETRY_DELAY_S: 1, 2, 4 min); a failed
+# validation is not (see _stage).
+RETRIES = {"retries": 3, "retry_exponential_backoff": 2.0, "max_retry_delay": timedelta(minutes=10)}
 
 PARAMS = {
     "force_ingest": Param(False, type="boolean", description="re-read this hour's files even if unchanged"),
@@ -210,7 +210,12 @@ def _shared() -> dict[str, Any]:
         "tags": ["rpcwatch"],
         # every task but `train` writes the warehouse: one writer at a time on the file (the pool's
         # size follows RPCWATCH_WAREHOUSE: Settings.writer_slots)
-        "default_args": {"pool": SETTINGS.airflow_pool, **RETRIES, "on_failure_callback": RpcwatchFailureNotifier()},
+        "default_args": {
+            "pool": SETTINGS.airflow_pool,
+            **RETRIES,
+            "retry_delay": timedelta(seconds=SETTINGS.retry_delay_s),
+            "on_failure_callback": RpcwatchFailureNotifier(),
+        },
     }
 
 

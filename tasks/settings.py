@@ -128,6 +128,9 @@ class Settings:
     # scratch: a fraction of the epochs, no no-graph twin (tasks.models.fitting); false: from scratch
     warm_start: bool = True
     airflow_pool: str = "rpcwatch_duckdb"
+    # a failed task's first retry waits this long, doubling for the next ones (at most 10 min): long
+    # enough for a held lock or a restarting MLflow; a test of a killed worker sets it short
+    retry_delay_s: int = 60
     # where the tables live: `file`, the embedded DuckDB file under the home (one writing process at a
     # time: the DAG's writers queue on `airflow_pool`), or `ducklake`, a shared lake (tasks.lake) that
     # many workers write at once; its data folder is then required (RPCWATCH_WAREHOUSE, _LAKE_DATA)
@@ -257,6 +260,7 @@ RANGES: dict[str, tuple[float, float | None, str]] = {
     "alert_min_score": (0, None, "[]"),
     "train_shards": (1, 1024, "[]"),
     "train_max_epochs": (1, None, "[]"),  # Airflow maps at most 1,024 tasks
+    "retry_delay_s": (1, 3600, "[]"),
 }
 
 

@@ -18,6 +18,7 @@ from tasks.settings import load_settings
 
 pytestmark = pytest.mark.slow
 
+HOURS = 3  # of the hours test: hour 0 too little history, hour 1 trains, hour 2 trains nothing
 HEAVY = ("torch", "mlflow", "great_expectations", "hdbscan", "torch_geometric", "pandas", "duckdb", "sklearn")
 TABLES = {
     "calls": "count(*), sum(hash(trace_id, call_id, ts, caller, callee, rt_ms))",
@@ -52,6 +53,11 @@ def _failure(output: str) -> str:
     first = next((i for i, line in enumerate(lines) if "Task failed with exception" in line), None)
     cause = [] if first is None else lines[first : first + 60]
     return "\n".join([*cause, "...", output[-2000:]])
+
+
+def _models(settings) -> int:
+    with duckdb.connect(str(settings.warehouse), read_only=True) as con:
+        return int(con.execute("SELECT count(*) FROM models").fetchone()[0])
 
 
 def _run(env, source: Path, hour) -> subprocess.CompletedProcess:
@@ -91,28 +97,6 @@ print(json.dumps({{"heavy": heavy,
 
 
 @pytest.mark.airflow
-def test_two_hours_through_the_dag_match_the_manifest_and_rerun_is_identical(airflow, synth_source):
-    settings, env = airflow
-    source, manifest = synth_source
-    for i in range(2):
-        _run(env, source, START + timedelta(hours=i))
-    with duckdb.connect(str(settings.warehouse), read_only=True) as con:
-        per_hour = dict(
-            con.execute(
-                "SELECT strftime(date_trunc('hour', ts), '%Y-%m-%dT%H:00'), count(*) FROM calls GROUP BY 1"
-            ).fetchall()
-        )
-        series = con.execute("SELECT sum(calls) FROM rpc_series").fetchone()[0]
-    expected = {h: n for h, n in manifest["rows_per_hour"].items() if h in per_hour or h < "2026-01-01T02:00"}
-    assert per_hour == expected
-    assert series == sum(expected.values())
-    before = _snapshot(settings)
-    _run(env, source, START + timedelta(hours=1))
-    assert _snapshot(settings) == before
-    assert (settings.home / "analytics.duckdb").exists(), "the publish task published the analysts' snapshot"
-
-
-@pytest.mark.airflow
 def test_a_bad_batch_fails_the_validate_task_with_its_message_and_is_posted(airflow, synth_copy, receiver):
     settings, env = airflow
     source, _ = synth_copy
@@ -128,25 +112,55 @@ def test_a_bad_batch_fails_the_validate_task_with_its_message_and_is_posted(airf
 
 
 @pytest.mark.airflow
-def test_the_dag_trains_stale_patterns_once_and_then_nothing(tmp_path):
-    """Hours 0-3 through the DAG: models train when a pattern has 2 h of history, never again after."""
+def test_hours_through_the_dag_match_the_manifest_train_stale_patterns_once_and_rerun_identically(tmp_path):
+    """Hours 0-2 through the DAG (one `dags test` costs half a minute, so one run of hours proves all
+    of this): every row of the manifest lands; hour 0 maps no training task (too little history),
+    hour 1 trains the patterns once they have 2 h of history, hour 2 (unchanged traffic) trains
+    nothing; a rerun of hour 2 leaves every table as it was."""
+    import json
+    import sqlite3
+
     from tasks.synth.generate import generate
 
     source = tmp_path / "traces"
-    generate(START, 4, source, seed=5, spans_per_hour=30_000)
+    generate(START, HOURS, source, seed=5, spans_per_hour=30_000)
+    manifest = json.loads((source / "manifest.json").read_text())
     settings = load_settings(env={}, home=tmp_path / "home")
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("RPCWATCH_", "AIRFLOW"))}
     env = dict(airflow_env(settings, base=clean), RPCWATCH_MIN_TRAIN_HOURS="2", RPCWATCH_CRITICAL_COVERAGE="0.5")
+    env["RPCWATCH_TRAIN_MAX_EPOCHS"] = "3"  # the test counts models; how well they forecast is not asked
     prepare_airflow(env, settings.airflow_pool)
     trained = []
-    for i in range(4):
+    for i in range(HOURS):
         result = _run(env, source, START + timedelta(hours=i))
-        with duckdb.connect(str(settings.warehouse), read_only=True) as con:
-            trained.append(con.execute("SELECT count(*) FROM models").fetchone()[0])
-        if i == 3:
-            assert "nothing is stale this hour" in result.stdout + result.stderr
+        trained.append(_models(settings))
+    assert "nothing is stale this hour" in result.stdout + result.stderr
     assert trained[0] == 0 and trained[1] >= 1, trained
-    assert trained[3] == trained[2] == trained[1], "unchanged traffic trains no model"
+    assert trained[2] == trained[1], "unchanged traffic trains no model"
+    with sqlite3.connect(settings.airflow_home / "airflow.db") as db:
+        hour0 = db.execute(
+            "SELECT map_index, state FROM task_instance WHERE task_id = 'train' AND run_id IN "
+            "(SELECT run_id FROM dag_run WHERE logical_date = ?)",
+            [START.strftime("%Y-%m-%d %H:%M:%S.%f")],
+        ).fetchall()
+    assert hour0 == [(-1, "skipped")], "hour 0: nothing to map, the train task is skipped"
+
+    with duckdb.connect(str(settings.warehouse), read_only=True) as con:
+        per_hour = dict(
+            con.execute(
+                "SELECT strftime(date_trunc('hour', ts), '%Y-%m-%dT%H:00'), count(*) FROM calls GROUP BY 1"
+            ).fetchall()
+        )
+        series = con.execute("SELECT sum(calls) FROM rpc_series").fetchone()[0]
+    last = f"{START + timedelta(hours=HOURS):%Y-%m-%dT%H:00}"
+    expected = {h: n for h, n in manifest["rows_per_hour"].items() if h in per_hour or h < last}
+    assert per_hour == expected
+    assert series == sum(expected.values())
+    before = _snapshot(settings)
+    _run(env, source, START + timedelta(hours=HOURS - 1))
+    assert _snapshot(settings) == before, "a rerun of the hour changes no table"
+    assert _models(settings) == trained[-1], "nor trains a model"
+    assert (settings.home / "analytics.duckdb").exists(), "the publish task published the analysts' snapshot"
     mlflow_db = settings.home / "mlflow.db"
     assert mlflow_db.exists() and (settings.home / "mlartifacts").is_dir()
 

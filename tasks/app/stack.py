@@ -9,7 +9,13 @@ Everything binds to the host of `RPCWATCH_AIRFLOW_URL` / `RPCWATCH_MLFLOW_URL` (
 default) and is sized for a small machine: one API worker, four task processes (tasks.app.airflow_env).
 The triggerer runs although no rpcwatch task defers: Airflow's health (the UI's home page,
 /api/v2/monitor/health) reports a stack without one as failed, and the team deployment runs one
-too (docker-compose.yml); it idles, serving no logs of its own (no port: `--skip-serve-logs`)."""
+too (docker-compose.yml); it idles, serving no logs of its own (no port: `--skip-serve-logs`).
+
+`up --executor celery` (`make up EXECUTOR=celery`) runs the team deployment's executor on one machine:
+the CeleryExecutor, Airflow's metadata in the PostgreSQL of `AIRFLOW__DATABASE__SQL_ALCHEMY_CONN`,
+the Redis broker of `AIRFLOW__CELERY__BROKER_URL` (both started by whoever runs it; refused, saying
+so, without them) and two Celery workers, one on the `default` queue, one on the `gpu` queue
+(`train`), as docker-compose.yml runs them. `up` again restarts a worker that died."""
 
 from __future__ import annotations
 
@@ -37,6 +43,15 @@ DAG_ID = "rpcwatch_hourly"
 RERUN_DAG_ID = "rpcwatch_rerun"  # the same tasks, never scheduled: reruns while DAG_ID is paused
 PARAM_NAMES = ("force_ingest", "recluster", "force_retrain")  # the DAG's params, all booleans
 
+EXECUTORS = ("local", "celery")
+# (component, queue, concurrency): the Celery workers of `up --executor celery`, as docker-compose.yml
+# runs them (the gpu worker one task at a time: one GPU)
+CELERY_WORKERS = (("worker-default", "default", 2), ("worker-gpu", "gpu", 1))
+# A task whose worker died (SIGKILL, OOM, a lost host) sends no more heartbeats; the scheduler fails
+# its try after this long, and the task's retries run it again. Airflow's default is 300 s; task
+# supervisors heartbeat every 5 s (`[workers] min_heartbeat_interval`): 60 s is 12 missed ones.
+HEARTBEAT_TIMEOUT_S = "60"  # the same in docker-compose.yml
+
 READY_TIMEOUT_S = 180  # the API server's first start migrates nothing (prepare_airflow did) but imports a lot
 STOP_TIMEOUT_S = 30
 
@@ -53,9 +68,9 @@ def _url_parts(url: str, default_port: int) -> tuple[str, int]:
     return parts.hostname or "127.0.0.1", parts.port or default_port
 
 
-def components(settings: Settings, env: dict[str, str]) -> list[Component]:
-    """What `up` starts, in order: Airflow's scheduler, DAG processor, API server and triggerer, then
-    MLflow."""
+def components(settings: Settings, env: dict[str, str], executor: str = "local") -> list[Component]:
+    """What `up` starts, in order: Airflow's scheduler, DAG processor, API server and triggerer, the
+    Celery workers (executor `celery`), then MLflow."""
     airflow = str(Path(sys.executable).with_name("airflow"))
     mlflow_host, mlflow_port = _url_parts(settings.mlflow_url, 5000)
     api = f"http://{env['AIRFLOW__API__HOST']}:{env['AIRFLOW__API__PORT']}"
@@ -64,6 +79,7 @@ def components(settings: Settings, env: dict[str, str]) -> list[Component]:
         Component("dag-processor", [airflow, "dag-processor"]),
         Component("api-server", [airflow, "api-server"], f"{api}/api/v2/monitor/health"),
         Component("triggerer", [airflow, "triggerer", "--skip-serve-logs"]),
+        *(celery_workers(settings, airflow) if executor == "celery" else []),
         Component(
             "mlflow",
             [
@@ -85,13 +101,50 @@ def components(settings: Settings, env: dict[str, str]) -> list[Component]:
     ]
 
 
-def stack_env(settings: Settings) -> dict[str, str]:
-    """Airflow's environment for the stack: the API server on the host and port of `airflow_url`."""
+def celery_workers(settings: Settings, airflow: str) -> list[Component]:
+    """The two Celery workers: a node name and a PID file each (two workers on one host and one
+    AIRFLOW_HOME would clash on both), no log server (the API server reads task logs from this disk)."""
+    return [
+        Component(
+            name,
+            [airflow, "celery", "worker", "--queues", queue, "--concurrency", str(concurrency)]
+            + ["--celery-hostname", f"{queue}@%h", "--pid", str(_run_dir(settings) / f"{name}.celery.pid")]
+            + ["--skip-serve-logs"],
+        )
+        for name, queue, concurrency in CELERY_WORKERS
+    ]
+
+
+def stack_env(settings: Settings, executor: str = "local") -> dict[str, str]:
+    """Airflow's environment for the stack: the API server on the host and port of `airflow_url`;
+    with executor `celery`, the CeleryExecutor's (celery_env)."""
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor {executor!r}: one of {', '.join(EXECUTORS)}")
     host, port = _url_parts(settings.airflow_url, 8080)
     env = airflow_env(settings)
     env.setdefault("AIRFLOW__API__HOST", host)
     env["AIRFLOW__API__PORT"] = env.get("AIRFLOW__API__PORT") or str(port)
     env.setdefault("AIRFLOW__API__BASE_URL", f"http://{host}:{env['AIRFLOW__API__PORT']}")
+    return celery_env(env) if executor == "celery" else env
+
+
+def celery_env(env: dict[str, str]) -> dict[str, str]:
+    """The CeleryExecutor on `env`: Airflow's db must be a server every worker reaches (not the
+    embedded SQLite) and a broker must be named; ValueError saying what to set otherwise. Task
+    processes on the workers reach the API server's Execution API; a dead worker's tasks are
+    retried after HEARTBEAT_TIMEOUT_S."""
+    conn = env.get("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "")
+    if conn.startswith("sqlite"):
+        raise ValueError(
+            "the Celery executor needs Airflow's metadata in PostgreSQL, which every worker reaches: "
+            "set AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=postgresql+psycopg2://USER:PASSWORD@HOST:5432/airflow"
+        )
+    if not env.get("AIRFLOW__CELERY__BROKER_URL"):
+        raise ValueError("the Celery executor needs a broker: set AIRFLOW__CELERY__BROKER_URL=redis://127.0.0.1:6379/0")
+    env["AIRFLOW__CORE__EXECUTOR"] = "CeleryExecutor"  # asked for: wins over one in the environment
+    env.setdefault("AIRFLOW__OPERATORS__DEFAULT_QUEUE", "default")
+    env.setdefault("AIRFLOW__CORE__EXECUTION_API_SERVER_URL", f"{env['AIRFLOW__API__BASE_URL']}/execution/")
+    env.setdefault("AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT", HEARTBEAT_TIMEOUT_S)
     return env
 
 
@@ -138,11 +191,11 @@ def _wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path) -> None
     raise RuntimeError(f"{url} did not answer within {READY_TIMEOUT_S} s; see {log}")
 
 
-def up(settings: Settings, say: Callable[[str], None] = print) -> dict[str, int]:
+def up(settings: Settings, say: Callable[[str], None] = print, executor: str = "local") -> dict[str, int]:
     """Start every component that is not running yet; wait until the servers answer; return PIDs."""
     from tasks.models.registry import relocate_artifacts
 
-    env = stack_env(settings)
+    env = stack_env(settings, executor)
     prepare_airflow(env, settings.airflow_pool, settings.writer_slots)
     relocate_artifacts(settings)  # a moved or copied home: its MLflow UI links its own artifacts
     already = running(settings)
@@ -150,7 +203,7 @@ def up(settings: Settings, say: Callable[[str], None] = print) -> dict[str, int]
     logs.mkdir(parents=True, exist_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     started: dict[str, int] = dict(already)
-    for c in components(settings, env):
+    for c in components(settings, env, executor):
         if c.name in already:
             say(f"{c.name}: already running (pid {already[c.name]})")
             continue

@@ -180,14 +180,28 @@ def _batch_metrics(con: duckdb.DuckDBPyConnection, hour: datetime, settings: Set
 
 
 def _sample(con: duckdb.DuckDBPyConnection, hour: datetime, rows: int) -> pd.DataFrame:
+    """A uniform reservoir sample of the hour's calls: drawn over rowids (a narrow scan), then only
+    the drawn rows are read whole."""
     return con.execute(
-        "SELECT * FROM (SELECT * FROM calls WHERE ts >= ? AND ts < ?) "
-        f"USING SAMPLE reservoir({int(rows)} ROWS) REPEATABLE (7)",
+        "SELECT * FROM calls WHERE rowid IN (SELECT rowid FROM calls WHERE ts >= ? AND ts < ? "
+        f"USING SAMPLE reservoir({int(rows)} ROWS) REPEATABLE (7))",
         [naive_utc(hour), naive_utc(hour + HOUR)],
     ).df()
 
 
-def _ge_suites(hour: datetime, settings: Settings, history_hours: int) -> tuple[ExpectationSuite, ExpectationSuite]:
+def _ts_frame(sample: pd.DataFrame) -> pd.DataFrame:
+    """The sample's `ts` in nanoseconds: GE's pandas between-check runs vectorised on that unit,
+    row by row in Python on DuckDB's microseconds (0.7 s for 50 k rows)."""
+    import pandas as pd
+
+    try:
+        return pd.DataFrame({"ts": sample["ts"].astype("datetime64[ns]")})
+    except (OverflowError, pd.errors.OutOfBoundsDatetime):  # a year past 2262: checked as it is
+        return sample[["ts"]]
+
+
+def _ge_suites(hour: datetime, settings: Settings, history_hours: int) -> dict[str, ExpectationSuite]:
+    """The suites by frame: the sample's contract, its `ts` bounds (on `_ts_frame`) and the batch metrics."""
     import great_expectations as gx
 
     E = gx.expectations
@@ -199,7 +213,8 @@ def _ge_suites(hour: datetime, settings: Settings, history_hours: int) -> tuple[
         contract.add_expectation(E.ExpectColumnValuesToNotBeNull(column=column))
     contract.add_expectation(E.ExpectColumnValuesToBeBetween(column="rt_ms", min_value=0, max_value=settings.rt_max_ms))
     contract.add_expectation(E.ExpectColumnValuesToBeInSet(column="rpc_type", value_set=list(KNOWN_RPC_TYPES)))
-    contract.add_expectation(
+    in_hour = gx.ExpectationSuite(name="rpcwatch_calls_in_hour")
+    in_hour.add_expectation(
         E.ExpectColumnValuesToBeBetween(
             column="ts", min_value=naive_utc(hour), max_value=naive_utc(hour + HOUR), strict_max=True
         )
@@ -213,7 +228,7 @@ def _ge_suites(hour: datetime, settings: Settings, history_hours: int) -> tuple[
         metrics.add_expectation(
             E.ExpectColumnValuesToBeBetween(column="volume_ratio", min_value=settings.min_volume_ratio)
         )
-    return contract, metrics
+    return {"calls_contract": contract, "calls_in_hour": in_hour, "batch_metrics": metrics}
 
 
 def _ge_context() -> AbstractDataContext:
@@ -298,11 +313,10 @@ def validate_hour(settings: Settings, hour: datetime, raise_on_failure: bool = T
         metrics = _batch_metrics(con, hour, settings)
         sample = _sample(con, hour, settings.sample_rows_for_ge)
         context = _ge_context()
-        contract, batch_suite = _ge_suites(hour, settings, int(metrics["history_hours"]))
+        suites = _ge_suites(hour, settings, int(metrics["history_hours"]))
         frames = {"batch_metrics": pd.DataFrame([metrics])}
-        suites = {"batch_metrics": batch_suite}
         if len(sample):
-            frames["calls_contract"], suites["calls_contract"] = sample, contract
+            frames |= {"calls_contract": sample, "calls_in_hour": _ts_frame(sample)}
         report.findings += _run_ge(context, frames, suites)
         _store(con, report)
     failed = len(report.failures)

@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.func import functional_call, stack_module_state, vmap
 
 from tasks.models.features import CALLS, COUNTS, LATENCIES
-from tasks.models.forecast import Prepared, TrainConfig, TrainResult, make_model
+from tasks.models.forecast import Prepared, TrainConfig, TrainResult, epoch_batches, make_model, stopping_start
 from tasks.models.nn import STGCN, pad_nodes
 
 Forward = Callable[[dict[str, Tensor], dict[str, Tensor], Tensor, Tensor, Tensor], Tensor]
@@ -70,7 +70,7 @@ def _pad_samples(parts: list[Tensor], n_pad: int, nodes_dim: int) -> Tensor:
     return out
 
 
-def build_group(preps: list[Prepared], n_pad: int, dev: torch.device) -> Group:
+def build_group(preps: list[Prepared], n_pad: int, dev: torch.device, cfg: TrainConfig) -> Group:
     lat = list(LATENCIES)
     pairs = sorted({(s, d) for prep in preps for s, d in prep.edge_index.t().tolist() if s != d})
     edge_index = torch.tensor(pairs, dtype=torch.long).t().reshape(2, -1)
@@ -87,9 +87,11 @@ def build_group(preps: list[Prepared], n_pad: int, dev: torch.device) -> Group:
         rt_std[p, :n] = torch.tensor(prep.norm.std, dtype=torch.float32)[:, lat]
         masks.append(pad_nodes(prep.x[:1], n_pad)[1])
 
+    stops = [stopping_start(len(p.x), p.split, cfg) for p in preps]  # validation: what early stopping watches
+
     def split(part: str, train: bool) -> Tensor:
         dim = {"x": 2, "y": 1, "offsets": 1}[part]
-        tensors = [getattr(p, part)[: p.split] if train else getattr(p, part)[p.split :] for p in preps]
+        tensors = [getattr(p, part)[: p.split] if train else getattr(p, part)[stop:] for p, stop in zip(preps, stops)]
         return _pad_samples(tensors, n_pad, dim).to(dev)
 
     return Group(
@@ -100,7 +102,7 @@ def build_group(preps: list[Prepared], n_pad: int, dev: torch.device) -> Group:
         split("y", False),
         split("offsets", False),
         [p.split for p in preps],
-        [len(p.x) - p.split for p in preps],
+        [len(p.x) - stop for p, stop in zip(preps, stops)],
         torch.stack(masks).to(dev),
         edge_index.to(dev),
         weight.to(dev),
@@ -212,7 +214,7 @@ def _next_batches(slots: list[Slot], g: Group, cfg: TrainConfig, dev: torch.devi
     """Each slot's next training batch, padded to the longest: sample indices [P, B] and mask [P, B]."""
     for s in slots:
         if not s.batches:  # a new epoch: the same draw as `train` makes from its own generator
-            s.batches = list(torch.randperm(g.n_train[s.pattern], generator=s.gen).split(cfg.batch_size))
+            s.batches = epoch_batches(g.n_train[s.pattern], cfg, s.gen)
     taken = [s.batches.pop(0) for s in slots]
     b = max(len(t) for t in taken)
     idx = torch.zeros(len(slots), b, dtype=torch.long)
@@ -282,7 +284,7 @@ def train_group(
 ) -> list[TrainResult]:
     """One stack: steps every unfinished pattern each step until all have stopped early or run out of epochs."""
     started = time.perf_counter()
-    g = build_group(preps, n_pad, dev)
+    g = build_group(preps, n_pad, dev, cfg)
     models = []
     for init in inits:  # built exactly as `train` builds its model: same seed, same initial weights
         torch.manual_seed(cfg.seed)

@@ -2,7 +2,7 @@
 
 The reference, in the same process on the same files: DuckDB's bare
 `CREATE TABLE t AS SELECT * FROM read_parquet(...)` into a fresh database file.
-Target: (ingest + validate + aggregate) / reference <= 2.0.
+Target: (ingest + validate + aggregate) / reference <= 1.5 on an idle machine (issue 25).
 
     .venv/bin/python tests/benchmarks/bench_ingest.py [--spans 10000000] [--keep DIR]
 """
@@ -25,10 +25,11 @@ from tasks.settings import load_settings
 from tasks.synth.generate import day_factor, generate
 
 HOUR = datetime(2026, 1, 1, 10, tzinfo=UTC)
-TARGET = 2.0
+TARGET = 1.5
 
 
 def reference_seconds(files: list[Path], db: Path) -> float:
+    db.unlink(missing_ok=True)  # a kept work folder is reused: start from a fresh file
     started = time.perf_counter()
     con = duckdb.connect(str(db))
     paths = ", ".join(f"'{p}'" for p in files)

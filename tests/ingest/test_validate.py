@@ -5,12 +5,13 @@ from __future__ import annotations
 from datetime import timedelta
 
 import duckdb
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
 from helpers import START
 from tasks.ingest.stage import IngestError, ingest_hour
-from tasks.ingest.validate import BatchValidationError, validate_hour
+from tasks.ingest.validate import BatchValidationError, _ge_context, _ge_suites, _run_ge, _ts_frame, validate_hour
 
 
 def _runs(settings):
@@ -84,3 +85,21 @@ def test_row_level_failures_are_recorded_but_do_not_fail_the_batch(settings, syn
     [dups] = [f for f in report.findings if f.expectation == "expect_compound_columns_to_be_unique"]
     assert dups.severity == "row" and not dups.success and dups.observed.startswith("5 rows")
     assert report.ok
+
+
+def test_sample_timestamps_outside_the_hour_fail_the_vectorised_bounds_check(settings):
+    """The ts bounds run on nanoseconds (GE checks DuckDB's microseconds row by row in Python) and
+    still name the column and the expectation for a value outside the hour."""
+    naive = START.replace(tzinfo=None)
+    sample = pd.DataFrame({"ts": pd.Series([naive, naive + timedelta(minutes=59), naive + timedelta(hours=1)])})
+    sample["ts"] = sample["ts"].astype("datetime64[us]")
+    frame = _ts_frame(sample)
+    assert str(frame["ts"].dtype) == "datetime64[ns]" and str(sample["ts"].dtype) == "datetime64[us]"
+    context = _ge_context()  # GE builds suites on an active context
+    suite = _ge_suites(START, settings, history_hours=0)["calls_in_hour"]
+    [finding] = _run_ge(context, {"calls_in_hour": frame}, {"calls_in_hour": suite})
+    between = ("expect_column_values_to_be_between", "ts", False)
+    assert (finding.expectation, finding.subject, finding.success) == between
+    assert finding.observed == "1 unexpected"
+    [passing] = _run_ge(_ge_context(), {"calls_in_hour": frame[:2]}, {"calls_in_hour": suite})
+    assert passing.success

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -86,3 +88,14 @@ def test_early_stopped_patterns_keep_their_best_state(preps: list[Prepared], alo
         if b.epochs < CFG.max_epochs:
             assert best == b.epochs - CFG.patience - 1
     assert any(b.epochs < CFG.max_epochs for b in batched)
+
+
+def test_batched_matches_one_by_one_when_the_epoch_budget_cuts(preps: list[Prepared]) -> None:
+    """The epoch budget (111-141 training windows cut to 80, early stopping on the newest 30): the
+    stack draws each pattern's epoch as `train` does and watches the same validation windows."""
+    cut = replace(CFG, epoch_windows=80, stop_windows=30)
+    alone = [train(p, cut, CPU) for p in preps]
+    for b, a, p in zip(train_batched(preps, cut, CPU), alone, preps):
+        assert b.epochs == a.epochs
+        assert np.allclose(b.history, a.history, rtol=1e-4)
+        assert calls_mae(b, p) == pytest.approx(calls_mae(a, p), rel=1e-4)

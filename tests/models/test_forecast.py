@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 
 from tasks.models.baselines import metrics, moving_average, perfect_forecast_mape, poisson_floor, seasonal_naive
-from tasks.models.forecast import NotEnoughHistory, TrainConfig, device, predict, prepare, train
+from tasks.models.forecast import (
+    NotEnoughHistory,
+    TrainConfig,
+    device,
+    epoch_batches,
+    predict,
+    prepare,
+    stopping_start,
+    train,
+)
 from tasks.models.series import PatternData
 from tasks.models.thresholds import calibrate, count_band, latency_band
 
@@ -122,3 +133,51 @@ def test_samples_touching_an_excluded_stretch_are_left_out():
     data.excluded[:] = True
     with pytest.raises(NotEnoughHistory, match="360 buckets inside incidents left out"):
         prepare(data, FAST)
+
+
+def _samples_per_epoch(monkeypatch: pytest.MonkeyPatch, prep, cfg: TrainConfig) -> list[int]:
+    """Trains `prep` and returns how many training windows each epoch stepped through."""
+    import tasks.models.forecast as forecast
+
+    seen: list[int] = []
+    real = forecast.epoch_batches
+
+    def counting(n_train, cfg, gen):
+        batches = real(n_train, cfg, gen)
+        seen.append(sum(len(b) for b in batches))
+        return batches
+
+    monkeypatch.setattr(forecast, "epoch_batches", counting)
+    train(prep, cfg, device("cpu"))
+    return seen
+
+
+def test_an_epoch_costs_the_same_at_8x_the_history(monkeypatch: pytest.MonkeyPatch):
+    """The epoch budget: 6 h of history trains on every window, 48 h on as many windows as the
+    budget allows and no more, and early stopping watches the same number of newest windows."""
+    cfg = replace(FAST, max_epochs=3, epoch_windows=300, stop_windows=100)
+    short, long = prepare(_pattern(steps=360), cfg), prepare(_pattern(steps=2880), cfg)
+    assert _samples_per_epoch(monkeypatch, short, cfg) == [short.split] * 3  # 261 windows: all of them
+    assert _samples_per_epoch(monkeypatch, long, cfg) == [300] * 3  # of 2151
+    assert len(short.x) - stopping_start(len(short.x), short.split, cfg) == 87  # all of the validation
+    assert len(long.x) - stopping_start(len(long.x), long.split, cfg) == 100
+
+
+def test_a_history_within_the_budget_trains_exactly_as_without_one():
+    """The same draws from the same generator: a budget that holds every window changes no weight."""
+    prep = prepare(_pattern(), FAST)
+    cfg = replace(FAST, max_epochs=4)
+    budgeted = train(prep, cfg, device("cpu"))
+    unbudgeted = train(prep, replace(cfg, epoch_windows=None, stop_windows=None), device("cpu"))
+    assert budgeted.history == unbudgeted.history
+    for key, value in unbudgeted.model.state_dict().items():
+        assert torch.equal(budgeted.model.state_dict()[key], value), key
+
+
+def test_each_epoch_draws_afresh_within_its_budget():
+    cfg = replace(FAST, epoch_windows=100, batch_size=32)
+    gen = torch.Generator().manual_seed(0)
+    first, second = (torch.cat(epoch_batches(1000, cfg, gen)) for _ in range(2))
+    assert len(first) == len(second) == 100 and len(set(first.tolist())) == 100
+    assert set(first.tolist()) != set(second.tolist())  # another sample of the history each epoch
+    assert [len(b) for b in epoch_batches(1000, cfg, gen)] == [32, 32, 32, 4]

@@ -33,7 +33,7 @@ def cmd_airflow(args: argparse.Namespace) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     from tasks.app.stack import up
 
-    up(settings_from(args))
+    up(settings_from(args), executor=args.executor)
     return 0
 
 
@@ -71,6 +71,13 @@ def register(add_parser: AddParser) -> None:
 
     p = add_parser("up", help="start Airflow (scheduler, DAG processor, API server) and an MLflow server, detached")
     add_common_options(p, hour=False)
+    p.add_argument(
+        "--executor",
+        choices=("local", "celery"),
+        default="local",
+        help="celery: the CeleryExecutor with a worker on the default and one on the gpu queue "
+        "(needs AIRFLOW__DATABASE__SQL_ALCHEMY_CONN on PostgreSQL and AIRFLOW__CELERY__BROKER_URL)",
+    )
     p.set_defaults(func=cmd_up)
 
     p = add_parser("down", help="stop what `rpcwatch up` started; nothing is left running")
